@@ -1,0 +1,1 @@
+"""analysis: run records -> pandas DataFrames -> matplotlib figures and reports."""

@@ -1,0 +1,341 @@
+"""The run record: one self-describing directory per training run.
+
+A run record is what a training run leaves behind and the only thing the
+analysis reads. It is plain files (JSON, JSON lines, CSV) so that pandas reads it
+on a laptop without torch, and it is written so that a run killed at any moment
+leaves a record that still loads.
+
+Layout::
+
+    <run_dir>/
+      config.json        the resolved configuration (written once, atomically)
+      environment.json   versions, device, git commit, data source and checksum
+      events.jsonl       one JSON object per line, appended:
+                         {"time": ISO-8601 UTC, "event": NAME, "step": int, ...}
+      metrics.csv        the tidy metrics table, appended in blocks:
+                         step,metric,value   (one row per step x metric)
+      checkpoints/       written by the training loop (torch files), atomically
+
+Event names: ``started``, ``resumed``, ``checkpoint``, ``diverged``,
+``finished``, ``failed``. The run's status is derived from the events (see
+:func:`run_status`): the last terminal event (``finished``, ``diverged``,
+``failed``) if there is one after the last ``started``/``resumed``, otherwise
+``incomplete`` (still running, or killed).
+
+Metric names (the vocabulary the analysis understands; tasks may add more):
+
+===========================  =================================================
+per step
+``train_loss``               loss of the batch the step was computed on
+``lr``                       the scheduled (maximal) rate of param group 0
+``eta``                      the effective rate used (VRAdam's eta_t; = lr
+                             for other optimizers)
+``vr_sq_norm``               VRAdam's gate input s_t (squared velocity norm)
+``vr_clamped``               1.0 when beta3 * s_t >= alpha1, else 0.0
+``update_norm``              |theta_{t+1} - theta_t|
+``update_cos``               cosine between this update and the previous one
+``update_proj_top``          projection of the update on the latest top
+                             Hessian eigenvector (its sign flips = oscillation)
+every ``track_every`` steps
+``track_loss``/``track_acc`` loss / accuracy on the fixed tracking subset
+``sharpness``                top Hessian eigenvalue lambda_1(H)
+``hessian_eig_{i}``          i-th largest Hessian eigenvalue (i = 1..k)
+``hessian_residual_{i}``     its residual norm |H u - lambda u|
+``hessian_matvecs``          Hessian-vector products this measurement used
+``hessian_seconds``          wall time of this measurement
+``threshold``                the stability threshold lambda_1(H) is compared
+                             with: 2/lr for gradient descent,
+                             2(1+beta)/((1-beta) lr) for heavy-ball momentum
+``precond_sharpness``        lambda_1(P^-1/2 H P^-1/2) for Adam-family
+``precond_eig_{i}`` etc.     as for the Hessian
+``precond_threshold``        2(1+beta1)/((1-beta1) lr)  (38/lr at beta1 = 0.9)
+``precond_threshold_eta``    the same with VRAdam's effective rate eta_t
+``val_loss``/``val_acc``     validation metrics (minibatch tasks)
+``test_loss``/``test_acc``   test metrics (minibatch tasks)
+===========================  =================================================
+
+This module imports only the standard library (and pandas inside
+:func:`read_metrics`), so the analysis can use it without torch.
+
+Example:
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> w = RunWriter.create(d, config={"task": "demo", "lr": 0.1})
+    >>> w.event("started", step=0)
+    >>> w.log_metrics([(0, "train_loss", 1.5), (0, "sharpness", 3.0)])
+    >>> w.event("finished", step=0)
+    >>> r = read_run(d)
+    >>> r.status, len(r.metrics)
+    ('finished', 2)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+CONFIG_FILE = "config.json"
+ENVIRONMENT_FILE = "environment.json"
+EVENTS_FILE = "events.jsonl"
+METRICS_FILE = "metrics.csv"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_HEADER = "step,metric,value\n"
+
+TERMINAL_EVENTS = ("finished", "diverged", "failed")
+START_EVENTS = ("started", "resumed")
+
+
+def utc_now() -> str:
+    """The current time as an ISO-8601 UTC string (seconds precision)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old or the new file, never half.
+
+    The bytes go to a temporary file in the same directory, are flushed to
+    disk, and the temporary file is renamed over ``path`` (``os.replace`` is
+    atomic on POSIX and Windows).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (see :func:`write_bytes_atomic`)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    write_bytes_atomic(path, text.encode())
+
+
+def _json_default(obj: Any) -> Any:
+    # Paths, tuples of numbers and numpy / torch scalars appear in configs.
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot store a {type(obj).__name__} in a run record: {obj!r}")
+
+
+def _format_value(value: float) -> str:
+    # repr round-trips a float exactly; nan/inf are written so pandas reads them back.
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)
+
+
+class RunWriter:
+    """Appends to a run record. Thin: every write is a small, durable file operation.
+
+    ``create`` starts a new record (the directory must not hold one already);
+    ``open`` reopens an existing record to resume it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+
+    @classmethod
+    def create(cls, run_dir: str | os.PathLike, config: dict, environment: dict | None = None) -> "RunWriter":
+        run_dir = Path(run_dir)
+        if (run_dir / CONFIG_FILE).exists():
+            raise FileExistsError(f"{run_dir} already holds a run record; choose a new directory or resume it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / CONFIG_FILE, config)
+        write_json_atomic(run_dir / ENVIRONMENT_FILE, environment or {})
+        write_bytes_atomic(run_dir / METRICS_FILE, METRICS_HEADER.encode())
+        return cls(run_dir)
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike) -> "RunWriter":
+        run_dir = Path(run_dir)
+        if not (run_dir / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"{run_dir} holds no run record (no {CONFIG_FILE})")
+        return cls(run_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    def update_environment(self, **entries: Any) -> None:
+        """Merge ``entries`` into environment.json (atomically)."""
+        env = _read_json(self.run_dir / ENVIRONMENT_FILE, default={})
+        env.update(entries)
+        write_json_atomic(self.run_dir / ENVIRONMENT_FILE, env)
+
+    def event(self, name: str, step: int, **details: Any) -> None:
+        """Append one event line, flushed to disk before returning."""
+        line = json.dumps({"time": utc_now(), "event": name, "step": int(step), **details}, default=_json_default)
+        self._append(EVENTS_FILE, line + "\n")
+
+    def log_metrics(self, rows: Iterable[tuple[int, str, float]]) -> None:
+        """Append ``(step, metric, value)`` rows to metrics.csv in one durable write."""
+        text = "".join(f"{int(s)},{m},{_format_value(v)}\n" for s, m, v in rows)
+        if text:
+            self._append(METRICS_FILE, text)
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """Drop metric rows with step > ``step`` (used on resume from a checkpoint at ``step``).
+
+        Rows written after the checkpoint will be computed again by the resumed
+        run; keeping them would duplicate them.
+        """
+        kept = [METRICS_HEADER]
+        for line in _complete_lines(self.run_dir / METRICS_FILE)[1:]:
+            if int(line.split(",", 1)[0]) <= step:
+                kept.append(line + "\n")
+        write_bytes_atomic(self.run_dir / METRICS_FILE, "".join(kept).encode())
+
+    def _append(self, name: str, text: str) -> None:
+        path = self.run_dir / name
+        # A kill during a previous append may have left a partial last line;
+        # cut it off first, so that it can never be read back as a (wrong) row.
+        _drop_partial_last_line(path)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _drop_partial_last_line(path: Path, chunk: int = 1 << 16) -> None:
+    """Truncate ``path`` just after its last newline (a no-op when it ends with one)."""
+    if not path.exists():
+        return
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            block = f.read(pos - start)
+            if pos == end and block.endswith(b"\n"):
+                return
+            i = block.rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """Lines of a text file, without a trailing partial line left by a kill."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return [line for line in text.split("\n") if line]
+
+
+def _read_json(path: Path, default: Any = None) -> Any:
+    if not path.exists():
+        return default
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict]:
+    """The run's events in order; a partial last line (a kill mid-write) is ignored."""
+    events = []
+    for line in _complete_lines(Path(run_dir) / EVENTS_FILE):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line broken by a kill before a later append started a fresh one
+    return events
+
+
+def run_status(events: list[dict]) -> str:
+    """``finished`` / ``diverged`` / ``failed`` / ``incomplete`` / ``empty``, derived from events.
+
+    The last terminal event after the last (re)start decides; a run that was
+    (re)started and has no terminal event since is ``incomplete``.
+    """
+    status = "empty"
+    for e in events:
+        if e.get("event") in START_EVENTS:
+            status = "incomplete"
+        elif e.get("event") in TERMINAL_EVENTS:
+            status = e["event"]
+    return status
+
+
+def read_metrics(run_dir: str | os.PathLike):
+    """The tidy metrics table as a pandas DataFrame with columns step, metric, value.
+
+    Rows are de-duplicated on (step, metric), keeping the last one written.
+    """
+    import pandas as pd
+
+    lines = _complete_lines(Path(run_dir) / METRICS_FILE)
+    if len(lines) <= 1:
+        return pd.DataFrame({"step": pd.Series(dtype="int64"), "metric": pd.Series(dtype="object"),
+                             "value": pd.Series(dtype="float64")})
+    df = pd.read_csv(io.StringIO("\n".join(lines) + "\n"), dtype={"step": "int64", "metric": "object", "value": "float64"})
+    return df.drop_duplicates(["step", "metric"], keep="last").reset_index(drop=True)
+
+
+@dataclass
+class RunRecord:
+    """Everything a run record holds, read back (no torch needed)."""
+
+    run_dir: Path
+    config: dict
+    environment: dict
+    events: list[dict]
+    metrics: Any  # pandas.DataFrame: step, metric, value
+    status: str = field(default="empty")
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+
+def read_run(run_dir: str | os.PathLike) -> RunRecord:
+    """Read a run record; a half-written or diverged run reads fine and says so in ``status``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{run_dir} is not a run record: it has no {CONFIG_FILE}")
+    events = read_events(run_dir)
+    return RunRecord(
+        run_dir=run_dir,
+        config=_read_json(run_dir / CONFIG_FILE, default={}),
+        environment=_read_json(run_dir / ENVIRONMENT_FILE, default={}),
+        events=events,
+        metrics=read_metrics(run_dir),
+        status=run_status(events),
+    )
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a run record."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def find_runs(root: str | os.PathLike) -> list[Path]:
+    """Run directories at or below ``root``, sorted by path."""
+    root = Path(root)
+    if is_run_dir(root):
+        return [root]
+    return sorted(p.parent for p in root.rglob(CONFIG_FILE) if is_run_dir(p.parent))
