@@ -14,6 +14,8 @@ Layout::
                          {"time": ISO-8601 UTC, "event": NAME, "step": int, ...}
       metrics.csv        the tidy metrics table, appended in blocks:
                          step,metric,value   (one row per step x metric)
+      density.csv        optional: spectral density estimates, appended:
+                         step,eigenvalue,density   (a curve per measured step)
       checkpoints/       written by the training loop (torch files), atomically
 
 Event names: ``started``, ``resumed``, ``checkpoint``, ``diverged``,
@@ -86,7 +88,9 @@ ENVIRONMENT_FILE = "environment.json"
 EVENTS_FILE = "events.jsonl"
 METRICS_FILE = "metrics.csv"
 CHECKPOINT_DIR = "checkpoints"
+DENSITY_FILE = "density.csv"
 METRICS_HEADER = "step,metric,value\n"
+DENSITY_HEADER = "step,eigenvalue,density\n"
 
 TERMINAL_EVENTS = ("finished", "diverged", "failed")
 START_EVENTS = ("started", "resumed")
@@ -195,17 +199,26 @@ class RunWriter:
         if text:
             self._append(METRICS_FILE, text)
 
+    def log_density(self, step: int, eigenvalues: Iterable[float], density: Iterable[float]) -> None:
+        """Append one spectral-density curve (density evaluated at ``eigenvalues``) for ``step``."""
+        path = self.run_dir / DENSITY_FILE
+        if not path.exists():
+            write_bytes_atomic(path, DENSITY_HEADER.encode())
+        text = "".join(f"{int(step)},{_format_value(x)},{_format_value(d)}\n" for x, d in zip(eigenvalues, density))
+        self._append(DENSITY_FILE, text)
+
     def truncate_metrics_after(self, step: int) -> None:
         """Drop metric rows with step > ``step`` (used on resume from a checkpoint at ``step``).
 
         Rows written after the checkpoint will be computed again by the resumed
         run; keeping them would duplicate them.
         """
-        kept = [METRICS_HEADER]
-        for line in _complete_lines(self.run_dir / METRICS_FILE)[1:]:
-            if int(line.split(",", 1)[0]) <= step:
-                kept.append(line + "\n")
-        write_bytes_atomic(self.run_dir / METRICS_FILE, "".join(kept).encode())
+        for name in (METRICS_FILE, DENSITY_FILE):
+            lines = _complete_lines(self.run_dir / name)
+            if not lines:
+                continue
+            kept = [lines[0]] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+            write_bytes_atomic(self.run_dir / name, "".join(line + "\n" for line in kept).encode())
 
     def _append(self, name: str, text: str) -> None:
         path = self.run_dir / name
@@ -281,19 +294,29 @@ def run_status(events: list[dict]) -> str:
     return status
 
 
+def _read_table(path: Path, columns: dict[str, str], key: list[str]):
+    import pandas as pd
+
+    lines = _complete_lines(path)
+    if len(lines) <= 1:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+    df = pd.read_csv(io.StringIO("\n".join(lines) + "\n"), dtype=columns)
+    return df.drop_duplicates(key, keep="last").reset_index(drop=True)
+
+
 def read_metrics(run_dir: str | os.PathLike):
     """The tidy metrics table as a pandas DataFrame with columns step, metric, value.
 
     Rows are de-duplicated on (step, metric), keeping the last one written.
     """
-    import pandas as pd
+    columns = {"step": "int64", "metric": "object", "value": "float64"}
+    return _read_table(Path(run_dir) / METRICS_FILE, columns, ["step", "metric"])
 
-    lines = _complete_lines(Path(run_dir) / METRICS_FILE)
-    if len(lines) <= 1:
-        return pd.DataFrame({"step": pd.Series(dtype="int64"), "metric": pd.Series(dtype="object"),
-                             "value": pd.Series(dtype="float64")})
-    df = pd.read_csv(io.StringIO("\n".join(lines) + "\n"), dtype={"step": "int64", "metric": "object", "value": "float64"})
-    return df.drop_duplicates(["step", "metric"], keep="last").reset_index(drop=True)
+
+def read_density(run_dir: str | os.PathLike):
+    """Spectral-density curves as a DataFrame (step, eigenvalue, density); empty when none."""
+    columns = {"step": "int64", "eigenvalue": "float64", "density": "float64"}
+    return _read_table(Path(run_dir) / DENSITY_FILE, columns, ["step", "eigenvalue"])
 
 
 @dataclass
@@ -305,6 +328,7 @@ class RunRecord:
     environment: dict
     events: list[dict]
     metrics: Any  # pandas.DataFrame: step, metric, value
+    density: Any  # pandas.DataFrame: step, eigenvalue, density (may be empty)
     status: str = field(default="empty")
 
     @property
@@ -324,6 +348,7 @@ def read_run(run_dir: str | os.PathLike) -> RunRecord:
         environment=_read_json(run_dir / ENVIRONMENT_FILE, default={}),
         events=events,
         metrics=read_metrics(run_dir),
+        density=read_density(run_dir),
         status=run_status(events),
     )
 

@@ -95,3 +95,15 @@ def test_find_runs(tmp_path):
 def test_record_module_does_not_import_torch():
     code = "import sys, eos_toolkit.record; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_density_curves_round_trip_and_truncate(tmp_path):
+    w = rec.RunWriter.create(tmp_path, config={})
+    assert rec.read_run(tmp_path).density.empty
+    w.log_density(0, [-1.0, 0.0, 1.0], [0.25, 0.5, 0.25])
+    w.log_density(10, [-1.0, 1.0], [0.5, 0.5])
+    d = rec.read_density(tmp_path)
+    assert d["step"].tolist() == [0, 0, 0, 10, 10]
+    assert d.groupby("step")["density"].sum().tolist() == [1.0, 1.0]
+    w.truncate_metrics_after(5)
+    assert rec.read_density(tmp_path)["step"].tolist() == [0, 0, 0]
