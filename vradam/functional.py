@@ -1,0 +1,321 @@
+"""VRAdam's functional core: one call updates every parameter group.
+
+The update (DESIGN.md; t counts this parameter's steps, g_t is its gradient,
+negated when ``maximize``)::
+
+    v_t   = beta1 v_{t-1} + (1 - beta1) g_t        exp_avg: first moment, the "velocity"
+    m_t   = beta2 m_{t-1} + (1 - beta2) g_t^2      exp_avg_sq: second moment
+    s_t   = sum |x|^power over the gate source      x = v_t (gate="velocity") or g_t ("gradient")
+    eta_t = lr / (1 + min(beta3 s_t, alpha1))       lr is alpha_0, the maximal rate
+    theta = theta (1 - eta_t weight_decay) - eta_t vhat / (sqrt(mhat) + eps)
+            vhat = v_t / (1 - beta1^t),  mhat = m_t / (1 - beta2^t)
+
+``s_t`` uses the raw moment (not bias-corrected) after this step's update.
+
+* ``norm_scope="global"`` (the paper's definition, the default): ``s_t`` sums over
+  every parameter of every group, so all groups share one gate; each group still
+  applies its own ``lr``, ``beta3`` and ``alpha1`` to it. This is why one call must
+  see all groups: no parameter may move before the last velocity is known.
+  ``norm_scope="group"`` (the public reference code's behaviour) resets the sum
+  per group, so each group is gated by its own velocity only.
+* ``gate="velocity"`` gates on v_t (the paper); ``gate="gradient"`` gates on the
+  raw gradient g_t (the public code's old default, used by the paper's best
+  CIFAR-10 run and its edge-of-stability figure).
+* ``beta3 = 0`` gives ``eta_t = lr / (1 + 0) = lr`` exactly, and the update is
+  then exactly AdamW's, decoupled weight decay included.
+* The gate never leaves the device: ``s_t``, ``eta_t`` and the clamp flag are
+  0-dim tensors, so a step has no host-device synchronisation. Step counts kept
+  on the CPU (torch.optim's default) are read as host numbers; that reads host
+  memory only. Step counts on the device (capturable mode) stay tensor math.
+* ``s_t`` is accumulated in float32 (float64 if any parameter is float64), so
+  bf16 / fp16 parameters gate on an accurate norm.
+
+Contract of :func:`vradam_step` (every implementation honours it):
+
+* ``groups``: one :class:`GroupTensors` per optimizer param group, in order.
+  Its lists are aligned and hold only parameters that have a gradient this
+  step (a group may be empty). Gradients are dense and share their parameter's
+  dtype and device; moments share them too. ``steps`` are 0-dim float32 tensors,
+  on the CPU or on the parameter's device.
+* The call increments every step by one, updates both moments and the
+  parameters in place, and returns one :class:`Telemetry` per group: 0-dim
+  tensors on the device of the first parameter. An empty group in "group"
+  scope reports ``sq_norm = 0`` and ``eta = lr``.
+* At least one group must hold a parameter.
+* ``impl`` names a registered implementation: "reference" (the slow, plainly
+  written twin in :mod:`vradam.reference`), "single_tensor" (one parameter at
+  a time), "foreach" (``torch._foreach_*`` kernels over lists). Another module
+  adds one with :func:`register_impl`; it is called as
+  ``fn(groups, gate=..., power=..., norm_scope=...)`` and returns
+  ``list[Telemetry]``. :func:`group_sums_to_telemetry` and
+  :func:`accumulation_device_and_dtype` are the shared pieces of the gate.
+
+Example::
+
+    >>> import torch
+    >>> from vradam.functional import GroupTensors, vradam_step
+    >>> p = torch.tensor([1.0, -2.0]); g = torch.tensor([0.5, 0.5])
+    >>> group = GroupTensors([p], [g], [torch.zeros(2)], [torch.zeros(2)],
+    ...                      [torch.tensor(0.0)], lr=0.1, beta1=0.9, beta2=0.999,
+    ...                      beta3=1.0, alpha1=10.0, eps=1e-8, weight_decay=0.0)
+    >>> (tel,) = vradam_step([group], gate="velocity", power=2.0,
+    ...                      norm_scope="global", impl="foreach")
+    >>> round(tel.sq_norm.item(), 6)   # |0.1 g|^2 = 0.0025 + 0.0025
+    0.005
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+GATES = ("velocity", "gradient")
+NORM_SCOPES = ("global", "group")
+
+
+@dataclass
+class GroupTensors:
+    """One param group's tensors (aligned lists) and its hyperparameters."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    steps: list[Tensor]
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    beta3: float
+    alpha1: float
+    eps: float
+    weight_decay: float
+    maximize: bool = False
+
+
+class Telemetry(NamedTuple):
+    """What gated one group in one step, as 0-dim device tensors."""
+
+    eta: Tensor  # effective rate eta_t
+    sq_norm: Tensor  # s_t, the sum of |x|^power that gated the group
+    clamped: Tensor  # bool: beta3 * s_t >= alpha1
+
+
+class StepImpl(Protocol):
+    def __call__(
+        self, groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str
+    ) -> list[Telemetry]: ...
+
+
+_IMPLS: dict[str, StepImpl] = {}
+
+
+def register_impl(name: str, fn: StepImpl) -> None:
+    """Make ``fn`` reachable as ``vradam_step(..., impl=name)``."""
+    _IMPLS[name] = fn
+
+
+def available_impls() -> tuple[str, ...]:
+    return tuple(_IMPLS)
+
+
+def vradam_step(
+    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str, impl: str
+) -> list[Telemetry]:
+    """One VRAdam step over all groups (module docstring: math and contract)."""
+    validate_options(gate=gate, power=power, norm_scope=norm_scope)
+    if impl not in _IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of the registered {available_impls()}")
+    if not any(g.params for g in groups):
+        raise ValueError("vradam_step needs at least one parameter with a gradient")
+    return _IMPLS[impl](groups, gate=gate, power=power, norm_scope=norm_scope)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_options(*, gate: str, power: float, norm_scope: str) -> None:
+    """Raise ValueError for an unknown gate / norm_scope or a power <= 0."""
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r}; allowed: {GATES}")
+    if norm_scope not in NORM_SCOPES:
+        raise ValueError(f"norm_scope={norm_scope!r}; allowed: {NORM_SCOPES}")
+    if not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
+        raise ValueError(f"power={power!r}; allowed: a finite number > 0")
+
+
+def validate_hyperparameters(
+    *, lr: float | Tensor, betas: tuple[float, float], beta3: float, alpha1: float,
+    eps: float, weight_decay: float,
+) -> None:
+    """Raise ValueError naming the first bad hyperparameter and its allowed range."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr as a tensor must hold one value, got shape {tuple(lr.shape)}")
+    lr_value = float(lr)  # construction time only, never inside a step
+    if not lr_value >= 0.0:
+        raise ValueError(f"lr={lr_value}; allowed: lr >= 0")
+    if len(betas) != 2:
+        raise ValueError(f"betas={betas!r}; allowed: a pair (beta1, beta2)")
+    for name, beta in zip(("betas[0]", "betas[1]"), betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name}={beta}; allowed: 0 <= beta < 1")
+    checks = (("beta3", beta3), ("alpha1", alpha1), ("eps", eps), ("weight_decay", weight_decay))
+    for name, value in checks:
+        if not value >= 0.0:
+            raise ValueError(f"{name}={value}; allowed: {name} >= 0")
+
+
+# ------------------------------------------------------- shared gate pieces
+
+
+def accumulation_device_and_dtype(groups: list[GroupTensors]) -> tuple[torch.device, torch.dtype]:
+    """Where s_t lives (the first parameter's device) and its dtype (float32, or float64)."""
+    params = [p for g in groups for p in g.params]
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    return params[0].device, dtype
+
+
+def gate_telemetry(sq_norm: Tensor, *, lr: float | Tensor, beta3: float, alpha1: float) -> Telemetry:
+    """eta = lr / (1 + min(beta3 s, alpha1)) as device tensor math."""
+    scaled = sq_norm * beta3
+    eta = lr / (1.0 + torch.clamp(scaled, max=alpha1))
+    return Telemetry(eta=eta, sq_norm=sq_norm, clamped=scaled >= alpha1)
+
+
+def group_sums_to_telemetry(
+    group_sums: list[Tensor | None], groups: list[GroupTensors], *, norm_scope: str,
+    device: torch.device, dtype: torch.dtype,
+) -> list[Telemetry]:
+    """Per-group partial sums of |x|^power (None for an empty group) -> telemetry.
+
+    "global" adds all groups' sums into one s_t; "group" keeps each its own.
+    """
+    zero = torch.zeros((), device=device, dtype=dtype)
+    sums = [zero if s is None else s.to(device=device, dtype=dtype) for s in group_sums]
+    if norm_scope == "global":
+        total = torch.stack(sums).sum()
+        sums = [total] * len(sums)
+    return [
+        gate_telemetry(s, lr=g.lr, beta3=g.beta3, alpha1=g.alpha1) for s, g in zip(sums, groups)
+    ]
+
+
+def _steps_on_host(steps: list[Tensor]) -> bool:
+    """True when step counts can be read as Python numbers without a device sync."""
+    return steps[0].device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+# ---------------------------------------------------------- single tensor
+
+
+def _sum_abs_pow(x: Tensor, power: float, dtype: torch.dtype) -> Tensor:
+    return torch.linalg.vector_norm(x, power, dtype=dtype).pow(power)
+
+
+def _single_tensor_step(
+    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str
+) -> list[Telemetry]:
+    device, dtype = accumulation_device_and_dtype(groups)
+    group_sums: list[Tensor | None] = []
+    for g in groups:
+        sums = []
+        for grad, v, m, step in zip(g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps):
+            grad = -grad if g.maximize else grad
+            step += 1
+            v.lerp_(grad, 1.0 - g.beta1)
+            m.mul_(g.beta2).addcmul_(grad, grad, value=1.0 - g.beta2)
+            source = v if gate == "velocity" else grad
+            sums.append(_sum_abs_pow(source, power, dtype).to(device))
+        group_sums.append(torch.stack(sums).sum() if sums else None)
+
+    telemetry = group_sums_to_telemetry(
+        group_sums, groups, norm_scope=norm_scope, device=device, dtype=dtype
+    )
+    for g, tel in zip(groups, telemetry):
+        for p, v, m, step in zip(g.params, g.exp_avgs, g.exp_avg_sqs, g.steps):
+            eta = tel.eta.to(p.device)
+            if _steps_on_host([step]):
+                t = step.item()  # host memory, no device sync
+                bc1, bc2_sqrt = 1.0 - g.beta1**t, math.sqrt(1.0 - g.beta2**t)
+            else:
+                bc1, bc2_sqrt = 1.0 - g.beta1**step, (1.0 - g.beta2**step).sqrt()
+            # eta vhat / (sqrt(mhat) + eps) = v / [(sqrt(m) + eps sqrt(bc2)) bc1 / (eta sqrt(bc2))]
+            denom = m.sqrt().add_(g.eps * bc2_sqrt)
+            denom.div_(eta * (-bc2_sqrt / bc1))
+            if g.weight_decay != 0.0:
+                p.mul_(1.0 - eta * g.weight_decay)
+            p.addcdiv_(v, denom)
+    return telemetry
+
+
+# ------------------------------------------------------------ multi tensor
+
+
+def _by_device_and_dtype(g: GroupTensors) -> list[tuple[list[Tensor], ...]]:
+    """Split a group's aligned lists into buckets that one foreach kernel can take."""
+    index: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(g.params):
+        index.setdefault((p.device, p.dtype), []).append(i)
+    lists = (g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps)
+    return [tuple([lst[i] for i in idx] for lst in lists) for idx in index.values()]
+
+
+def _foreach_step(
+    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str
+) -> list[Telemetry]:
+    device, dtype = accumulation_device_and_dtype(groups)
+    bucketed = [_by_device_and_dtype(g) for g in groups]
+
+    group_sums: list[Tensor | None] = []
+    for g, buckets in zip(groups, bucketed):
+        sums = []
+        for _, grads, vs, ms, steps in buckets:
+            if g.maximize:
+                grads = torch._foreach_neg(grads)
+            torch._foreach_add_(steps, 1)
+            torch._foreach_lerp_(vs, grads, 1.0 - g.beta1)
+            torch._foreach_mul_(ms, g.beta2)
+            torch._foreach_addcmul_(ms, grads, grads, 1.0 - g.beta2)
+            source = vs if gate == "velocity" else grads
+            norms = torch._foreach_norm(source, power, dtype=dtype)
+            sums.append(torch.stack(norms).pow_(power).sum().to(device))
+        group_sums.append(torch.stack(sums).sum() if sums else None)
+
+    telemetry = group_sums_to_telemetry(
+        group_sums, groups, norm_scope=norm_scope, device=device, dtype=dtype
+    )
+    for g, buckets, tel in zip(groups, bucketed, telemetry):
+        for params, _, vs, ms, steps in buckets:
+            eta = tel.eta.to(params[0].device)
+            if g.weight_decay != 0.0:
+                torch._foreach_mul_(params, 1.0 - eta * g.weight_decay)
+            # per parameter: p += -(eta sqrt(bc2) / bc1) * v / (sqrt(m) + eps sqrt(bc2))
+            denoms = torch._foreach_sqrt(ms)
+            if _steps_on_host(steps):
+                ts = [s.item() for s in steps]  # host memory, no device sync
+                bc2_sqrts = [math.sqrt(1.0 - g.beta2**t) for t in ts]
+                torch._foreach_add_(denoms, [g.eps * b for b in bc2_sqrts])
+                torch._foreach_div_(denoms, -eta)
+                scales = [b / (1.0 - g.beta1**t) for b, t in zip(bc2_sqrts, ts)]
+                torch._foreach_addcdiv_(params, vs, denoms, scales)
+            else:
+                bc1s = torch._foreach_pow(g.beta1, steps)
+                torch._foreach_neg_(bc1s)
+                torch._foreach_add_(bc1s, 1.0)
+                bc2_sqrts = torch._foreach_pow(g.beta2, steps)
+                torch._foreach_neg_(bc2_sqrts)
+                torch._foreach_add_(bc2_sqrts, 1.0)
+                torch._foreach_sqrt_(bc2_sqrts)
+                torch._foreach_add_(denoms, torch._foreach_mul(bc2_sqrts, g.eps))
+                neg_step_sizes = torch._foreach_div(bc2_sqrts, bc1s)
+                torch._foreach_mul_(neg_step_sizes, -eta)
+                torch._foreach_div_(denoms, neg_step_sizes)
+                torch._foreach_addcdiv_(params, vs, denoms)
+    return telemetry
+
+
+register_impl("single_tensor", _single_tensor_step)
+register_impl("foreach", _foreach_step)
