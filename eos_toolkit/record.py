@@ -47,7 +47,8 @@ every ``track_every`` steps
 ``hessian_seconds``          wall time of this measurement
 ``threshold``                the stability threshold lambda_1(H) is compared
                              with: 2/lr for gradient descent,
-                             2(1+beta)/((1-beta) lr) for heavy-ball momentum
+                             2(1+beta)/lr for heavy-ball momentum (torch SGD),
+                             2(1+beta)/((1+2 beta) lr) for Nesterov
 ``precond_sharpness``        lambda_1(P^-1/2 H P^-1/2) for Adam-family
 ``precond_eig_{i}`` etc.     as for the Hessian
 ``precond_threshold``        2(1+beta1)/((1-beta1) lr)  (38/lr at beta1 = 0.9)

@@ -1,0 +1,238 @@
+"""Run configuration: one flat, validated dataclass; JSON/YAML files; CLI overrides.
+
+Precedence: the dataclass defaults < a config file (``--config FILE``) < options
+given on the command line. The resolved configuration is what a run record
+stores in config.json, so a run can be repeated or resumed from its record.
+
+Example:
+    >>> cfg = RunConfig(task="eos-fullbatch", optimizer="gd", lr=0.05, steps=10)
+    >>> cfg.validate().label
+    'GD lr=0.05'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+TASKS = ("eos-fullbatch", "image-classification")
+OPTIMIZERS = ("gd", "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "radam", "vradam")
+ADAM_FAMILY = ("adam", "adamw", "rmsprop", "radam", "vradam")
+LOSSES = ("mse", "cross-entropy")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float64")
+BN_MODES = ("eval", "batch_stats")
+GATES = ("velocity", "gradient")
+NORM_SCOPES = ("global", "group")
+
+_DISPLAY_NAMES = {
+    "gd": "GD", "sgd": "SGD", "momentum": "Momentum", "nesterov": "Nesterov", "adam": "Adam",
+    "adamw": "AdamW", "rmsprop": "RMSprop", "radam": "RAdam", "vradam": "VRAdam",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names it and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Field comments are the CLI's documentation.
+
+    Rates: ``lr`` is the maximal rate (VRAdam's alpha_0); schedules scale it.
+    Weight decay defaults to 0 for every optimizer so that comparisons at the
+    edge of stability are not confounded by it; set it explicitly.
+    """
+
+    task: str = "eos-fullbatch"
+    dataset: str = "auto"  # fashion-mnist | mnist | mnist5k | cifar10 | digits | auto
+    data_dir: str | None = None
+    model: str | None = None  # default: mlp-tanh (eos-fullbatch), cnn-small (image-classification)
+    loss: str | None = None  # mse | cross-entropy; default: mse (eos-fullbatch), cross-entropy (image-classification)
+    n_train: int | None = None  # examples in the class-balanced training subset; default 5000 / all
+    # optimizer
+    optimizer: str = "gd"
+    lr: float = 0.05
+    momentum: float = 0.9  # momentum / nesterov
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    beta3: float = 1.0  # VRAdam
+    alpha1: float = 10.0  # VRAdam
+    gate: str = "velocity"  # VRAdam: velocity | gradient
+    power: float = 2.0  # VRAdam gate exponent
+    norm_scope: str = "global"  # VRAdam: global | group
+    schedule: str = "constant"  # constant or any torch.optim.lr_scheduler class name
+    schedule_options: dict = field(default_factory=dict)
+    warmup_steps: int = 0
+    # budget
+    steps: int | None = None  # optimizer steps; default 1000 (eos-fullbatch)
+    epochs: int | None = None  # image-classification: passes over the training split (default 10)
+    batch_size: int = 128  # image-classification
+    val_fraction: float = 0.1  # image-classification
+    augment: bool = True  # image-classification
+    target_loss: float | None = None  # stop when the train loss reaches it
+    target_acc: float | None = None  # stop when the tracked accuracy reaches it
+    # tracking
+    track_every: int = 10
+    track_k: int = 1  # top-k eigenvalues
+    track_precond: bool | None = None  # preconditioned sharpness; default: on for Adam family
+    track_n: int = 1000  # image-classification: examples in the fixed tracking subset
+    track_density_every: int = 0  # SLQ spectral density every N steps (0 = never)
+    hvp_method: str = "forward_over_reverse"
+    hessian_bn_mode: str = "batch_stats"
+    chunk_size: int = 1000  # examples per chunk for full-batch gradients and HVPs
+    lanczos_tol: float = 1e-3
+    lanczos_max_iter: int = 60
+    # run
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    checkpoint_every: int | None = None  # default: track_every
+    diverge_factor: float = 1e3  # diverged when loss > factor * initial loss (or NaN/Inf)
+    label: str | None = None  # legend label; default "<Optimizer> lr=<lr>"
+
+    # --- derived / resolved ------------------------------------------------
+    @property
+    def is_adam_family(self) -> bool:
+        return self.optimizer in ADAM_FAMILY
+
+    def validate(self) -> "RunConfig":
+        """Fill task-dependent defaults and check every value; returns self.
+
+        Raises ConfigError naming the bad value and the allowed range.
+        """
+        _choice("task", self.task, TASKS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("hessian_bn_mode", self.hessian_bn_mode, BN_MODES)
+        _choice("gate", self.gate, GATES)
+        _choice("norm_scope", self.norm_scope, NORM_SCOPES)
+        fullbatch = self.task == "eos-fullbatch"
+        if self.model is None:
+            self.model = "mlp-tanh" if fullbatch else "cnn-small"
+        if self.loss is None:
+            self.loss = "mse" if fullbatch else "cross-entropy"
+        _choice("loss", self.loss, LOSSES)
+        if self.n_train is None and fullbatch:
+            self.n_train = 5000
+        if fullbatch and self.steps is None:
+            self.steps = 1000
+        if not fullbatch and self.steps is None and self.epochs is None:
+            self.epochs = 10
+        if self.checkpoint_every is None:
+            self.checkpoint_every = self.track_every
+        if self.track_precond is None:
+            self.track_precond = self.is_adam_family
+        if self.label is None:
+            self.label = f"{_DISPLAY_NAMES[self.optimizer]} lr={self.lr:g}"
+
+        _positive("lr", self.lr)
+        _in_unit_interval("momentum", self.momentum)
+        _in_unit_interval("beta1", self.beta1)
+        _in_unit_interval("beta2", self.beta2)
+        _non_negative("eps", self.eps)
+        _non_negative("weight_decay", self.weight_decay)
+        _non_negative("beta3", self.beta3)
+        _non_negative("alpha1", self.alpha1)
+        _positive("power", self.power)
+        _non_negative_int("warmup_steps", self.warmup_steps)
+        for name in ("n_train", "steps", "epochs"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        for name in ("batch_size", "track_every", "track_k", "track_n", "chunk_size", "lanczos_max_iter",
+                     "checkpoint_every"):
+            _positive_int(name, getattr(self, name))
+        _non_negative_int("track_density_every", self.track_density_every)
+        _non_negative_int("seed", self.seed)
+        _positive("lanczos_tol", self.lanczos_tol)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not self.diverge_factor > 1.0:
+            raise ConfigError(f"diverge_factor must be > 1, got {self.diverge_factor!r}")
+        if self.checkpoint_every % self.track_every:
+            raise ConfigError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of track_every ({self.track_every}): "
+                "metrics are written at tracking steps, and a checkpoint must not be ahead of them")
+        if not isinstance(self.schedule_options, dict):
+            raise ConfigError(f"schedule_options must be a mapping, got {self.schedule_options!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {sorted(known)}")
+        return cls(**values)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read a JSON or YAML config file into a dict (keys as in :class:`RunConfig`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
+        raise ConfigError(f"config file {path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def resolve_config(config_file: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Defaults < config file < overrides (``None`` overrides are ignored); validated."""
+    values = load_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig.from_dict(values).validate()
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(name: str, value: Any) -> None:
+    if not (_is_number(value) and value > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if not (_is_number(value) and value >= 0):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _in_unit_interval(name: str, value: Any) -> None:
+    if not (_is_number(value) and 0 <= value < 1):
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ConfigError(f"{name} must be an integer > 0, got {value!r}")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
