@@ -1,0 +1,505 @@
+"""The fused VRAdam step: Triton kernels, a handful of launches, no host sync.
+
+Registers the implementation ``"fused"`` of :func:`vradam.functional.vradam_step`
+(same math and contract; see that module). The exact rule needs the norm of
+every velocity before any parameter may move, so the step is two passes over
+memory with a tiny reduction between them, all on the device::
+
+    pass 1 (per group, per dtype)   v, m <- moments(g);  partial[chunk] = sum |v|^p (or |g|^p)
+    reduce (one program)            s[group] = sum of its partials;  s[all] = sum of all
+    pass 2 (per group, per dtype)   eta = lr / (1 + min(beta3 s, alpha1))
+                                    p <- p (1 - eta wd) - eta vhat / (sqrt(mhat) + eps)
+
+Bytes per float32 parameter: pass 1 reads g, v, m and writes v, m (20); pass 2
+reads p, v, m and writes p (16): 36 in all, against AdamW's 28.
+
+**Multi-tensor kernels over a chunk table, not flat buffers.** Each launch
+walks a table with one row per chunk of up to ``chunk`` elements of one tensor
+(its pointers, element range and step-count pointer), so the launch count is
+2 x (groups x dtypes) + 1 whatever the number of tensors. Flat buffers would
+save the table but make the optimizer own the storage: parameters would have
+to be re-pointed into one buffer (breaking ``p.data = ...``, FSDP shards and
+other owners of the storage), and gradients arrive wherever autograd or a
+DDP bucket put them, so they would need a copy per step. The table works on the
+tensors ``torch.optim`` already holds, with ``state_dict`` unchanged. It is
+built on the host once per set of tensors, uploaded without a sync (pinned
+memory, non-blocking copy) and cached by the tensors' addresses; it is rebuilt
+only when an address changes (for example gradients freed by
+``zero_grad(set_to_none=True)`` and reallocated elsewhere).
+
+**Step counts.** Counts on the parameters' device (``capturable`` / ``fused``
+state) are advanced by pass 1 and read by pass 2 through their pointers, so the
+step is exact and capturable in a CUDA graph with no extra launch. Counts on
+the CPU are advanced on the host and uploaded to a device mirror each step
+(non-blocking; exact, but not capturable). Bias corrections are formed in
+float64 in the kernel: ``1 - beta**t = 1 - exp(t ln beta)``.
+
+**Dtypes.** float32, bfloat16 and float16 parameters (gradients of the same
+dtype); moments in whatever dtype the optimizer keeps them (float32 or the
+parameter's). All arithmetic and the norm are float32. float64 parameters are
+refused: kernel scalars travel as float32, so the result would not be float64
+accurate (use ``impl="foreach"``).
+
+**Layout.** Each parameter, its gradient and both moments must share one
+dense layout (same strides, no gaps): the kernels walk raw storage. Contiguous
+and permuted-dense (e.g. transposed, channels-last) parameters qualify; a
+parameter viewing a strided slice does not, and is refused with a ValueError.
+
+**The lagged variant** (:func:`fused_lagged_step`, not the default): gate step
+t with the previous step's norm, ``eta_t = lr / (1 + min(beta3 s_{t-1},
+alpha1))``, so moments, this step's partial norm and the update happen in one
+pass (28 bytes per parameter, AdamW's traffic). It differs from the exact rule
+whenever s changes between steps: the damping answers a gradient spike one step
+late (the spike itself is taken at the undamped rate), and at step 1 the rate
+is always lr. With the velocity gate the lag is mild (v moves by a factor
+(1 - beta1) of g per step); with the gradient gate s_{t-1} and s_t are
+unrelated samples.
+
+**Without CUDA.** Triton is an optional extra (``pip install
+'eos-toolkit[fused]'``). This module imports without it; calling the step then
+raises a RuntimeError saying so. Parameters off CUDA raise a ValueError, except
+under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module
+first imports the kernels), where CPU tensors run the same kernels slowly;
+the tests use that.
+
+Example (needs CUDA and triton)::
+
+    >>> import torch
+    >>> from vradam import VRAdam
+    >>> model = torch.nn.Linear(512, 512).cuda()
+    >>> opt = VRAdam(model.parameters(), lr=1e-3, fused=True)
+    >>> model(torch.randn(8, 512, device="cuda")).square().mean().backward()
+    >>> _ = opt.step()      # three launches for any number of tensors
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from vradam.functional import GroupTensors, Telemetry, register_impl
+
+SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLAN_CACHE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch shape: elements per chunk (one program), per tile, and warps per program."""
+
+    chunk: int = 8192
+    block: int = 1024
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("chunk", "block", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name}={value}; allowed: a power of two >= 1")
+        if self.chunk < self.block:
+            raise ValueError(f"chunk={self.chunk}; allowed: chunk >= block ({self.block})")
+
+
+DEFAULT_CONFIG = FusedConfig()
+
+
+# ------------------------------------------------------------------ triton
+
+
+def _load_kernels() -> ModuleType | None:
+    try:
+        return importlib.import_module("vradam._triton_kernels")
+    except ImportError:
+        return None
+
+
+_KERNELS = _load_kernels()
+
+
+def is_available() -> bool:
+    """True when Triton imported, so the fused step can run (on CUDA, or interpreted)."""
+    return _KERNELS is not None
+
+
+def is_interpreted() -> bool:
+    """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    if _KERNELS is None:
+        return False
+    import triton  # noqa: PLC0415  (present whenever _KERNELS is)
+
+    return not isinstance(_KERNELS.first_pass_kernel, triton.runtime.JITFunction)
+
+
+def _kernels() -> ModuleType:
+    if _KERNELS is None:
+        raise RuntimeError(
+            "impl='fused' needs Triton, which is not installed; "
+            "pip install 'eos-toolkit[fused]' (or use impl='foreach')"
+        )
+    return _KERNELS
+
+
+def _triton_dtype(dtype: torch.dtype):
+    import triton.language as tl  # noqa: PLC0415
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[
+        dtype
+    ]
+
+
+# ----------------------------------------------------------------- checks
+
+
+def unsupported_reason(groups: list[GroupTensors]) -> str | None:
+    """Why the fused step cannot take these tensors, or None when it can.
+
+    Checks Triton, the device (CUDA, or CPU under the interpreter), one device
+    for all, parameter and moment dtypes, and the shared dense layout.
+    """
+    if _KERNELS is None:
+        return "Triton is not installed (pip install 'eos-toolkit[fused]')"
+    params = [p for g in groups for p in g.params]
+    if not params:
+        return "there is no parameter with a gradient"
+    device = params[0].device
+    allowed_device = "cpu" if is_interpreted() else "cuda"
+    if device.type != allowed_device:
+        return (
+            f"parameters are on {device}; allowed: device type 'cuda' "
+            "(CPU tensors only under TRITON_INTERPRET=1)"
+        )
+    for gi, g in enumerate(groups):
+        for i, (p, grad, v, m) in enumerate(zip(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs)):
+            where = f"group {gi}, parameter {i}"
+            if any(t.device != device for t in (p, grad, v, m)):
+                return f"{where} is not on {device} with all its state; allowed: one device"
+            if p.dtype not in SUPPORTED_PARAM_DTYPES or grad.dtype != p.dtype:
+                return (
+                    f"{where} has dtype {p.dtype} (gradient {grad.dtype}); allowed: "
+                    "float32, bfloat16, float16 with a gradient of the same dtype"
+                )
+            if v.dtype != m.dtype or v.dtype not in SUPPORTED_PARAM_DTYPES:
+                return (
+                    f"{where} has moments of dtype {v.dtype} / {m.dtype}; "
+                    "allowed: both float32, bfloat16 or float16"
+                )
+            if not (p.stride() == grad.stride() == v.stride() == m.stride() and _is_dense(p)):
+                return (
+                    f"{where} (shape {tuple(p.shape)}) does not share one dense layout with "
+                    "its gradient and moments; allowed: same strides, no gaps"
+                )
+    return None
+
+
+def _is_dense(t: Tensor) -> bool:
+    """True when t covers exactly numel consecutive elements in some dimension order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+# ------------------------------------------------------------------- plan
+
+
+@dataclass
+class _Launch:
+    """One kernel launch: the chunks of one group's tensors of one dtype."""
+
+    table: Tensor  # int64 [chunks, CHUNK_ROW_WIDTH], on the device
+    num_chunks: int
+    first_partial: int  # where this launch's partial sums start in the partial buffer
+    param_dtype: torch.dtype
+    moment_dtype: torch.dtype
+
+
+@dataclass
+class _Plan:
+    """Everything about a set of tensors that stays fixed from step to step."""
+
+    launches: list[list[_Launch]]  # per group
+    group_bounds: Tensor  # int64 [groups + 1]: each group's range of partial sums
+    num_partials: int
+    empty_table: Tensor  # one row with no elements: pass 2 of a group without tensors
+    step_mirror: Tensor | None  # device copy of host step counts; None: counts on device
+
+
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+def _plan_key(groups: list[GroupTensors], config: FusedConfig) -> tuple:
+    """The addresses and sizes a plan depends on (host reads only)."""
+    return (config,) + tuple(
+        (
+            tuple(p.data_ptr() for p in g.params),
+            tuple((p.numel(), p.dtype) for p in g.params),
+            tuple(t.data_ptr() for t in g.grads),
+            tuple(t.data_ptr() for t in g.exp_avgs),
+            g.exp_avgs[0].dtype if g.exp_avgs else None,
+            tuple(t.data_ptr() for t in g.exp_avg_sqs),
+            tuple(t.data_ptr() for t in g.steps),
+            g.steps[0].device if g.steps else None,
+        )
+        for g in groups
+    )
+
+
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    """Host tensor -> device without a sync (pinned memory, non-blocking copy)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _steps_in_place(groups: list[GroupTensors], device: torch.device) -> bool:
+    """True when the kernels can advance and read the step counts where they are."""
+    return all(s.device == device and s.dtype == torch.float32 for g in groups for s in g.steps)
+
+
+def _build_plan(groups: list[GroupTensors], device: torch.device, config: FusedConfig) -> _Plan:
+    kernels = _kernels()
+    in_place = _steps_in_place(groups, device)
+    num_steps = sum(len(g.steps) for g in groups)
+    step_mirror = None if in_place else torch.zeros(num_steps, dtype=torch.float32, device=device)
+    launches: list[list[_Launch]] = []
+    bounds = [0]
+    step_index = 0
+    for g in groups:
+        buckets: dict[tuple[torch.dtype, torch.dtype], list[list[int]]] = {}
+        for i, (p, grad, v, m, s) in enumerate(
+            zip(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps)
+        ):
+            step_ptr = s.data_ptr() if in_place else step_mirror[step_index].data_ptr()
+            step_index += 1
+            ptrs = [p.data_ptr(), grad.data_ptr(), v.data_ptr(), m.data_ptr()]
+            n = p.numel()
+            rows = buckets.setdefault((p.dtype, v.dtype), [])
+            for start in range(0, max(n, 1), config.chunk):
+                rows.append(ptrs + [start, min(start + config.chunk, n), step_ptr, 0])
+        group_launches = []
+        first_partial = bounds[-1]
+        for (param_dtype, moment_dtype), rows in buckets.items():
+            table = _upload(torch.tensor(rows, dtype=torch.int64), device)
+            group_launches.append(_Launch(table, len(rows), first_partial, param_dtype, moment_dtype))
+            first_partial += len(rows)
+        launches.append(group_launches)
+        bounds.append(first_partial)
+    empty_row = torch.zeros(1, kernels.CHUNK_ROW_WIDTH, dtype=torch.int64)
+    return _Plan(
+        launches=launches,
+        group_bounds=_upload(torch.tensor(bounds, dtype=torch.int64), device),
+        num_partials=bounds[-1],
+        empty_table=_upload(empty_row, device),
+        step_mirror=step_mirror,
+    )
+
+
+def _plan_for(groups: list[GroupTensors], device: torch.device, config: FusedConfig) -> _Plan:
+    """The cached plan for these tensors, building (and checking) it on a miss."""
+    key = _plan_key(groups, config)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+        return plan
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the fused VRAdam step met new tensors while a CUDA graph is being captured; "
+            "take one step with the same parameters, gradients and state before capturing"
+        )
+    reason = unsupported_reason(groups)
+    if reason is not None:
+        raise ValueError(f"impl='fused' cannot step these parameters: {reason}")
+    plan = _build_plan(groups, device, config)
+    _PLANS[key] = plan
+    if len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _refresh_step_mirror(plan: _Plan, groups: list[GroupTensors]) -> None:
+    """Advance step counts kept off the kernels' reach and copy them to the mirror."""
+    steps = [s for g in groups for s in g.steps]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "capturing the fused VRAdam step needs step counts on the parameters' device "
+            "(VRAdam(..., capturable=True) or fused=True)"
+        )
+    torch._foreach_add_(steps, 1)
+    stacked = torch.stack(steps).to(torch.float32)
+    if stacked.device.type == "cpu" and plan.step_mirror.device.type != "cpu":
+        plan.step_mirror.copy_(stacked.pin_memory(), non_blocking=True)
+    else:
+        plan.step_mirror.copy_(stacked)
+
+
+# ---------------------------------------------------------------- scalars
+
+
+def _log_beta(beta: float) -> float:
+    """ln(beta), with -inf for beta = 0 so that beta**t = exp(t ln beta) = 0."""
+    return math.log(beta) if beta > 0.0 else -math.inf
+
+
+def _lr_argument(lr: float | Tensor, device: torch.device) -> tuple[float | Tensor, bool]:
+    """(value passed to the kernel, whether it is a pointer)."""
+    if not isinstance(lr, Tensor):
+        return float(lr), False
+    if lr.device == device:
+        return lr, True
+    return lr.item(), False  # a CPU tensor: host memory, no device sync
+
+
+def _gate_flags(gate: str, power: float) -> dict:
+    return dict(GATE_IS_VELOCITY=gate == "velocity", POWER_IS_TWO=power == 2.0)
+
+
+# ------------------------------------------------------------------- step
+
+
+def fused_step(
+    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str,
+    config: FusedConfig | None = None,
+) -> list[Telemetry]:
+    """One exact VRAdam step over all groups (contract: :func:`vradam.functional.vradam_step`).
+
+    ``config`` sets the launch shape (default :data:`DEFAULT_CONFIG`). Returns
+    one Telemetry per group, float32 0-dim tensors on the parameters' device.
+    """
+    kernels = _kernels()
+    config = config or DEFAULT_CONFIG
+    device = _device_of(groups)
+    plan = _plan_for(groups, device, config)
+    if plan.step_mirror is not None:
+        _refresh_step_mirror(plan, groups)
+    num_groups = len(groups)
+    partials = torch.empty(max(plan.num_partials, 1), dtype=torch.float32, device=device)
+    sq_norms = torch.empty(num_groups + 1, dtype=torch.float32, device=device)
+    etas = torch.empty(num_groups, dtype=torch.float32, device=device)
+    clamped = torch.empty(num_groups, dtype=torch.bool, device=device)
+    flags = _gate_flags(gate, power)
+
+    for g, group_launches in zip(groups, plan.launches):
+        for launch in group_launches:
+            kernels.first_pass_kernel[(launch.num_chunks,)](
+                launch.table, partials, launch.first_partial,
+                g.beta1, 1.0 - g.beta1, g.beta2, 1.0 - g.beta2, float(power),
+                GRAD_DTYPE=_triton_dtype(launch.param_dtype),
+                MOMENT_DTYPE=_triton_dtype(launch.moment_dtype),
+                MAXIMIZE=bool(g.maximize), INCREMENT_STEPS=plan.step_mirror is None,
+                BLOCK=config.block, num_warps=config.num_warps, **flags,
+            )
+    kernels.reduce_norm_kernel[(1,)](
+        partials, plan.group_bounds, sq_norms, num_groups, BLOCK=config.block,
+        num_warps=config.num_warps,
+    )
+    for gi, (g, group_launches) in enumerate(zip(groups, plan.launches)):
+        norm_slot = num_groups if norm_scope == "global" else gi
+        lr, lr_is_pointer = _lr_argument(g.lr, device)
+        runs = [(lnch.table, lnch.num_chunks, lnch.param_dtype, lnch.moment_dtype)
+                for lnch in group_launches]
+        if not runs:  # no tensors: one empty program still writes the telemetry
+            runs = [(plan.empty_table, 1, torch.float32, torch.float32)]
+        for k, (table, num_chunks, param_dtype, moment_dtype) in enumerate(runs):
+            kernels.second_pass_kernel[(num_chunks,)](
+                table, sq_norms, norm_slot, etas, clamped, gi if k == 0 else -1,
+                lr, g.beta3, g.alpha1, _log_beta(g.beta1), _log_beta(g.beta2), g.eps,
+                g.weight_decay,
+                PARAM_DTYPE=_triton_dtype(param_dtype),
+                MOMENT_DTYPE=_triton_dtype(moment_dtype), LR_IS_POINTER=lr_is_pointer,
+                BLOCK=config.block, num_warps=config.num_warps,
+            )
+    return [
+        Telemetry(
+            eta=etas[gi],
+            sq_norm=sq_norms[num_groups if norm_scope == "global" else gi],
+            clamped=clamped[gi],
+        )
+        for gi in range(num_groups)
+    ]
+
+
+def fused_lagged_step(
+    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str,
+    previous_sq_norms: list[Tensor], config: FusedConfig | None = None,
+) -> list[Telemetry]:
+    """One pass of the lagged variant: step t gated by s_{t-1} (module docstring).
+
+    ``previous_sq_norms``: per group, the ``sq_norm`` this function returned for
+    it at the previous step (0-dim float32 zeros before the first step). The
+    returned Telemetry holds eta_t and the clamp flag of this step, and s_t,
+    the norm that will gate the next step.
+    """
+    kernels = _kernels()
+    config = config or DEFAULT_CONFIG
+    device = _device_of(groups)
+    if len(previous_sq_norms) != len(groups):
+        raise ValueError(
+            f"previous_sq_norms has {len(previous_sq_norms)} entries; allowed: one per group "
+            f"({len(groups)})"
+        )
+    plan = _plan_for(groups, device, config)
+    if plan.step_mirror is None:
+        torch._foreach_add_([s for g in groups for s in g.steps], 1)
+    else:
+        _refresh_step_mirror(plan, groups)
+    num_groups = len(groups)
+    partials = torch.empty(max(plan.num_partials, 1), dtype=torch.float32, device=device)
+    sq_norms = torch.empty(num_groups + 1, dtype=torch.float32, device=device)
+    etas = torch.empty(num_groups, dtype=torch.float32, device=device)
+    clamped = torch.empty(num_groups, dtype=torch.bool, device=device)
+    flags = _gate_flags(gate, power)
+    for gi, (g, group_launches) in enumerate(zip(groups, plan.launches)):
+        lr, lr_is_pointer = _lr_argument(g.lr, device)
+        previous = previous_sq_norms[gi].to(device=device, dtype=torch.float32)
+        if not group_launches:
+            etas[gi] = lr / (1.0 + torch.clamp(g.beta3 * previous, max=g.alpha1))
+            clamped[gi] = g.beta3 * previous >= g.alpha1
+        for k, launch in enumerate(group_launches):
+            dtype = _triton_dtype(launch.param_dtype)
+            kernels.one_pass_kernel[(launch.num_chunks,)](
+                launch.table, previous, partials, launch.first_partial,
+                etas, clamped, gi if k == 0 else -1,
+                lr, g.beta1, 1.0 - g.beta1, g.beta2, 1.0 - g.beta2, g.beta3, g.alpha1,
+                _log_beta(g.beta1), _log_beta(g.beta2), g.eps, g.weight_decay, float(power),
+                PARAM_DTYPE=dtype, GRAD_DTYPE=dtype,
+                MOMENT_DTYPE=_triton_dtype(launch.moment_dtype),
+                MAXIMIZE=bool(g.maximize), LR_IS_POINTER=lr_is_pointer,
+                BLOCK=config.block, num_warps=config.num_warps, **flags,
+            )
+    kernels.reduce_norm_kernel[(1,)](
+        partials, plan.group_bounds, sq_norms, num_groups, BLOCK=config.block,
+        num_warps=config.num_warps,
+    )
+    return [
+        Telemetry(
+            eta=etas[gi],
+            sq_norm=sq_norms[num_groups if norm_scope == "global" else gi],
+            clamped=clamped[gi],
+        )
+        for gi in range(num_groups)
+    ]
+
+
+def _device_of(groups: list[GroupTensors]) -> torch.device:
+    """The parameters' device, refusing one the kernels cannot run on."""
+    device = next(p.device for g in groups for p in g.params)
+    if device.type != "cuda" and not (device.type == "cpu" and is_interpreted()):
+        raise ValueError(
+            f"impl='fused' runs on CUDA tensors, got parameters on {device}; allowed: "
+            "device type 'cuda' (CPU tensors only under TRITON_INTERPRET=1), or use "
+            "impl='foreach'"
+        )
+    return device
+
+
+register_impl("fused", fused_step)
