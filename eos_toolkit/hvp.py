@@ -1,0 +1,415 @@
+"""Hessian-vector products of a model's loss, as a linear operator on a flat vector.
+
+The operator represents ``H = d^2 L / d theta^2`` at the model's *current*
+parameters (read afresh at every product, so one operator follows training),
+where ``L`` is the size-weighted mean loss over a fixed list of chunks::
+
+    L(theta) = sum_c (n_c / N) loss_fn(model(x_c; theta), y_c),   N = sum_c n_c
+
+``loss_fn`` returns the *mean* loss of a chunk and ``n_c`` is the leading
+dimension of the chunk's targets, so ``L`` equals the full-batch mean loss no
+matter how the data are split.  ``theta`` is the selected parameters flattened
+in ``model.named_parameters()`` order; :meth:`HessianOperator.flatten` and
+:meth:`HessianOperator.unflatten` convert between that flat vector and
+parameter-shaped tensors.
+
+Three ways to compute ``H v``:
+
+* ``"forward_over_reverse"`` (default): ``torch.func.jvp`` of
+  ``torch.func.grad`` over ``torch.func.functional_call``; ``matmat`` vmaps it.
+* ``"double_backward"``: ``torch.autograd.grad`` of the gradient with
+  ``create_graph=True``; one forward/backward per chunk serves every column.
+* ``"finite_difference"``: ``(g(theta + h v) - g(theta - h v)) / (2 h)`` with
+  ``h = eps^(1/3) max(1, |theta|) / |v|`` for the model dtype's ``eps``; needs
+  first derivatives only.
+
+Module modes are fixed during every product and restored afterwards: the whole
+model is put in eval mode (dropout off) except BatchNorm layers, which use
+either their running statistics (``bn_mode="eval"``) or the chunk's batch
+statistics (``bn_mode="batch_stats"``) with ``track_running_stats`` switched
+off, so running statistics are never updated.  ``dropout="as_is"`` leaves
+every non-BatchNorm module in the mode the caller set (for studying a
+stochastic operator); :meth:`HessianOperator.check_determinism` then detects
+the randomness.
+
+Fused kernels without second derivatives (flash / memory-efficient scaled
+dot-product attention, cuDNN and oneDNN RNNs) are detected on the first
+failing product; the operator then switches, with a warning, to the math
+attention kernel and plain RNN kernels, and raises an error naming the
+alternatives if that is not enough.
+
+Example::
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+    >>> op = hessian_operator(model, torch.nn.functional.mse_loss, [(x, y)])
+    >>> op.matvec(torch.randn(op.dim)).shape == (op.dim,)
+    True
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+METHODS = ("forward_over_reverse", "double_backward", "finite_difference")
+BN_MODES = ("eval", "batch_stats")
+DROPOUT_MODES = ("off", "as_is")
+
+# Messages torch raises when an op lacks forward-mode AD or a double backward.
+_MISSING_DERIVATIVE = re.compile(
+    r"forward AD|derivative for .* is not implemented|double backward|cudnn RNN backward"
+    r"|not implemented for .*backward",
+    re.IGNORECASE,
+)
+
+
+class NondeterministicOperatorError(RuntimeError):
+    """Two products with the same vector disagree: the operator is random (dropout, noise layers)."""
+
+
+class MissingSecondDerivativeError(RuntimeError):
+    """An operation in the model has no second derivative for the chosen HVP method."""
+
+
+def _chunk_size(targets: torch.Tensor) -> int:
+    if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
+        raise ValueError("each chunk's targets must be a tensor with a leading batch dimension")
+    return targets.shape[0]
+
+
+def _as_args(inputs) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    return obj
+
+
+def select_parameters(model: nn.Module, params=None) -> list[str]:
+    """Names of the parameters an operator differentiates, in ``named_parameters()`` order.
+
+    ``params`` is None (every parameter with ``requires_grad``), a list of names,
+    or a predicate ``f(name, parameter) -> bool`` (e.g. one layer's weights for
+    per-layer sharpness).
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+    elif callable(params):
+        names = [n for n, p in named.items() if params(n, p)]
+    else:
+        wanted = list(params)
+        unknown = [n for n in wanted if n not in named]
+        if unknown:
+            raise ValueError(f"unknown parameter names {unknown}; the model has {list(named)}")
+        names = [n for n in named if n in set(wanted)]
+    if not names:
+        raise ValueError("no parameters selected: params matched nothing")
+    return names
+
+
+@contextlib.contextmanager
+def module_mode(model: nn.Module, bn_mode: str = "eval", dropout: str = "off"):
+    """Fix module modes for a Hessian computation and restore them on exit.
+
+    Everything goes to eval mode (``dropout="off"``) or keeps its mode
+    (``dropout="as_is"``); BatchNorm layers use running statistics
+    (``bn_mode="eval"``) or batch statistics without updating the running ones
+    (``bn_mode="batch_stats"``).
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    if dropout not in DROPOUT_MODES:
+        raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    try:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.training = bn_mode == "batch_stats"
+                if bn_mode == "batch_stats":
+                    m.track_running_stats = False  # batch statistics, running buffers untouched
+            elif dropout == "off":
+                m.training = False
+        yield
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+@contextlib.contextmanager
+def _plain_kernels():
+    """Math attention, cuDNN and oneDNN off: kernels whose derivatives are all implemented."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # oneDNN's TF32 notice on CPU builds
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+            yield
+
+
+class HessianOperator:
+    """``v -> H v`` for the Hessian of a model's mean loss over fixed data chunks.
+
+    Build it with :func:`hessian_operator`.  Attributes: ``dim`` (number of
+    selected scalars), ``dtype`` (the arithmetic dtype of vectors in and out;
+    products are computed in the model's dtype and accumulated in this one),
+    ``device``, ``names`` (selected parameter names), ``n_matvecs`` (products
+    computed so far; a ``matmat`` with ``b`` columns counts ``b``).
+    """
+
+    def __init__(self, model, loss_fn, batches, names, *, method, bn_mode, dropout, dtype,
+                 matmat_chunk_size):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if dropout not in DROPOUT_MODES:
+            raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
+        if matmat_chunk_size is not None and matmat_chunk_size < 1:
+            raise ValueError(f"matmat_chunk_size must be >= 1 or None, got {matmat_chunk_size}")
+        batches = list(batches)
+        if not batches:
+            raise ValueError("batches is empty: pass a list of (inputs, targets) chunks")
+        self.model, self.loss_fn = model, loss_fn
+        self.method, self.bn_mode, self.dropout = method, bn_mode, dropout
+        self.matmat_chunk_size = matmat_chunk_size
+        self.names = list(names)
+        named = dict(model.named_parameters())
+        self._params = [named[n] for n in self.names]
+        self._frozen = [n for n in named if n not in set(self.names)]
+        self.shapes = [p.shape for p in self._params]
+        self.numels = [p.numel() for p in self._params]
+        self.dim = sum(self.numels)
+        self.device = self._params[0].device
+        self.model_dtype = self._params[0].dtype
+        self.dtype = dtype or self.model_dtype
+        self.batches = [(_to_device(x, self.device), _to_device(y, self.device)) for x, y in batches]
+        sizes = [_chunk_size(y) for _, y in self.batches]
+        total = sum(sizes)
+        self.chunk_weights = [s / total for s in sizes]
+        self.n_matvecs = 0
+        self._plain_kernels = False
+
+    # -- flat <-> parameter-shaped -------------------------------------------------
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        """The selected live parameters, in flattening order."""
+        return list(self._params)
+
+    def flatten(self, tensors) -> torch.Tensor:
+        """Concatenate parameter-shaped tensors (list in order, or dict by name) into one vector of ``dtype``."""
+        if isinstance(tensors, dict):
+            tensors = [tensors[n] for n in self.names]
+        tensors = list(tensors)
+        if len(tensors) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} tensors, got {len(tensors)}")
+        return torch.cat([t.reshape(-1).to(self.dtype) for t in tensors])
+
+    def unflatten(self, vec: torch.Tensor, dtype=None) -> list[torch.Tensor]:
+        """Split a flat vector (or a ``(b, dim)`` block) into parameter-shaped views."""
+        lead = vec.shape[:-1]
+        if vec.shape[-1] != self.dim:
+            raise ValueError(f"vector has {vec.shape[-1]} entries, the operator has dim {self.dim}")
+        parts = torch.split(vec if dtype is None else vec.to(dtype), self.numels, dim=-1)
+        return [p.reshape(*lead, *s) for p, s in zip(parts, self.shapes)]
+
+    def flat_parameters(self) -> torch.Tensor:
+        """Current values of the selected parameters as one vector of ``dtype``."""
+        return self.flatten([p.detach() for p in self._params])
+
+    # -- loss as a function of the selected parameters ---------------------------
+    def _chunk_loss(self, selected: dict, inputs, targets) -> torch.Tensor:
+        named = dict(self.model.named_parameters())
+        values = {n: named[n].detach() for n in self._frozen}
+        values.update(selected)
+        outputs = functional_call(self.model, values, _as_args(inputs))
+        return self.loss_fn(outputs, targets)
+
+    def _primals(self) -> dict:
+        return {n: p.detach() for n, p in zip(self.names, self._params)}
+
+    # -- the three product rules, each on a (b, dim) block ------------------------
+    def _forward_over_reverse(self, block: torch.Tensor) -> torch.Tensor:
+        primals = self._primals()
+        out = torch.zeros(block.shape, dtype=self.dtype, device=self.device)
+        tangents = dict(zip(self.names, self.unflatten(block, self.model_dtype)))
+        for (x, y), w in zip(self.batches, self.chunk_weights):
+            if y.is_floating_point():
+                # Floating targets enter the jvp as primals with a materialised zero tangent:
+                # torch's forward-mode rule for mse_loss_backward fails on a target without one.
+                grad_fn = grad(lambda p, t, x=x: self._chunk_loss(p, x, t))
+                zero = torch.zeros_like(y)
+
+                def hvp(v, grad_fn=grad_fn, y=y, zero=zero):
+                    return jvp(grad_fn, (primals, y), (v, zero))[1]
+            else:
+                grad_fn = grad(lambda p, x=x, y=y: self._chunk_loss(p, x, y))
+
+                def hvp(v, grad_fn=grad_fn):
+                    return jvp(grad_fn, (primals,), (v,))[1]
+
+            if block.shape[0] == 1:
+                hv = hvp({n: t[0] for n, t in tangents.items()})
+                flat = self.flatten(hv).unsqueeze(0)
+            else:
+                # randomness="different": a random model stays random; the probe reports it.
+                hv = vmap(hvp, chunk_size=self.matmat_chunk_size, randomness="different")(tangents)
+                flat = torch.cat([hv[n].reshape(block.shape[0], -1).to(self.dtype) for n in self.names], 1)
+            out.add_(flat, alpha=w)
+        return out
+
+    def _double_backward(self, block: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(block.shape, dtype=self.dtype, device=self.device)
+        tangents = self.unflatten(block, self.model_dtype)
+        for (x, y), w in zip(self.batches, self.chunk_weights):
+            leaves = {n: p.detach().requires_grad_(True) for n, p in zip(self.names, self._params)}
+            with torch.enable_grad():
+                loss = self._chunk_loss(leaves, x, y)
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                            allow_unused=True, materialize_grads=True)
+            live = [i for i, g in enumerate(grads) if g.requires_grad]  # constant grads: zero rows of H
+            for j in range(block.shape[0]):
+                if not live:
+                    break
+                hv = torch.autograd.grad([grads[i] for i in live], list(leaves.values()),
+                                         grad_outputs=[tangents[i][j] for i in live],
+                                         retain_graph=j + 1 < block.shape[0],
+                                         allow_unused=True, materialize_grads=True)
+                out[j].add_(self.flatten(hv), alpha=w)
+        return out
+
+    def _gradient(self, flat_theta: torch.Tensor) -> torch.Tensor:
+        leaves = {n: t.detach().requires_grad_(True)
+                  for n, t in zip(self.names, self.unflatten(flat_theta, self.model_dtype))}
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for (x, y), w in zip(self.batches, self.chunk_weights):
+            with torch.enable_grad():
+                loss = self._chunk_loss(leaves, x, y)
+                g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
+                                        materialize_grads=True)
+            total.add_(self.flatten(g), alpha=w)
+        return total
+
+    def _finite_difference(self, block: torch.Tensor) -> torch.Tensor:
+        theta = self.flat_parameters().to(self.model_dtype)
+        eps = torch.finfo(self.model_dtype).eps
+        out = torch.empty(block.shape, dtype=self.dtype, device=self.device)
+        for j in range(block.shape[0]):
+            v = block[j].to(self.model_dtype)
+            # One deliberate sync per product: the step size is a Python number.
+            vnorm = float(v.norm())
+            if vnorm == 0.0:
+                out[j].zero_()
+                continue
+            h = eps ** (1 / 3) * max(1.0, float(theta.norm())) / vnorm
+            g_plus = self._gradient(theta + h * v)
+            g_minus = self._gradient(theta - h * v)
+            out[j] = (g_plus - g_minus) / (2 * h)
+        return out
+
+    def _apply(self, block: torch.Tensor) -> torch.Tensor:
+        rule = {"forward_over_reverse": self._forward_over_reverse,
+                "double_backward": self._double_backward,
+                "finite_difference": self._finite_difference}[self.method]
+        with module_mode(self.model, self.bn_mode, self.dropout):
+            if self._plain_kernels:
+                with _plain_kernels():
+                    return rule(block)
+            try:
+                return rule(block)
+            except (RuntimeError, NotImplementedError) as err:
+                if not _MISSING_DERIVATIVE.search(str(err)):
+                    raise
+                first_error = err
+            warnings.warn(
+                f"{self.method} Hessian-vector product failed in a fused kernel ({first_error}); "
+                "switching to math attention with cuDNN and oneDNN off for this operator",
+                RuntimeWarning, stacklevel=3)
+            self._plain_kernels = True
+            try:
+                with _plain_kernels():
+                    return rule(block)
+            except (RuntimeError, NotImplementedError) as err:
+                if not _MISSING_DERIVATIVE.search(str(err)):
+                    raise
+                raise MissingSecondDerivativeError(
+                    f"an operation in the model has no second derivative for method={self.method!r} "
+                    f"even with plain kernels ({err}). Use method='double_backward' (if only "
+                    "forward-mode AD is missing) or method='finite_difference' (first derivatives "
+                    "only), or replace the operation.") from err
+
+    # -- public products -----------------------------------------------------------
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a 1-D vector of length ``dim``; returned in ``dtype`` on ``device``."""
+        if v.dim() != 1 or v.shape[0] != self.dim:
+            raise ValueError(f"matvec expects a vector of shape ({self.dim},), got {tuple(v.shape)}")
+        self.n_matvecs += 1
+        return self._apply(v.to(self.device).unsqueeze(0))[0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` for a ``(dim, b)`` block (vmapped for forward-over-reverse, ``matmat_chunk_size`` columns at a time)."""
+        if V.dim() != 2 or V.shape[0] != self.dim:
+            raise ValueError(f"matmat expects a block of shape ({self.dim}, b), got {tuple(V.shape)}")
+        self.n_matvecs += V.shape[1]
+        return self._apply(V.to(self.device).T).T
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v) if v.dim() == 1 else self.matmat(v)
+
+    def check_determinism(self, v: torch.Tensor | None = None, rtol: float | None = None,
+                          generator: torch.Generator | None = None) -> None:
+        """Raise :class:`NondeterministicOperatorError` unless two products with one vector agree.
+
+        Tolerance: ``rtol`` (default ``sqrt(eps)`` of the model dtype, far above
+        the reordering noise of parallel reductions) times ``max |H v|``.
+        One deliberate host sync to compare.
+        """
+        if v is None:
+            v = torch.randn(self.dim, dtype=self.dtype, device=self.device, generator=generator)
+        rtol = torch.finfo(self.model_dtype).eps ** 0.5 if rtol is None else rtol
+        first, second = self.matvec(v), self.matvec(v)
+        gap = float((first - second).abs().max())
+        scale = float(first.abs().max())
+        if gap > rtol * scale:
+            raise NondeterministicOperatorError(
+                f"two Hessian-vector products with the same vector differ by {gap:.3g} "
+                f"(max |Hv| = {scale:.3g}): the model is random during the product (dropout or a "
+                "noise layer in train mode). Use dropout='off' (the default), put the noisy "
+                "modules in eval mode, or fix their random seed inside forward().")
+
+
+def hessian_operator(model: nn.Module, loss_fn: Callable, batches: Sequence, *, params=None,
+                     method: str = "forward_over_reverse", bn_mode: str = "eval",
+                     dropout: str = "off", dtype: torch.dtype | None = None,
+                     determinism_probe: bool = False, matmat_chunk_size: int | None = 16,
+                     ) -> HessianOperator:
+    """Hessian of ``sum_c (n_c / N) loss_fn(model(x_c), y_c)`` in the selected parameters.
+
+    ``batches``: list of ``(inputs, targets)``; ``inputs`` a tensor or a tuple of
+    positional model arguments; chunks may have unequal sizes.  ``params``: see
+    :func:`select_parameters`.  ``dtype``: arithmetic dtype of the vectors
+    (e.g. ``torch.float64`` for solvers on a float32 model).
+    ``determinism_probe``: run :meth:`HessianOperator.check_determinism` now.
+    """
+    op = HessianOperator(model, loss_fn, batches, select_parameters(model, params), method=method,
+                         bn_mode=bn_mode, dropout=dropout, dtype=dtype,
+                         matmat_chunk_size=matmat_chunk_size)
+    if determinism_probe:
+        op.check_determinism()
+    return op

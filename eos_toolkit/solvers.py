@@ -1,0 +1,320 @@
+"""Eigensolvers and spectral estimators that only need ``v -> A v`` for a symmetric ``A``.
+
+Every function is pure in the product it is given and keeps all vectors on
+one device: the loop bodies queue device work only.  The one kind of host
+synchronisation is the convergence test, which reads a few residual norms;
+each such place is marked ``# sync:``.
+
+* :func:`lanczos` - top-k (largest algebraic) eigenpairs by Lanczos with full
+  reorthogonalisation, warm-startable from previous eigenvectors.
+* :func:`block_lanczos` - the same with a block of starting vectors, for a
+  cluster of (near-)equal top eigenvalues, as at the edge of stability.
+* :func:`power_iteration` - the classic baseline (largest *magnitude*).
+* :func:`hutchinson_trace` - ``tr(A)`` with its standard error.
+* :func:`slq_density` / :func:`gaussian_density` - the spectral density by
+  stochastic Lanczos quadrature.
+
+Example::
+
+    >>> import torch
+    >>> A = torch.diag(torch.tensor([3.0, 1.0, -5.0], dtype=torch.float64))
+    >>> res = lanczos(lambda v: A @ v, 3, k=1, tol=1e-10, dtype=torch.float64)
+    >>> round(float(res.eigenvalues[0]), 6)
+    3.0
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EigResult:
+    """Eigenpairs from a solver.
+
+    eigenvalues: (k,) descending; eigenvectors: (dim, k) orthonormal columns;
+    residuals: (k,) norms ``|A y - theta y|`` (Lanczos: the exact Ritz-residual
+    formula from the recurrence, no extra products); n_matvecs: products used;
+    converged: whether every residual met the tolerance;
+    history: (n_matvecs,) top eigenvalue estimate after each product, kept on
+    request (``keep_history=True``) for convergence studies.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    n_matvecs: int
+    converged: bool
+    history: torch.Tensor | None = None
+
+
+def _check_common(dim: int, k: int, tol: float) -> None:
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    if not 1 <= k <= dim:
+        raise ValueError(f"k must lie in [1, dim={dim}], got {k}")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+
+
+def _orthogonalise(block: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove from the rows of ``block`` their components along the orthonormal rows of ``basis``, twice.
+
+    Returns the cleaned block and the coefficients ``basis @ block^T`` removed
+    (classical Gram-Schmidt applied twice: "twice is enough").
+    """
+    coeff = basis @ block.T
+    block = block - coeff.T @ basis
+    again = basis @ block.T
+    return block - again.T @ basis, coeff + again
+
+
+def _top_ritz(T: torch.Tensor, k: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    theta, S = torch.linalg.eigh((T + T.T) / 2)
+    idx = torch.arange(T.shape[0] - 1, T.shape[0] - 1 - k, -1, device=T.device) if which == "largest" \
+        else torch.arange(k, device=T.device)
+    return theta[idx], S[:, idx]
+
+
+def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: int = 1, *,
+                  block_size: int | None = None, max_iter: int = 200, tol: float = 1e-6,
+                  v0: torch.Tensor | None = None, which: str = "largest",
+                  dtype: torch.dtype = torch.float64, device=None,
+                  generator: torch.Generator | None = None, check_every: int = 4,
+                  keep_history: bool = False) -> EigResult:
+    """Top-k eigenpairs of a symmetric operator by block Lanczos with full reorthogonalisation.
+
+    The Krylov basis ``Q = [Q_1, Q_2, ...]`` (blocks of ``b`` orthonormal
+    vectors) is extended by ``A Q_j`` orthogonalised twice against all of
+    ``Q``; the removed coefficients and the QR factor of the remainder fill
+    ``T = Q^T A Q``.  Ritz pairs ``(theta, Q s)`` of ``T`` satisfy
+    ``|A Q s - theta Q s| = |R_last s_last|`` (``R_last`` the coupling to the
+    next block, ``s_last`` the last block of ``s``), which is the residual
+    reported and tested against ``tol * max |theta|``.
+
+    matmat: ``(dim, b) -> (dim, b)``.  max_iter: most products (basis size).
+    v0: ``(dim,)`` or ``(dim, m)`` starting vectors (previous eigenvectors
+    for a warm start); missing columns are random.  which: ``"largest"`` or
+    ``"smallest"`` (algebraic).  The convergence test (a host sync) runs after
+    each of the first ``check_every`` blocks once ``k`` vectors exist, where
+    a warm start finishes, and every ``check_every`` blocks after that.
+    When a block becomes (numerically) invariant its couplings are zero and
+    the basis continues from random vectors, so ``T`` splits into
+    independent blocks and nothing is lost.
+    """
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    _check_common(dim, k, tol)
+    b = block_size or (1 if v0 is None or v0.dim() == 1 else v0.shape[1])
+    if not 1 <= b <= dim:
+        raise ValueError(f"block_size must lie in [1, dim={dim}], got {b}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    max_iter = min(max_iter, dim)
+    if max_iter < k:
+        raise ValueError(f"max_iter={max_iter} is below k={k}")
+    n_blocks = -(-max_iter // b)
+    basis_cap = n_blocks * b
+    eps = torch.finfo(dtype).eps
+
+    def randn(rows: int) -> torch.Tensor:
+        return torch.randn(rows, dim, dtype=dtype, device=device, generator=generator)
+
+    start = randn(b)
+    if v0 is not None:
+        given = (v0 if v0.dim() == 2 else v0.unsqueeze(1)).to(dtype=dtype, device=device).T
+        if given.shape[1] != dim:
+            raise ValueError(f"v0 has {given.shape[1]} rows, expected dim={dim}")
+        if given.shape[0] > b:
+            # More previous eigenvectors than block columns: their sum spans them in a few steps.
+            given = torch.cat([given[: b - 1], given[b - 1:].sum(0, keepdim=True)])
+        start[: given.shape[0]] = given
+    Q = torch.zeros(basis_cap + b, dim, dtype=dtype, device=device)
+    T = torch.zeros(basis_cap + b, basis_cap, dtype=dtype, device=device)
+    Q[:b] = torch.linalg.qr(start.T).Q.T
+    history = [] if keep_history else None
+    m = 0
+    checks = 0
+    result = None
+    while m < max_iter:
+        width = min(b, max_iter - m)
+        block = Q[m:m + width]
+        W = matmat(block.T.contiguous()).T.to(dtype)
+        norms_in = W.norm(dim=1)
+        W, coeff = _orthogonalise(W, Q[:m + width])
+        # Columns with nothing left are an invariant subspace: continue from random vectors,
+        # recording a zero coupling (device-side select, no sync).
+        dead = W.norm(dim=1) <= dim ** 0.5 * eps * norms_in.clamp_min(torch.finfo(dtype).tiny)
+        W = torch.where(dead.unsqueeze(1), randn(width), W)
+        W, _ = _orthogonalise(W, Q[:m + width])
+        Qn, R = torch.linalg.qr(W.T)
+        Qn, _ = _orthogonalise(Qn.T, Q[:m + width])  # guards rank-deficient blocks
+        Qn, R2 = torch.linalg.qr(Qn.T)
+        R = (R2 @ R) * (~dead).to(dtype)  # zero coupling for restarted columns
+        T[:m + width, m:m + width] = coeff
+        T[m + width:m + 2 * width, m:m + width] = R
+        Q[m + width:m + 2 * width] = Qn.T
+        m += width
+        if keep_history:
+            history.extend(torch.linalg.eigvalsh(T[:j, :j] + T[:j, :j].T)[-1 if which == "largest" else 0] / 2
+                           for j in range(m - width + 1, m + 1))
+        if m < k:
+            continue
+        checks += 1
+        if checks <= check_every or checks % check_every == 0 or m >= max_iter:
+            theta, S = _top_ritz(T[:m, :m], k, which)
+            residuals = (T[m:m + width, m - width:m] @ S[m - width:m]).norm(dim=0)
+            scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
+            converged = bool((residuals <= tol * scale).all())  # sync: convergence test
+            result = (theta, S, residuals, converged)
+            if converged:
+                break
+    theta, S, residuals, converged = result
+    return EigResult(eigenvalues=theta, eigenvectors=Q[:m].T @ S, residuals=residuals,
+                     n_matvecs=m, converged=converged,
+                     history=torch.stack(history) if keep_history else None)
+
+
+def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: float = 1e-6,
+            v0: torch.Tensor | None = None, which: str = "largest",
+            dtype: torch.dtype = torch.float64, device=None,
+            generator: torch.Generator | None = None, check_every: int = 4,
+            keep_history: bool = False) -> EigResult:
+    """Top-k eigenpairs by single-vector Lanczos with full reorthogonalisation.
+
+    ``v0`` may be one vector or a ``(dim, m)`` block of previous eigenvectors;
+    a block is summed into one start vector, whose Krylov space contains all
+    of them after ``m`` products when they are still eigenvectors.  Starting
+    from an exact eigenvector the solve ends after one product.  See
+    :func:`block_lanczos` for the residuals, the stopping rule and its syncs.
+    For clusters of equal eigenvalues use :func:`block_lanczos`.
+    """
+    if v0 is not None and v0.dim() == 2:
+        v0 = v0.sum(dim=1)
+
+    def matmat(V: torch.Tensor) -> torch.Tensor:
+        return matvec(V[:, 0]).unsqueeze(1)
+
+    return block_lanczos(matmat, dim, k, block_size=1, max_iter=max_iter, tol=tol, v0=v0,
+                         which=which, dtype=dtype, device=device, generator=generator,
+                         check_every=check_every, keep_history=keep_history)
+
+
+def power_iteration(matvec: MatVec, dim: int, *, max_iter: int = 1000, tol: float = 1e-6,
+                    v0: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
+                    device=None, generator: torch.Generator | None = None,
+                    check_every: int = 4, keep_history: bool = False) -> EigResult:
+    """The eigenpair of largest *magnitude* by power iteration (for comparison).
+
+    ``v <- A v / |A v|``; the estimate is the Rayleigh quotient ``v^T A v``.
+    Stops when the relative change of the estimate over one product is below
+    ``tol`` (checked, with a host sync, every ``check_every`` products).  On an
+    indefinite Hessian this may return a negative eigenvalue; prefer
+    :func:`lanczos`.
+    """
+    _check_common(dim, 1, tol)
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    v = torch.randn(dim, dtype=dtype, device=device, generator=generator) if v0 is None \
+        else v0.reshape(dim, -1).sum(1).to(dtype=dtype, device=device)
+    v = v / v.norm()
+    estimates = torch.zeros(max_iter, dtype=dtype, device=device)
+    prev = torch.zeros((), dtype=dtype, device=device)
+    converged = False
+    n = 0
+    residual = torch.full((), float("inf"), dtype=dtype, device=device)
+    vec = v
+    for n in range(1, max_iter + 1):
+        w = matvec(v).to(dtype)
+        rayleigh = v @ w
+        estimates[n - 1] = rayleigh
+        residual = (w - rayleigh * v).norm()
+        change = (rayleigh - prev).abs()
+        prev, vec = rayleigh, v
+        v = w / w.norm()
+        if n >= 2 and (n % check_every == 0 or n == max_iter):
+            converged = bool(change <= tol * rayleigh.abs())  # sync: convergence test
+            if converged:
+                break
+    return EigResult(eigenvalues=prev.reshape(1), eigenvectors=vec.unsqueeze(1),
+                     residuals=residual.reshape(1), n_matvecs=n, converged=converged,
+                     history=estimates[:n] if keep_history else None)
+
+
+def rademacher(n: int, dim: int, *, dtype=torch.float64, device=None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(n, dim)`` independent +-1 entries."""
+    bits = torch.randint(0, 2, (n, dim), device=device, generator=generator)
+    return (2 * bits - 1).to(dtype)
+
+
+def hutchinson_trace(matvec: MatVec, dim: int, *, n_samples: int = 100,
+                     dtype: torch.dtype = torch.float64, device=None,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tr(A) ~ mean_i z_i^T A z_i`` over Rademacher ``z_i``, and the standard error of that mean.
+
+    Returns two 0-dim tensors on the device (no sync).  ``Var(z^T A z) = 2 sum_{i!=j} A_ij^2``.
+    """
+    if n_samples < 2:
+        raise ValueError(f"n_samples must be >= 2 for a standard error, got {n_samples}")
+    Z = rademacher(n_samples, dim, dtype=dtype, device=device, generator=generator)
+    samples = torch.stack([z @ matvec(z).to(dtype) for z in Z])
+    return samples.mean(), samples.std() / n_samples ** 0.5
+
+
+@dataclass
+class SpectralDensity:
+    """Quadrature nodes (Ritz values) and weights of the normalised spectral density.
+
+    ``sum(weights) = 1``; ``sum(weights * nodes**p)`` estimates ``tr(A^p) / dim`` for ``p < 2 m``.
+    ``per_probe_moments(p)`` returns the ``(n_probes,)`` per-probe estimates (for error bars).
+    """
+
+    nodes: torch.Tensor    # (n_probes, m)
+    weights: torch.Tensor  # (n_probes, m), each row sums to 1
+
+    def moment(self, p: int) -> torch.Tensor:
+        return self.per_probe_moments(p).mean()
+
+    def per_probe_moments(self, p: int) -> torch.Tensor:
+        return (self.weights * self.nodes ** p).sum(dim=1)
+
+
+def slq_density(matvec: MatVec, dim: int, *, n_probes: int = 10, n_steps: int = 80,
+                dtype: torch.dtype = torch.float64, device=None,
+                generator: torch.Generator | None = None) -> SpectralDensity:
+    """Stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017; Ghorbani et al. 2019).
+
+    For each Rademacher probe ``z``, ``n_steps`` Lanczos steps from ``q = z / |z|``
+    give ``T = S diag(theta) S^T``; then ``q^T f(A) q ~ sum_j S_0j^2 f(theta_j)``,
+    and ``E[q^T f(A) q] = tr f(A) / dim``.  No convergence tests: one sync per probe, for the
+    solver's final flag.
+    """
+    n_steps = min(n_steps, dim)
+    probes = rademacher(n_probes, dim, dtype=dtype, device=device, generator=generator)
+    nodes, weights = [], []
+    for z in probes:
+        res = lanczos(matvec, dim, k=n_steps, max_iter=n_steps, tol=0.0, v0=z, dtype=dtype,
+                      device=device, generator=generator, check_every=n_steps)
+        # The first basis vector is q, so the quadrature weight of Ritz pair j is (q . y_j)^2.
+        q = z / z.norm()
+        nodes.append(res.eigenvalues)
+        weights.append((q @ res.eigenvectors) ** 2)
+    return SpectralDensity(torch.stack(nodes), torch.stack(weights))
+
+
+def gaussian_density(density: SpectralDensity, grid: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The SLQ density broadened by a Gaussian of width ``sigma``, evaluated at ``grid``.
+
+    ``phi(t) = mean_probes sum_j w_j N(t; theta_j, sigma^2)``; integrates to 1.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    nodes = density.nodes.reshape(-1).to(grid.dtype)
+    weights = density.weights.reshape(-1).to(grid.dtype) / density.nodes.shape[0]
+    z = (grid.unsqueeze(1) - nodes) / sigma
+    return (weights * torch.exp(-0.5 * z ** 2)).sum(1) / (sigma * (2 * torch.pi) ** 0.5)

@@ -1,0 +1,143 @@
+"""Sharpness measured repeatedly during training, warm-started from the last measurement.
+
+A :class:`SharpnessTracker` owns one :class:`~eos_toolkit.hvp.HessianOperator`
+over a fixed measurement set (it reads the live parameters at each product),
+and each :meth:`SharpnessTracker.measure` runs an eigensolver on it, started
+from the previous eigenvectors: after one training step the top eigenvector
+has barely moved, so a few products suffice.  With ``precondition=True`` and
+an Adam-family optimizer it also measures ``P^-1/2 H P^-1/2`` from the
+optimizer's live state (:mod:`eos_toolkit.operators`).  Thresholds are the
+caller's business (:mod:`eos_toolkit.thresholds`): the tracker does not know
+which optimizer trains the model.
+
+Example::
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    >>> x, y = torch.randn(32, 4), torch.randn(32, 1)
+    >>> tracker = SharpnessTracker(model, torch.nn.functional.mse_loss, [(x, y)], k=2)
+    >>> metrics = tracker.measure()
+    >>> sorted(k for k in metrics if k.startswith("hessian_eig"))
+    ['hessian_eig_1', 'hessian_eig_2']
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .hvp import hessian_operator
+from .operators import has_adam_state, preconditioned_operator
+from .solvers import EigResult, block_lanczos, lanczos, power_iteration
+
+SOLVERS = ("lanczos", "block_lanczos", "power")
+
+
+def align_signs(vectors: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+    """Flip eigenvector columns to point along ``reference`` (or, without one, so their largest entry is positive).
+
+    Keeps "the projection of an update on the top eigenvector" comparable across
+    measurements.  Device-side, no sync.
+    """
+    if reference is None:
+        pick = vectors.abs().argmax(dim=0)
+        signs = torch.sign(vectors.gather(0, pick.unsqueeze(0)).squeeze(0))
+    else:
+        signs = torch.sign((vectors * reference).sum(dim=0))
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+class SharpnessTracker:
+    """Top-k eigenvalues of the loss Hessian (and optionally of Adam's preconditioned Hessian).
+
+    Arguments as in :func:`eos_toolkit.hvp.hessian_operator` (``params`` for
+    per-layer sharpness, ``method``, ``bn_mode``, ``dropout``, ``dtype`` for the
+    solver arithmetic), plus ``k`` eigenpairs; ``solver`` one of ``"lanczos"``,
+    ``"block_lanczos"`` (block size ``k``: for clusters at the edge of
+    stability), ``"power"`` (k = 1, largest magnitude); ``tol`` on the relative
+    residual; ``max_iter`` products per solve; ``determinism_probe`` checks on
+    the first measurement that two products with one vector agree.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence, *, k: int = 1,
+                 method: str = "forward_over_reverse", bn_mode: str = "eval", solver: str = "lanczos",
+                 tol: float = 1e-3, max_iter: int = 100, precondition: bool = False, params=None,
+                 dropout: str = "off", dtype: torch.dtype | None = None,
+                 determinism_probe: bool = True, seed: int = 0):
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if solver == "power" and k != 1:
+            raise ValueError(f"solver='power' finds one eigenpair; got k={k}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.hessian = hessian_operator(model, loss_fn, batches, params=params, method=method,
+                                        bn_mode=bn_mode, dropout=dropout, dtype=dtype)
+        if k > self.hessian.dim:
+            raise ValueError(f"k={k} exceeds the number of selected parameters {self.hessian.dim}")
+        self.k, self.solver, self.tol, self.max_iter = k, solver, tol, max_iter
+        self.precondition = precondition
+        self.generator = torch.Generator(device=self.hessian.device).manual_seed(seed)
+        self._probe_pending = determinism_probe
+        self.eigenvectors: torch.Tensor | None = None          # (dim, k), Hessian
+        self.precond_eigenvectors: torch.Tensor | None = None  # (dim, k), symmetric preconditioned
+
+    @property
+    def top_eigenvector(self) -> list[torch.Tensor] | None:
+        """The last top Hessian eigenvector, shaped like the selected parameters (None before measuring)."""
+        return None if self.eigenvectors is None else self.hessian.unflatten(self.eigenvectors[:, 0])
+
+    @property
+    def top_eigenvector_flat(self) -> torch.Tensor | None:
+        return None if self.eigenvectors is None else self.eigenvectors[:, 0]
+
+    def _solve(self, op, warm: torch.Tensor | None) -> tuple[EigResult, float]:
+        kwargs = dict(max_iter=self.max_iter, tol=self.tol, v0=warm, dtype=op.dtype,
+                      device=op.device, generator=self.generator)
+        start = time.perf_counter()
+        if self.solver == "lanczos":
+            result = lanczos(op.matvec, op.dim, self.k, **kwargs)
+        elif self.solver == "block_lanczos":
+            result = block_lanczos(op.matmat, op.dim, self.k, block_size=self.k, **kwargs)
+        else:
+            result = power_iteration(op.matvec, op.dim, **kwargs)
+        if op.device.type == "cuda":
+            torch.cuda.synchronize(op.device)  # sync: wall time of the solve
+        return result, time.perf_counter() - start
+
+    def _metrics(self, prefix: str, result: EigResult, seconds: float) -> dict[str, float]:
+        # sync: one transfer of the eigenvalues and residuals per solve.
+        values = torch.cat([result.eigenvalues, result.residuals]).tolist()
+        k = result.eigenvalues.shape[0]
+        metrics = {f"{prefix}_eig_{i + 1}": values[i] for i in range(k)}
+        metrics.update({f"{prefix}_residual_{i + 1}": values[k + i] for i in range(k)})
+        metrics[f"{prefix}_matvecs"] = float(result.n_matvecs)
+        metrics[f"{prefix}_seconds"] = seconds
+        metrics[f"{prefix}_converged"] = float(result.converged)
+        return metrics
+
+    def measure(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """Solve at the model's current parameters; returns plain floats (a deliberate sync point).
+
+        Keys: ``sharpness``, ``hessian_eig_{i}``, ``hessian_residual_{i}``,
+        ``hessian_matvecs``, ``hessian_seconds``, ``hessian_converged``; with
+        ``precondition=True`` and an optimizer whose state has Adam's or
+        RMSprop's second moments (after its first step) also ``precond_sharpness``,
+        ``precond_eig_{i}``, ``precond_residual_{i}``, ``precond_matvecs``,
+        ``precond_seconds``, ``precond_converged``.
+        """
+        if self._probe_pending:
+            self.hessian.check_determinism(generator=self.generator)
+            self._probe_pending = False
+        result, seconds = self._solve(self.hessian, self.eigenvectors)
+        self.eigenvectors = align_signs(result.eigenvectors, self.eigenvectors)
+        metrics = self._metrics("hessian", result, seconds)
+        metrics["sharpness"] = metrics["hessian_eig_1"]
+        if self.precondition and optimizer is not None and has_adam_state(optimizer, self.hessian.parameters):
+            op = preconditioned_operator(self.hessian, optimizer)
+            result, seconds = self._solve(op, self.precond_eigenvectors)
+            self.precond_eigenvectors = align_signs(result.eigenvectors, self.precond_eigenvectors)
+            metrics.update(self._metrics("precond", result, seconds))
+            metrics["precond_sharpness"] = metrics["precond_eig_1"]
+        return metrics
