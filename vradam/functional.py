@@ -208,6 +208,26 @@ def _steps_on_host(steps: list[Tensor]) -> bool:
     return steps[0].device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def _bias_corrections_on_device(
+    steps: list[Tensor], g: GroupTensors, param_dtype: torch.dtype
+) -> tuple[list[Tensor], list[Tensor]]:
+    """1 - beta1^t and sqrt(1 - beta2^t) as tensors, for steps that stay on the device.
+
+    Written as -expm1(t log beta): 1 - beta2^t computed directly in float32 would
+    lose about four digits at t = 1.
+    """
+    dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+    ts = [t.to(dtype) for t in steps]
+    bc1s = torch._foreach_mul(ts, math.log(g.beta1) if g.beta1 > 0 else -math.inf)
+    torch._foreach_expm1_(bc1s)
+    torch._foreach_neg_(bc1s)
+    bc2_sqrts = torch._foreach_mul(ts, math.log(g.beta2) if g.beta2 > 0 else -math.inf)
+    torch._foreach_expm1_(bc2_sqrts)
+    torch._foreach_neg_(bc2_sqrts)
+    torch._foreach_sqrt_(bc2_sqrts)
+    return bc1s, bc2_sqrts
+
+
 # ---------------------------------------------------------- single tensor
 
 
@@ -241,7 +261,7 @@ def _single_tensor_step(
                 t = step.item()  # host memory, no device sync
                 bc1, bc2_sqrt = 1.0 - g.beta1**t, math.sqrt(1.0 - g.beta2**t)
             else:
-                bc1, bc2_sqrt = 1.0 - g.beta1**step, (1.0 - g.beta2**step).sqrt()
+                ([bc1], [bc2_sqrt]) = _bias_corrections_on_device([step], g, p.dtype)
             # eta vhat / (sqrt(mhat) + eps) = v / [(sqrt(m) + eps sqrt(bc2)) bc1 / (eta sqrt(bc2))]
             denom = m.sqrt().add_(g.eps * bc2_sqrt)
             denom.div_(eta * (-bc2_sqrt / bc1))
@@ -302,13 +322,7 @@ def _foreach_step(
                 scales = [b / (1.0 - g.beta1**t) for b, t in zip(bc2_sqrts, ts)]
                 torch._foreach_addcdiv_(params, vs, denoms, scales)
             else:
-                bc1s = torch._foreach_pow(g.beta1, steps)
-                torch._foreach_neg_(bc1s)
-                torch._foreach_add_(bc1s, 1.0)
-                bc2_sqrts = torch._foreach_pow(g.beta2, steps)
-                torch._foreach_neg_(bc2_sqrts)
-                torch._foreach_add_(bc2_sqrts, 1.0)
-                torch._foreach_sqrt_(bc2_sqrts)
+                bc1s, bc2_sqrts = _bias_corrections_on_device(steps, g, params[0].dtype)
                 torch._foreach_add_(denoms, torch._foreach_mul(bc2_sqrts, g.eps))
                 neg_step_sizes = torch._foreach_div(bc2_sqrts, bc1s)
                 torch._foreach_mul_(neg_step_sizes, -eta)
