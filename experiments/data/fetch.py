@@ -184,7 +184,7 @@ def _fetch_cifar10(root: Path, staging: Path, timeout_s: float, echo) -> Path:
         for member in tar.getmembers():
             parts = PurePosixPath(member.name).parts
             # Only plain files directly under cifar-10-batches-py/: no links, no paths outside it.
-            if member.isfile() and len(parts) == 2 and parts[0] == CIFAR_SUBDIR:
+            if member.isfile() and len(parts) == 2 and parts[0] == CIFAR_SUBDIR and parts[1] != "..":
                 (batches / parts[1]).write_bytes(tar.extractfile(member).read())
     needed = [*CIFAR_FILES["train"], *CIFAR_FILES["test"]]
     missing = [name for name in needed if not (batches / name).is_file()]

@@ -1,0 +1,142 @@
+"""The model zoo: shapes, parameter counts by hand, seeding, and torch.func compatibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+from experiments.models import MODEL_NAMES, build_model
+
+
+def conv3x3(cin: int, cout: int, bn: bool) -> int:
+    return cin * cout * 9 + cout + (2 * cout if bn else 0)
+
+
+def linear(fan_in: int, fan_out: int) -> int:
+    return fan_in * fan_out + fan_out
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_model_names():
+    assert MODEL_NAMES == ("mlp-tanh", "mlp-relu", "cnn-small", "cnn-deep")
+
+
+@pytest.mark.parametrize("name", ["mlp-tanh", "mlp-relu"])
+def test_mlp_784_200_200_10_has_199210_parameters(name):
+    model = build_model(name, (1, 28, 28), 10, seed=0)
+    assert count(model) == 199_210 == linear(784, 200) + linear(200, 200) + linear(200, 10)
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    activation = nn.Tanh if name == "mlp-tanh" else nn.ReLU
+    assert sum(isinstance(m, activation) for m in model.modules()) == 2
+    wide = build_model(name, (3, 8, 8), 4, hidden=(7,))
+    assert count(wide) == linear(192, 7) + linear(7, 4)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_cnn_small_shape_and_parameter_count(batchnorm):
+    model = build_model("cnn-small", (1, 28, 28), 10, batchnorm=batchnorm)
+    expected = conv3x3(1, 32, batchnorm) + conv3x3(32, 32, batchnorm) + linear(32 * 7 * 7, 10)
+    assert count(model) == expected
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    cifar = build_model("cnn-small", (3, 32, 32), 10, batchnorm=batchnorm, width=8, activation="tanh")
+    assert count(cifar) == conv3x3(3, 8, batchnorm) + conv3x3(8, 8, batchnorm) + linear(8 * 8 * 8, 10)
+    assert cifar(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("shape", "side"), [((3, 32, 32), 4), ((1, 28, 28), 3), ((1, 8, 8), 1)])
+def test_cnn_deep_is_the_six_conv_shape_for_any_input(shape, side):
+    model = build_model("cnn-deep", shape, 10, batchnorm=False)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 3
+    cin = shape[0]
+    expected = conv3x3(cin, 32, False) + conv3x3(32, 32, False) + conv3x3(32, 64, False) + conv3x3(64, 64, False)
+    expected += conv3x3(64, 128, False) + conv3x3(128, 128, False) + linear(128 * side * side, 10)
+    assert count(model) == expected
+    assert model(torch.rand(2, *shape)).shape == (2, 10)
+    with_bn = build_model("cnn-deep", shape, 10, hidden=(16,))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in with_bn.modules()) == 6
+    assert count(with_bn) == expected - linear(128 * side * side, 10) + 2 * (32 + 32 + 64 + 64 + 128 + 128) + linear(
+        128 * side * side, 16
+    ) + linear(16, 10)
+
+
+def test_seed_gives_equal_weights_without_touching_the_global_rng():
+    before = torch.random.get_rng_state()
+    a = build_model("cnn-deep", (1, 8, 8), 10, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = build_model("cnn-deep", (1, 8, 8), 10, seed=5)
+    c = build_model("cnn-deep", (1, 8, 8), 10, seed=6)
+    for (key, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), key
+    assert not torch.equal(a[0].weight, c[0].weight)
+    torch.manual_seed(1)
+    d = build_model("mlp-relu", (1, 4, 4), 3)
+    torch.manual_seed(1)
+    e = build_model("mlp-relu", (1, 4, 4), 3)
+    assert all(torch.equal(p, q) for p, q in zip(d.parameters(), e.parameters()))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_no_dropout_and_no_in_place_activations(name):
+    model = build_model(name, (1, 8, 8), 10)
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+
+
+def test_bad_names_options_and_shapes_are_value_errors():
+    with pytest.raises(ValueError, match="unknown model 'resnet'; allowed: mlp-tanh, mlp-relu, cnn-small, cnn-deep"):
+        build_model("resnet", (1, 28, 28), 10)
+    with pytest.raises(ValueError, match=r"no option\(s\) \['dropout'\]; allowed: width, batchnorm, activation"):
+        build_model("cnn-small", (1, 28, 28), 10, dropout=0.5)
+    with pytest.raises(ValueError, match="at least 8 x 8"):
+        build_model("cnn-deep", (1, 4, 4), 10)
+    with pytest.raises(ValueError, match="three positive integers"):
+        build_model("mlp-tanh", (784,), 10)
+    with pytest.raises(ValueError, match="hidden must be"):
+        build_model("mlp-tanh", (1, 4, 4), 10, hidden=(0,))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        build_model("cnn-small", (1, 8, 8), 10, activation="gelu")
+
+
+CASES = [
+    ("mlp-tanh", {"hidden": (5, 4)}, "eval"),
+    ("mlp-relu", {"hidden": (6,)}, "eval"),
+    ("cnn-small", {"width": 3}, "eval"),
+    ("cnn-small", {"width": 3, "batchnorm": True, "activation": "tanh"}, "train"),
+    ("cnn-small", {"width": 3, "batchnorm": True}, "eval"),
+    ("cnn-deep", {"widths": (2, 3, 2), "hidden": (5,)}, "train"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's own jvp setup
+@pytest.mark.parametrize(("name", "options", "mode"), CASES)
+def test_forward_over_reverse_hvp_equals_double_backward(name, options, mode):
+    """torch.func's jvp-of-grad Hessian-vector product against autograd's double backward."""
+    model = build_model(name, (2, 8, 8), 3, seed=0, **options).double()
+    getattr(model, mode)()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 2, 8, 8, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    vector = {k: torch.randn(p.shape, dtype=torch.float64, generator=generator) for k, p in params.items()}
+
+    def loss(p):
+        # Fresh buffer copies: BatchNorm in train mode updates running statistics in place.
+        state = {**p, **{k: b.clone() for k, b in buffers.items()}}
+        return nn.functional.cross_entropy(functional_call(model, state, (x,)), y)
+
+    _, hvp = jvp(grad(loss), (params,), (vector,))
+
+    weights = list(model.parameters())
+    gradient = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), weights, create_graph=True)
+    dot = sum((g * vector[k]).sum() for g, k in zip(gradient, params))
+    reference = torch.autograd.grad(dot, weights)
+    for key, ref in zip(params, reference):
+        torch.testing.assert_close(hvp[key], ref, rtol=1e-9, atol=1e-12)
