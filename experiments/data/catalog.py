@@ -170,11 +170,11 @@ def _locate(name: str, split: str, data_dir) -> tuple[_Located | None, list[str]
 
 
 def _sklearn_datasets():
-    """``sklearn.datasets`` if scikit-learn imports, else None."""
+    """(``sklearn.datasets``, "") if scikit-learn imports, else (None, why not)."""
     try:
-        return importlib.import_module("sklearn.datasets")
-    except Exception:  # an optional dependency; a broken install must not break the other data sets
-        return None
+        return importlib.import_module("sklearn.datasets"), ""
+    except Exception as error:  # an optional dependency; a broken install must not break the other data sets
+        return None, f"scikit-learn does not import ({type(error).__name__}: {error})"
 
 
 def how_to_get(name: str, data_dir=None) -> str:
@@ -228,9 +228,9 @@ def _as_dataset(images: np.ndarray, labels: np.ndarray, max_value: float, name, 
 
 
 def _load_digits() -> ImageDataset:
-    datasets = _sklearn_datasets()
+    datasets, why_not = _sklearn_datasets()
     if datasets is None:
-        raise DatasetNotFoundError(f"digits needs scikit-learn, which does not import here; to get it: {how_to_get('digits')}")
+        raise DatasetNotFoundError(f"digits needs scikit-learn: {why_not}; to get it: {how_to_get('digits')}")
     bunch = datasets.load_digits()
     version = getattr(importlib.import_module("sklearn"), "__version__", "unknown")
     csv = Path(datasets.__file__).parent / "data" / "digits.csv.gz"
@@ -276,8 +276,8 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
 
 def _availability(name: str, data_dir) -> DatasetAvailability:
     if name == "digits":
-        datasets = _sklearn_datasets()
-        where = f"scikit-learn ({datasets.__name__}.load_digits)" if datasets else "scikit-learn does not import"
+        datasets, why_not = _sklearn_datasets()
+        where = f"scikit-learn ({datasets.__name__}.load_digits)" if datasets else why_not
         return DatasetAvailability(name, datasets is not None, where, how_to_get(name, data_dir))
     located, searched = _locate(name, "train", data_dir)
     where = located.source if located else "not in " + ", ".join(searched)

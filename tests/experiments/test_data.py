@@ -106,7 +106,8 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.delenv("EOS_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(catalog, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system" / "fashion-mnist")
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` now raises ImportError
+    for module in ("sklearn", "sklearn.datasets"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
     root = tmp_path / "data"
     root.mkdir()
     return root
@@ -222,6 +223,10 @@ def test_digits_come_from_scikit_learn_scaled_by_one_sixteenth(isolated, tmp_pat
     assert data.checksum == hashlib.sha256(csv.read_bytes()).hexdigest()
     assert "scikit-learn 9.9" in data.source and str(csv) in data.source
     assert resolve_dataset("auto", data_dir=isolated) == "digits"
+    csv.unlink()  # a layout without the csv: the checksum covers the pixel array instead
+    data = load_dataset("digits", data_dir=isolated)
+    assert data.checksum == hashlib.sha256(values.tobytes()).hexdigest()
+    assert "checksum of the float64 pixel array" in data.source
 
 
 # ---------------------------------------------------------------- where data is looked for
@@ -271,6 +276,20 @@ def test_missing_data_set_error_says_where_it_looked_and_how_to_get_it(isolated,
 
 def test_missing_digits_says_to_install_scikit_learn(isolated):
     with pytest.raises(DatasetNotFoundError, match="pip install scikit-learn"):
+        load_dataset("digits")
+
+
+def test_a_broken_scikit_learn_only_disables_digits(isolated, tmp_path, monkeypatch):
+    broken = tmp_path / "site" / "sklearn"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise RuntimeError('built against another numpy')\n")
+    monkeypatch.delitem(sys.modules, "sklearn")
+    monkeypatch.delitem(sys.modules, "sklearn.datasets")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    rows = {row.name: row for row in available_datasets(isolated)}
+    assert not rows["digits"].available
+    assert "RuntimeError: built against another numpy" in rows["digits"].where
+    with pytest.raises(DatasetNotFoundError, match="built against another numpy"):
         load_dataset("digits")
 
 
