@@ -89,7 +89,9 @@ def _check_spatial(name: str, input_shape: tuple[int, int, int], pools: int) -> 
     _, height, width = input_shape
     smallest = 2**pools
     if height < smallest or width < smallest:
-        raise ValueError(f"{name} pools {pools} times and needs images of at least {smallest} x {smallest}; got {height} x {width}")
+        raise ValueError(
+            f"{name} pools {pools} times and needs images of at least {smallest} x {smallest}; got {height} x {width}"
+        )
     return height // smallest, width // smallest
 
 
@@ -126,8 +128,8 @@ def deep_cnn(
     layers: list[nn.Module] = []
     channels = input_shape[0]
     for width in widths:
-        layers += [*_conv_unit(channels, width, batchnorm, activation), *_conv_unit(width, width, batchnorm, activation)]
-        layers.append(nn.MaxPool2d(2))
+        layers += _conv_unit(channels, width, batchnorm, activation)
+        layers += [*_conv_unit(width, width, batchnorm, activation), nn.MaxPool2d(2)]
         channels = width
     head = _linear_stack(channels * out_h * out_w, hidden, num_classes, activation)
     return nn.Sequential(*layers, nn.Flatten(), *head)

@@ -261,7 +261,8 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
     located, searched = _locate(name, split, data_dir)
     if located is None:
         raise DatasetNotFoundError(
-            f"{name} ({split} split) not found; looked in: {', '.join(searched)}. To get it: {how_to_get(name, data_dir)}"
+            f"{name} ({split} split) not found; looked in: {', '.join(searched)}. "
+            f"To get it: {how_to_get(name, data_dir)}"
         )
     blobs = [path.read_bytes() for path in located.files]
     if name == "cifar10":

@@ -99,7 +99,9 @@ def parse_idx_pair(images_raw: bytes, labels_raw: bytes) -> tuple[np.ndarray, np
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"IDX images must be 3-d uint8 (N x H x W); got {images.ndim}-d {images.dtype}")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"IDX labels must be 1-d with one label per image; got shape {labels.shape} for {len(images)} images")
+        raise ValueError(
+            f"IDX labels must be 1-d with one label per image; got shape {labels.shape} for {len(images)} images"
+        )
     return images[:, None, :, :], labels.astype(np.int64)
 
 

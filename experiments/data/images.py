@@ -64,9 +64,13 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
-            raise ValueError(f"images must be a float32 N x C x H x W tensor; got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"images must be a float32 N x C x H x W tensor; got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
-            raise ValueError(f"labels must be int64 with one per image; got {self.labels.dtype} {tuple(self.labels.shape)}")
+            raise ValueError(
+                f"labels must be int64 with one per image; got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1; got {self.num_classes}")
 
