@@ -1,0 +1,234 @@
+"""Figure files and reports.
+
+:func:`save_figures` writes each requested figure as PNG (200 dpi) and PDF;
+:func:`write_report` writes a report as **markdown plus PNGs**: ``report.md``
+with the figures beside it in ``figures/`` (relative links), so the directory
+can be zipped, committed, or opened in any markdown viewer. Neither needs a
+display: figures are built with :class:`matplotlib.figure.Figure`, not pyplot.
+
+Example:
+    >>> paths = save_figures("runs/", "figures/", kinds=("sharpness", "loss"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+from analysis.load import Run, Runs, flatten_config, load_runs
+from analysis.plots import (
+    damping_runs,
+    plot_comparison,
+    plot_damping,
+    plot_density,
+    plot_loss,
+    plot_sharpness,
+    plot_spectrum,
+)
+from analysis.summary import (
+    format_summary,
+    markdown_table,
+    run_summary,
+    stability_metrics,
+    stability_summary,
+    summary_table,
+)
+
+log = logging.getLogger("analysis")
+
+#: The kinds :func:`save_figures` knows; "all" in the CLI means these.
+FIGURE_KINDS = ("sharpness", "loss", "damping", "spectrum", "density", "comparison")
+DEFAULT_KINDS = ("sharpness", "loss", "damping", "spectrum")
+
+
+def _as_runs(runs) -> Runs:
+    if isinstance(runs, Runs):
+        return runs
+    if isinstance(runs, Run):
+        return Runs([runs])
+    return load_runs(runs)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "run"
+
+
+def _figure(figsize=(6.4, 4.0)):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _save(fig, out_dir: Path, stem: str, formats: Sequence[str], dpi: int) -> list[Path]:
+    paths = []
+    for fmt in formats:
+        path = out_dir / f"{stem}.{fmt}"
+        fig.savefig(path, dpi=dpi, format=fmt)
+        paths.append(path)
+    return paths
+
+
+def _has_spectrum(df: pd.DataFrame, run_id: str) -> bool:
+    logged = df.loc[df["run_id"] == run_id, "metric"]
+    return bool(logged.str.fullmatch(r"hessian_eig_\d+").any())
+
+
+def _threshold_of(df: pd.DataFrame, run_id: str) -> float | None:
+    rows = df[(df["run_id"] == run_id) & (df["metric"] == "threshold")]["value"]
+    rows = rows[rows.notna()]
+    return float(rows.iloc[-1]) if len(rows) else None
+
+
+def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAULT_KINDS,
+                 formats: Sequence[str] = ("png", "pdf"), dpi: int = 200) -> list[Path]:
+    """Write the figures of ``kinds`` for ``runs`` into ``out_dir``; return the paths written.
+
+    ``runs`` is a :class:`Runs`, a :class:`Run`, or what :func:`load_runs` takes.
+    Kinds: ``sharpness``, ``loss``, ``damping`` (VRAdam runs), ``comparison``
+    (train loss mean and CI by optimizer and lr) draw all runs in one figure
+    (``<kind>.png``); ``spectrum`` and ``density`` draw one figure per run
+    (``<kind>_<run_id>.png``). A kind the runs have no data for (damping without a
+    VRAdam run, spectrum without ``hessian_eig_i``, ...) is skipped with a
+    warning on the ``analysis`` logger naming it.
+    """
+    kinds = list(kinds)
+    unknown = [k for k in kinds if k not in FIGURE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown figure kinds {unknown}; choose from {list(FIGURE_KINDS)}")
+    if not 72 <= dpi <= 1200:
+        raise ValueError(f"dpi must be in [72, 1200], got {dpi}")
+    runs = _as_runs(runs)
+    df = runs.df
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def skip(kind: str, why: str) -> None:
+        log.warning("skipped the %s figure: %s", kind, why)
+
+    for kind in kinds:
+        if kind == "sharpness":
+            if not any(stability_metrics(df, r) for r in runs.run_ids):
+                skip(kind, "no run logged sharpness with its threshold")
+                continue
+            fig, ax = _figure()
+            plot_sharpness(df, ax=ax)
+            written += _save(fig, out_dir, "sharpness", formats, dpi)
+        elif kind == "loss":
+            if not df["metric"].isin(["train_loss", "track_loss", "val_loss", "test_loss"]).any():
+                skip(kind, "no run logged a loss")
+                continue
+            fig, ax = _figure()
+            plot_loss(df, ax=ax)
+            written += _save(fig, out_dir, "loss", formats, dpi)
+        elif kind == "damping":
+            if not damping_runs(df):
+                skip(kind, "no VRAdam run (no eta with vr_clamped or vr_sq_norm logged)")
+                continue
+            fig, ax = _figure()
+            plot_damping(df, ax=ax)
+            written += _save(fig, out_dir, "damping", formats, dpi)
+        elif kind == "comparison":
+            if "train_loss" not in set(df["metric"]):
+                skip(kind, "no run logged train_loss")
+                continue
+            fig, ax = _figure()
+            plot_comparison(df, ax=ax)
+            written += _save(fig, out_dir, "comparison", formats, dpi)
+        elif kind == "spectrum":
+            ids = [r for r in runs.run_ids if _has_spectrum(df, r)]
+            if not ids:
+                skip(kind, "no run logged hessian_eig_<i>")
+            for rid in ids:
+                fig, ax = _figure()
+                plot_spectrum(df, ax=ax, run_id=rid)
+                written += _save(fig, out_dir, f"spectrum_{_safe(rid)}", formats, dpi)
+        elif kind == "density":
+            with_density = [r for r in runs if len(r.density)]
+            if not with_density:
+                skip(kind, "no run logged a spectral density")
+            for run in with_density:
+                fig, ax = _figure()
+                plot_density(run.density, ax=ax, threshold=_threshold_of(df, run.run_id), title=run.label)
+                written += _save(fig, out_dir, f"density_{_safe(run.run_id)}", formats, dpi)
+    return written
+
+
+def _json_block(obj) -> str:
+    return "```json\n" + json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n```"
+
+
+def _events_line(run: Run) -> str:
+    if not run.events:
+        return "no events"
+    return ", ".join(f"{e.get('event')} at step {e.get('step')}" for e in run.events)
+
+
+def write_report(run_dirs, out_dir: str | os.PathLike, target_loss: float | None = None,
+                 title: str = "Edge-of-stability report") -> Path:
+    """Write ``report.md`` with its figures in ``out_dir/figures``; return the report's path.
+
+    Sections: an overview of the runs (status, last step); the stability
+    summary (first crossing of the threshold, time above it, oscillation and
+    VRAdam damping measures, see :func:`analysis.stability_summary`); the
+    figures (sharpness, loss, damping, spectrum, density, whatever the runs
+    logged); the outcomes per run and, when several runs are given, the
+    comparison across seeds (mean ± 95% CI by optimizer and lr, with its
+    figure); then each run's config, environment and events.
+    ``run_dirs`` is anything :func:`load_runs` takes (or a :class:`Runs`).
+    """
+    runs = _as_runs(run_dirs)
+    df = runs.df
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kinds = ["sharpness", "loss", "damping", "spectrum", "density"]
+    several = len(runs) > 1
+    if several:
+        kinds.append("comparison")
+    pngs = save_figures(runs, fig_dir, kinds=kinds, formats=("png",))
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    lines = [f"# {title}", "", f"{len(runs)} run(s), written {now}.", "", "## Runs", ""]
+    overview = runs.overview[["run_id", "label", "status", "last_step", "diverged_step"]]
+    lines += [markdown_table(overview), ""]
+
+    stab = stability_summary(df).drop(columns=["label", "status"])
+    stab = stab.dropna(axis=1, how="all")
+    lines += ["## Stability", "",
+              "`late_ratio` is the median sharpness / threshold over the last half of the measurements "
+              "(about 1 at the edge of stability); `loss_rise_fraction` the fraction of steps where the "
+              "training loss rose; `sign_flip_rate` how often the update along the top eigenvector changed "
+              "sign; `clamp_fraction` how often VRAdam's gate was clamped.", "",
+              markdown_table(stab), ""]
+
+    lines += ["## Figures", ""]
+    for png in pngs:
+        lines += [f"![{png.stem}](figures/{png.name})", ""]
+
+    per_run = run_summary(df, target_loss=target_loss).dropna(axis=1, how="all")
+    lines += ["## Outcomes per run", "", markdown_table(per_run), ""]
+    if several:
+        table = format_summary(summary_table(df, target_loss=target_loss))
+        lines += ["## Comparison", "",
+                  "Mean ± half-width of the 95% Student-t interval over the seeds of each optimizer and rate; "
+                  "diverged runs are counted, not averaged.", "", markdown_table(table), ""]
+
+    lines += ["## Runs in detail", ""]
+    for run in runs:
+        lines += [f"### {run.run_id}", "", f"- label: {run.label}", f"- status: **{run.status}**",
+                  f"- directory: `{run.run_dir}`", f"- events: {_events_line(run)}", "",
+                  "Config:", "", markdown_table(pd.DataFrame(list(flatten_config(run.config).items()),
+                                                             columns=["key", "value"]), digits=12),
+                  "", "Environment:", "", _json_block(run.environment), ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
