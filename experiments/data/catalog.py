@@ -11,8 +11,9 @@ The data directory (:func:`data_root`) is the ``data_dir`` argument, else the
 environment variable ``EOS_DATA_DIR``, else the cache directory
 ``$XDG_CACHE_HOME/eos-toolkit/data`` (``~/.cache/eos-toolkit/data`` when
 ``XDG_CACHE_HOME`` is unset), which is where ``eos data fetch`` puts data.
-Searched for each data set, in this order, with ROOT the data directory and
-then the cache directory:
+Searched for each data set, in this order, with ROOT the data directory, then
+``$EOS_DATA_DIR`` and the cache directory (so data fetched there is found even
+when a run names another data directory):
 
 - fashion-mnist: ``ROOT/FashionMNIST/raw/`` (torchvision's layout),
   ``ROOT/fashion-mnist/``, then ``/usr/share/datasets/fashion-mnist/`` (Debian's
@@ -120,7 +121,8 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _search_roots(data_dir) -> list[Path]:
-    roots = [data_root(data_dir), default_cache_dir()]
+    """The data directory, then ``$EOS_DATA_DIR`` and the cache directory (where fetches may have gone)."""
+    roots = [data_root(data_dir), data_root(None), default_cache_dir()]
     return [root for i, root in enumerate(roots) if root not in roots[:i]]
 
 

@@ -249,7 +249,8 @@ def test_env_var_and_cache_and_system_path_are_searched(isolated, tmp_path, monk
     write_idx_split(tmp_path / "env" / "mnist", "train", images, labels, gz=True)
     monkeypatch.setenv("EOS_DATA_DIR", str(tmp_path / "env"))
     assert load_dataset("mnist").labels.tolist() == labels.tolist()
-    # The cache directory is searched even when another data directory is named.
+    # $EOS_DATA_DIR and the cache directory are searched even when another data directory is named.
+    assert str(tmp_path / "env") in load_dataset("mnist", data_dir=isolated).source
     write_idx_split(tmp_path / "cache" / "eos-toolkit" / "data" / "fashion-mnist", "train", images, labels, gz=True)
     assert str(tmp_path / "cache") in load_dataset("fashion-mnist", data_dir=isolated).source
     system = tmp_path / "system" / "fashion-mnist"
