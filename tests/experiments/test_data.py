@@ -488,6 +488,19 @@ def test_augment_batch_is_a_seeded_crop_and_flip():
     assert torch.equal(augment_batch(images, torch.Generator(), crop_padding=0, flip=False), images)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("generator_device", ["cpu", "cuda"])
+def test_augment_batch_on_cuda_images(generator_device):
+    images = torch.rand(8, 3, 6, 6, generator=torch.Generator().manual_seed(0)) + 0.5
+    generator = torch.Generator(device=generator_device).manual_seed(3)
+    out = augment_batch(images.cuda(), generator, crop_padding=2, flip=True)
+    assert out.device.type == "cuda"
+    assert all(_matches_a_shifted_crop(o, i, 2, flips=True) for o, i in zip(out.cpu(), images))
+    if generator_device == "cpu":  # same draws as on the CPU, so the same batch
+        assert torch.equal(out.cpu(), augment_batch(images, torch.Generator().manual_seed(3), crop_padding=2))
+
+
 def test_default_augmentation_flips_only_cifar10():
     assert default_augmentation("cifar10") == {"crop_padding": 4, "flip": True}
     for name in ["fashion-mnist", "mnist", "mnist5k", "digits"]:
