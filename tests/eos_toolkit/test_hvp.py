@@ -1,0 +1,175 @@
+"""Hessian-vector products against dense torch.func.hessian in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from eos_toolkit.hvp import (
+    METHODS,
+    NondeterministicOperatorError,
+    hessian_operator,
+    select_parameters,
+)
+from tests.eos_toolkit.reference import (
+    DT,
+    CausalBlock,
+    SmallCNN,
+    cnn_loss_plain,
+    dense_hessian,
+    flat_params,
+    regression_data,
+    tanh_mlp,
+)
+
+mse = nn.functional.mse_loss
+
+
+def assert_products_match(op, H, n_columns: int = 3, rtol: float = 1e-9):
+    """matvec and matmat equal H @ v; finite differences get a looser tolerance."""
+    if op.method == "finite_difference":
+        rtol = 1e-5
+    g = torch.Generator().manual_seed(7)
+    V = torch.randn(op.dim, n_columns, generator=g, dtype=DT)
+    expected = H @ V
+    scale = expected.abs().max()
+    assert (op.matvec(V[:, 0]) - expected[:, 0]).abs().max() <= rtol * scale
+    assert (op.matmat(V) - expected).abs().max() <= rtol * scale
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tanh_mlp_all_methods(method):
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(model, mse, [(x, y)], method=method)
+    assert_products_match(op, dense_hessian(model, mse, x, y))
+    assert op.n_matvecs == 1 + 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bn_mode", ["eval", "batch_stats"])
+def test_cnn_with_batchnorm(method, bn_mode):
+    torch.manual_seed(0)
+    model = SmallCNN().to(DT)
+    x = torch.randn(6, 1, 6, 6, dtype=DT)
+    y = torch.randn(6, 3, dtype=DT)
+    model.train()
+    model(x)  # non-trivial running statistics
+    model.train()  # the operator must not care which mode the caller left
+    saved = {n: b.clone() for n, b in model.named_buffers()}
+    H = torch.func.hessian(cnn_loss_plain)(flat_params(model, [n for n, _ in model.named_parameters()]),
+                                          model, x, y, bn_mode == "batch_stats")
+    op = hessian_operator(model, mse, [(x, y)], method=method, bn_mode=bn_mode)
+    assert_products_match(op, H)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, saved[n]), f"buffer {n} changed"
+    assert model.training and model.bn.training and model.bn.track_running_stats
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_causal_transformer_block(method):
+    torch.manual_seed(0)
+    model = CausalBlock().to(DT)
+    x = torch.randn(2, 5, 4, dtype=DT)
+    y = torch.randn(2, 5, 4, dtype=DT)
+    op = hessian_operator(model, mse, [(x, y)], method=method)
+    assert_products_match(op, dense_hessian(model, mse, x, y, engine="autograd"))
+
+
+def test_fused_attention_falls_back_to_math_kernel():
+    torch.manual_seed(0)
+    math_model = CausalBlock().to(DT)
+    fused_model = CausalBlock(fused=True).to(DT)
+    fused_model.load_state_dict(math_model.state_dict())
+    x = torch.randn(2, 5, 4, dtype=DT)
+    y = torch.randn(2, 5, 4, dtype=DT)
+    op = hessian_operator(fused_model, mse, [(x, y)])
+    with pytest.warns(RuntimeWarning, match="math attention"):
+        assert_products_match(op, dense_hessian(math_model, mse, x, y, engine="autograd"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parameter_subset_is_the_block_of_the_full_hessian(method):
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    names = [n for n, _ in model.named_parameters()]
+    H = dense_hessian(model, mse, x, y)
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    starts = torch.tensor([0] + sizes).cumsum(0)
+    chosen = ["2.weight", "4.bias"]
+    idx = torch.cat([torch.arange(starts[names.index(n)], starts[names.index(n) + 1]) for n in chosen])
+    op = hessian_operator(model, mse, [(x, y)], params=chosen, method=method)
+    assert op.names == chosen and op.dim == idx.numel()
+    assert_products_match(op, H[idx][:, idx])
+    by_predicate = hessian_operator(model, mse, [(x, y)], params=lambda n, p: n.startswith("2."))
+    assert by_predicate.names == ["2.weight", "2.bias"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unequal_chunks_equal_full_batch(method):
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    chunks = [(x[:3], y[:3]), (x[3:8], y[3:8]), (x[8:], y[8:])]
+    op = hessian_operator(model, mse, chunks, method=method)
+    assert op.chunk_weights == [0.3, 0.5, 0.2]
+    assert_products_match(op, dense_hessian(model, mse, x, y))
+
+
+def test_cross_entropy_with_integer_targets():
+    model = tanh_mlp()
+    x, _ = regression_data(10, 5, 3)
+    labels = torch.arange(10) % 3
+    ce = nn.functional.cross_entropy
+    op = hessian_operator(model, ce, [(x[:4], labels[:4]), (x[4:], labels[4:])])
+    assert_products_match(op, dense_hessian(model, ce, x, labels))
+
+
+def test_float32_model_with_float64_solver_vectors():
+    model = tanh_mlp().float()
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(model, mse, [(x.float(), y.float())], dtype=DT)
+    H = dense_hessian(tanh_mlp(), mse, x, y)  # same weights in float64
+    v = torch.randn(op.dim, dtype=DT)
+    out = op.matvec(v)
+    assert out.dtype == DT
+    assert (out - H @ v).abs().max() <= 1e-5 * (H @ v).abs().max()
+
+
+def test_flatten_unflatten_round_trip():
+    model = tanh_mlp()
+    x, y = regression_data(4, 5, 3)
+    op = hessian_operator(model, mse, [(x, y)])
+    v = torch.arange(op.dim, dtype=DT)
+    parts = op.unflatten(v)
+    assert [p.shape for p in parts] == [p.shape for p in model.parameters()]
+    assert torch.equal(op.flatten(parts), v)
+    assert torch.equal(op.flatten(dict(zip(op.names, parts))), v)
+    assert torch.equal(op.flat_parameters(), flat_params(model, op.names))
+
+
+def test_determinism_probe_fires_for_dropout_in_train_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT)
+    model.train()
+    x, y = regression_data(10, 5, 3)
+    with pytest.raises(NondeterministicOperatorError, match="dropout"):
+        hessian_operator(model, mse, [(x, y)], dropout="as_is", determinism_probe=True)
+    op = hessian_operator(model, mse, [(x, y)], determinism_probe=True)  # dropout="off": fine
+    model.eval()
+    assert_products_match(op, dense_hessian(model, mse, x, y))
+
+
+def test_bad_arguments_raise_value_errors():
+    model = tanh_mlp()
+    x, y = regression_data(4, 5, 3)
+    with pytest.raises(ValueError, match="method"):
+        hessian_operator(model, mse, [(x, y)], method="exact")
+    with pytest.raises(ValueError, match="bn_mode"):
+        hessian_operator(model, mse, [(x, y)], bn_mode="train")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        select_parameters(model, ["nope"])
+    with pytest.raises(ValueError, match="empty"):
+        hessian_operator(model, mse, [])
+    op = hessian_operator(model, mse, [(x, y)])
+    with pytest.raises(ValueError, match="shape"):
+        op.matvec(torch.zeros(op.dim + 1, dtype=DT))
