@@ -1,0 +1,145 @@
+"""Eigensolvers and spectral estimators against torch.linalg.eigvalsh of dense matrices."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from eos_toolkit.hvp import hessian_operator
+from eos_toolkit.solvers import (
+    block_lanczos,
+    gaussian_density,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+    slq_density,
+)
+from tests.eos_toolkit.reference import DT, dense_hessian, regression_data, spectrum_matrix, tanh_mlp
+
+mse = nn.functional.mse_loss
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def mlp_hessian():
+    model = tanh_mlp(sizes=(5, 8, 6, 3))
+    x, y = regression_data(20, 5, 3)
+    op = hessian_operator(model, mse, [(x[:7], y[:7]), (x[7:], y[7:])])
+    H = dense_hessian(model, mse, x, y)
+    return op, H, torch.linalg.eigvalsh(H).flip(0)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / b.abs()).max())
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_lanczos_top_k_of_a_model_hessian(mlp_hessian, k):
+    op, H, exact = mlp_hessian
+    res = lanczos(op.matvec, op.dim, k, max_iter=op.dim, tol=1e-10, generator=gen())
+    assert res.converged
+    assert relative_error(res.eigenvalues, exact[:k]) <= 1e-8
+    Y = res.eigenvectors
+    assert (Y.T @ Y - torch.eye(k, dtype=DT)).abs().max() <= 1e-8
+    true_residuals = (H @ Y - Y * res.eigenvalues).norm(dim=0)
+    assert torch.allclose(true_residuals, res.residuals, atol=1e-9 * exact[0])
+
+
+def known_spectrum(n: int = 120) -> torch.Tensor:
+    """Top pair 1e-7 apart (relative), the largest magnitudes negative."""
+    ev = torch.linspace(-3.0, 8.0, n, dtype=DT)
+    ev[-1], ev[-2] = 10.0, 10.0 - 1e-6
+    ev[0], ev[1] = -40.0, -25.0
+    return ev
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_lanczos_largest_algebraic_with_near_degenerate_top_pair(k):
+    ev = known_spectrum()
+    A, _ = spectrum_matrix(ev)
+    res = lanczos(lambda v: A @ v, A.shape[0], k, max_iter=A.shape[0], tol=1e-10, generator=gen())
+    top = ev.sort(descending=True).values[:k]
+    assert relative_error(res.eigenvalues, top) <= 1e-8
+    smallest = lanczos(lambda v: A @ v, A.shape[0], 2, which="smallest", max_iter=A.shape[0],
+                       tol=1e-10, generator=gen())
+    assert relative_error(smallest.eigenvalues, torch.tensor([-40.0, -25.0], dtype=DT)) <= 1e-8
+
+
+def test_warm_start_from_true_top_vector_converges_in_three_products(mlp_hessian):
+    op, H, exact = mlp_hessian
+    top_vector = torch.linalg.eigh(H).eigenvectors[:, -1]
+    res = lanczos(op.matvec, op.dim, 1, tol=1e-8, v0=top_vector, generator=gen())
+    assert res.converged and res.n_matvecs <= 3
+    assert relative_error(res.eigenvalues, exact[:1]) <= 1e-8
+    A, Q = spectrum_matrix(known_spectrum())
+    res = lanczos(lambda v: A @ v, A.shape[0], 1, tol=1e-8, v0=Q[:, -1], generator=gen())
+    assert res.n_matvecs <= 3 and abs(float(res.eigenvalues[0]) - 10.0) <= 1e-7
+
+
+def test_warm_start_block_of_eigenvectors_finds_all_of_them():
+    ev = torch.linspace(-1.0, 1.0, 80, dtype=DT)
+    ev[-3:] = torch.tensor([3.0, 4.0, 5.0], dtype=DT)
+    A, Q = spectrum_matrix(ev)
+    res = lanczos(lambda v: A @ v, 80, 3, tol=1e-8, v0=Q[:, -3:], generator=gen())
+    assert res.n_matvecs <= 3 + 1
+    assert relative_error(res.eigenvalues, torch.tensor([5.0, 4.0, 3.0], dtype=DT)) <= 1e-8
+
+
+def test_block_lanczos_resolves_an_exact_cluster():
+    ev = torch.linspace(-2.0, 1.0, 150, dtype=DT)
+    ev[-3:] = 2.0  # triple eigenvalue: in exact arithmetic one start vector sees one copy
+    A, _ = spectrum_matrix(ev)
+    res = block_lanczos(lambda V: A @ V, 150, 3, block_size=3, max_iter=120, tol=1e-8,
+                        generator=gen())
+    assert res.converged and res.n_matvecs < 150
+    assert relative_error(res.eigenvalues, torch.full((3,), 2.0, dtype=DT)) <= 1e-8
+    Y = res.eigenvectors
+    assert (Y.T @ Y - torch.eye(3, dtype=DT)).abs().max() <= 1e-8
+    assert (A @ Y - 2.0 * Y).norm(dim=0).max() <= 1e-7
+
+
+def test_power_iteration_finds_largest_magnitude():
+    ev = torch.linspace(-1.0, 1.0, 50, dtype=DT)
+    ev[-1] = 3.0
+    A, _ = spectrum_matrix(ev)
+    res = power_iteration(lambda v: A @ v, 50, max_iter=500, tol=1e-12, generator=gen())
+    assert res.converged and abs(float(res.eigenvalues[0]) - 3.0) <= 1e-8
+    negative, _ = spectrum_matrix(-ev)
+    res = power_iteration(lambda v: negative @ v, 50, max_iter=500, tol=1e-12, generator=gen())
+    assert abs(float(res.eigenvalues[0]) + 3.0) <= 1e-8  # magnitude, not algebraic order
+
+
+def test_hutchinson_within_three_standard_errors(mlp_hessian):
+    op, H, _ = mlp_hessian
+    estimate, stderr = hutchinson_trace(op.matvec, op.dim, n_samples=60, generator=gen(3))
+    assert stderr > 0
+    assert abs(float(estimate - torch.trace(H))) <= 3 * float(stderr)
+
+
+def test_slq_density_mass_and_moments(mlp_hessian):
+    op, H, _ = mlp_hessian
+    n = op.dim
+    density = slq_density(op.matvec, n, n_probes=30, n_steps=20, generator=gen(5))
+    assert torch.allclose(density.weights.sum(dim=1), torch.ones(30, dtype=DT), atol=1e-12)
+    for p, exact in [(1, torch.trace(H) / n), (2, torch.trace(H @ H) / n)]:
+        per_probe = density.per_probe_moments(p)
+        stderr = per_probe.std() / 30 ** 0.5
+        assert abs(float(density.moment(p) - exact)) <= 3 * float(stderr)
+    grid = torch.linspace(float(density.nodes.min()) - 2, float(density.nodes.max()) + 2, 4001, dtype=DT)
+    values = gaussian_density(density, grid, sigma=0.05)
+    assert abs(float(torch.trapezoid(values, grid)) - 1.0) <= 1e-6
+
+
+def test_bad_arguments_raise_value_errors():
+    A = torch.eye(4, dtype=DT)
+    with pytest.raises(ValueError, match="k must"):
+        lanczos(lambda v: A @ v, 4, 5)
+    with pytest.raises(ValueError, match="which"):
+        lanczos(lambda v: A @ v, 4, 1, which="magnitude")
+    with pytest.raises(ValueError, match="n_samples"):
+        hutchinson_trace(lambda v: A @ v, 4, n_samples=1)
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_density(slq_density(lambda v: A @ v, 4, n_probes=2, n_steps=2), torch.zeros(3), 0.0)
