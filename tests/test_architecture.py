@@ -46,8 +46,8 @@ def test_import_arrows(package):
 
 
 def test_vradam_imports_torch_only():
-    allowed = {"torch", "vradam", "triton", "__future__", "typing", "dataclasses", "math", "os",
-               "functools", "collections", "warnings", "itertools", "enum", "importlib"}
+    # The optimizer could ship alone: the standard library, torch, and triton for the fused path.
+    allowed = set(sys.stdlib_module_names) | {"torch", "triton", "vradam"}
     offenders = []
     for path in sorted((ROOT / "vradam").rglob("*.py")):
         bad = _imported_top_modules(path) - allowed
