@@ -232,7 +232,8 @@ def plot_loss(df, ax=None, metrics: Sequence[str] | None = None, logy: bool = Tr
                 top_ok = max(top_ok, float(s.max()))
         train = metric_series(df, "train_loss", rid)
         if mark_rises and first_of_label[info["label"]] == rid and len(train) > 1:
-            rose = train.index[1:][np.diff(train.to_numpy()) > 0]
+            rises = np.diff(train.to_numpy())
+            rose = train.index[1:][np.isfinite(rises) & (rises > 0)]
             row = list(first_of_label.values()).index(rid)
             if len(rose):
                 ax.plot(rose, np.full(len(rose), (row + 0.5) * rug_height), linestyle="none", marker="|",
