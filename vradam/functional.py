@@ -255,19 +255,20 @@ def _single_tensor_step(
         group_sums, groups, norm_scope=norm_scope, device=device, dtype=dtype
     )
     for g, tel in zip(groups, telemetry):
+        neg_eta, decay = -tel.eta, 1.0 - tel.eta * g.weight_decay
         for p, v, m, step in zip(g.params, g.exp_avgs, g.exp_avg_sqs, g.steps):
-            eta = tel.eta.to(p.device)
+            # p += -(eta sqrt(bc2) / bc1) * v / (sqrt(m) + eps sqrt(bc2))
+            if g.weight_decay != 0.0:
+                p.mul_(decay.to(p.device))
             if _steps_on_host([step]):
                 t = step.item()  # host memory, no device sync
                 bc1, bc2_sqrt = 1.0 - g.beta1**t, math.sqrt(1.0 - g.beta2**t)
+                denom = m.sqrt().add_(g.eps * bc2_sqrt).div_(neg_eta.to(p.device))
+                p.addcdiv_(v, denom, value=bc2_sqrt / bc1)
             else:
                 ([bc1], [bc2_sqrt]) = _bias_corrections_on_device([step], g, p.dtype)
-            # eta vhat / (sqrt(mhat) + eps) = v / [(sqrt(m) + eps sqrt(bc2)) bc1 / (eta sqrt(bc2))]
-            denom = m.sqrt().add_(g.eps * bc2_sqrt)
-            denom.div_(eta * (-bc2_sqrt / bc1))
-            if g.weight_decay != 0.0:
-                p.mul_(1.0 - eta * g.weight_decay)
-            p.addcdiv_(v, denom)
+                denom = m.sqrt().add_(g.eps * bc2_sqrt)
+                p.addcdiv_(v, denom.div_(neg_eta.to(p.device) * bc2_sqrt / bc1))
     return telemetry
 
 
