@@ -63,3 +63,22 @@ def adam_threshold(lr: Rate, beta1: float) -> Rate:
     Compare with the top eigenvalue of :func:`eos_toolkit.operators.preconditioned_operator`.
     """
     return momentum_threshold(lr, beta1)
+
+
+def heavy_ball_threshold(lr: Rate, beta: float) -> Rate:
+    """``2 (1 + beta) / lr``: heavy ball as ``torch.optim.SGD`` writes it.
+
+    ``buf <- beta buf + g; x <- x - lr buf`` has no (1 - beta) damping of the
+    gradient, so its threshold is (1 - beta) times the EMA form's
+    (:func:`momentum_threshold`); Cohen et al. 2021, appendix on momentum.
+    """
+    _check_lr(lr)
+    _check_beta1(beta)
+    return 2.0 * (1.0 + beta) / lr
+
+
+def nesterov_threshold(lr: Rate, beta: float) -> Rate:
+    """``2 (1 + beta) / ((1 + 2 beta) lr)``: Nesterov momentum as ``torch.optim.SGD(nesterov=True)`` writes it."""
+    _check_lr(lr)
+    _check_beta1(beta)
+    return 2.0 * (1.0 + beta) / ((1.0 + 2.0 * beta) * lr)
