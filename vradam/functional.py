@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -203,9 +203,12 @@ def group_sums_to_telemetry(
     ]
 
 
-def _steps_on_host(steps: list[Tensor]) -> bool:
-    """True when step counts can be read as Python numbers without a device sync."""
-    return steps[0].device.type == "cpu" and not torch.compiler.is_compiling()
+def _steps_on_host(step: Tensor) -> bool:
+    """True when step counts like ``step`` can be read as Python numbers without a sync.
+
+    Under torch.compile they stay tensors too, so the step traces into one graph.
+    """
+    return step.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _bias_corrections_on_device(
@@ -244,7 +247,7 @@ def _single_tensor_step(
         sums = []
         for grad, v, m, step in zip(g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps):
             grad = -grad if g.maximize else grad
-            step += 1
+            step.add_(1)
             v.lerp_(grad, 1.0 - g.beta1)
             m.mul_(g.beta2).addcmul_(grad, grad, value=1.0 - g.beta2)
             source = v if gate == "velocity" else grad
@@ -260,7 +263,7 @@ def _single_tensor_step(
             # p += -(eta sqrt(bc2) / bc1) * v / (sqrt(m) + eps sqrt(bc2))
             if g.weight_decay != 0.0:
                 p.mul_(decay.to(p.device))
-            if _steps_on_host([step]):
+            if _steps_on_host(step):
                 t = step.item()  # host memory, no device sync
                 bc1, bc2_sqrt = 1.0 - g.beta1**t, math.sqrt(1.0 - g.beta2**t)
                 denom = m.sqrt().add_(g.eps * bc2_sqrt).div_(neg_eta.to(p.device))
@@ -315,7 +318,7 @@ def _foreach_step(
                 torch._foreach_mul_(params, 1.0 - eta * g.weight_decay)
             # per parameter: p += -(eta sqrt(bc2) / bc1) * v / (sqrt(m) + eps sqrt(bc2))
             denoms = torch._foreach_sqrt(ms)
-            if _steps_on_host(steps):
+            if _steps_on_host(steps[0]):
                 ts = [s.item() for s in steps]  # host memory, no device sync
                 bc2_sqrts = [math.sqrt(1.0 - g.beta2**t) for t in ts]
                 torch._foreach_add_(denoms, [g.eps * b for b in bc2_sqrts])
