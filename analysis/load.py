@@ -28,6 +28,7 @@ from __future__ import annotations
 import glob as _glob
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -195,14 +196,14 @@ class Runs:
     def run_ids(self) -> list[str]:
         return [r.run_id for r in self.runs]
 
-    @property
+    @cached_property
     def df(self) -> pd.DataFrame:
         frames = [r.df for r in self.runs if len(r.df)]
         if not frames:
             return pd.DataFrame({c: [] for c in TIDY_COLUMNS})
         return pd.concat(frames, ignore_index=True, sort=False)
 
-    @property
+    @cached_property
     def density(self) -> pd.DataFrame:
         frames = [r.density for r in self.runs if len(r.density)]
         if not frames:

@@ -41,7 +41,7 @@ import pandas as pd
 
 from analysis.derived import damping_ratio, smooth
 from analysis.load import as_tidy, metric_series
-from analysis.summary import StabilityMetrics, completed, run_ids, run_info, stability_metrics
+from analysis.summary import StabilityMetrics, completed, run_info, split_runs, stability_metrics
 
 #: Okabe & Ito (2008), reordered so that the first colours contrast most on white.
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
@@ -59,7 +59,7 @@ def _new_axes(figsize=(6.4, 4.0)):
 
 def _colours(df: pd.DataFrame) -> dict[str, str]:
     """run_id -> colour, one colour per label (seeds of one configuration share it)."""
-    labels = {rid: run_info(df, rid)["label"] for rid in run_ids(df)}
+    labels = {rid: run_info(part, rid)["label"] for rid, part in split_runs(df).items()}
     by_label = {label: OKABE_ITO[i % len(OKABE_ITO)] for i, label in enumerate(dict.fromkeys(labels.values()))}
     return {rid: by_label[label] for rid, label in labels.items()}
 
@@ -120,14 +120,15 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
     diverging run would otherwise flatten everything else.
     """
     df = as_tidy(df)
+    parts = split_runs(df)
     pairs: dict[str, StabilityMetrics] = {}
-    for rid in run_ids(df):
-        pair = stability_metrics(df, rid)
+    for rid in parts:
+        pair = stability_metrics(parts[rid], rid)
         if metric is not None:
             pre = metric.startswith("precond")
             pair = StabilityMetrics(metric, "precond_threshold" if pre else "threshold",
                                     pair.threshold_eta if (pair and pre) else None)
-        if pair is not None and len(_finite(metric_series(df, pair.sharpness, rid))):
+        if pair is not None and len(_finite(metric_series(parts[rid], pair.sharpness))):
             pairs[rid] = pair
     if not pairs:
         raise ValueError("no run in df logged sharpness (sharpness/threshold or precond_sharpness/precond_threshold)")
@@ -137,10 +138,12 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
     colours = _colours(df)
     top_threshold, top_value, has_eta = 0.0, 0.0, False
     for rid, pair in pairs.items():
-        colour, label = colours[rid], run_info(df, rid)["label"]
-        sharp = _finite(metric_series(df, pair.sharpness, rid))
-        thr = _finite(metric_series(df, pair.threshold, rid))
-        eta_thr = _finite(metric_series(df, pair.threshold_eta, rid)) if pair.threshold_eta else pd.Series(dtype=float)
+        colour, label = colours[rid], run_info(parts[rid], rid)["label"]
+        sharp = _finite(metric_series(parts[rid], pair.sharpness))
+        thr = _finite(metric_series(parts[rid], pair.threshold))
+        eta_thr = pd.Series(dtype=float)
+        if pair.threshold_eta:
+            eta_thr = _finite(metric_series(parts[rid], pair.threshold_eta))
         if normalized:
             if not len(thr):
                 continue
@@ -204,20 +207,22 @@ def plot_loss(df, ax=None, metrics: Sequence[str] | None = None, logy: bool = Tr
         raise ValueError(f"df has none of the loss metrics {list(LOSS_STYLES)}; it has {sorted(logged)}")
     ax = ax if ax is not None else _new_axes()
     colours = _colours(df)
-    ids = run_ids(df)
-    first_of_label = {}  # the run whose rises represent its label: the first completed one, if any
-    for rid in sorted(ids, key=lambda r: not completed(run_info(df, r).get("status"))):
-        first_of_label.setdefault(run_info(df, rid)["label"], rid)
-    first_of_label = {label: first_of_label[label] for label in dict.fromkeys(run_info(df, r)["label"] for r in ids)}
+    parts = split_runs(df)
+    infos = {rid: run_info(part, rid) for rid, part in parts.items()}
+    # The run whose rises stand for its label in the rug: its first completed run, else its first.
+    rug_run = {}
+    for rid in sorted(parts, key=lambda r: not completed(infos[r].get("status"))):
+        rug_run.setdefault(infos[rid]["label"], rid)
+    rug_rows = [rug_run[label] for label in dict.fromkeys(info["label"] for info in infos.values())]
     if mark_rises is None:
-        mark_rises = len(first_of_label) <= 6
-    rug_height = min(0.035, 0.15 / max(1, len(first_of_label)))
+        mark_rises = len(rug_rows) <= 6
+    rug_height = min(0.035, 0.15 / len(rug_rows))
     top_ok, top_diverged = 0.0, 0.0
-    for rid in ids:
-        info, colour = run_info(df, rid), colours[rid]
+    for rid in parts:
+        info, colour = infos[rid], colours[rid]
         diverged = info.get("status") == "diverged"
         for m in metrics:
-            raw = metric_series(df, m, rid)
+            raw = metric_series(parts[rid], m)
             s = smooth(raw, alpha=smooth_alpha) if smooth_alpha else raw
             s = _finite(s)
             if logy:
@@ -230,13 +235,12 @@ def plot_loss(df, ax=None, metrics: Sequence[str] | None = None, logy: bool = Tr
                 top_diverged = max(top_diverged, float(s.max()))
             else:
                 top_ok = max(top_ok, float(s.max()))
-        train = metric_series(df, "train_loss", rid)
-        if mark_rises and first_of_label[info["label"]] == rid and len(train) > 1:
+        train = metric_series(parts[rid], "train_loss")
+        if mark_rises and rid in rug_rows and len(train) > 1:
             rises = np.diff(train.to_numpy())
             rose = train.index[1:][np.isfinite(rises) & (rises > 0)]
-            row = list(first_of_label.values()).index(rid)
             if len(rose):
-                ax.plot(rose, np.full(len(rose), (row + 0.5) * rug_height), linestyle="none", marker="|",
+                ax.plot(rose, np.full(len(rose), (rug_rows.index(rid) + 0.5) * rug_height), linestyle="none", marker="|",
                         markersize=4, color=colour, alpha=0.7, transform=ax.get_xaxis_transform(), gid="rises")
         if diverged and len(train):
             ax.plot([train.index[-1]], [0.97], linestyle="none", marker="x", markersize=8, markeredgewidth=2,
@@ -265,10 +269,9 @@ def _alpha1(info: dict) -> float | None:
 
 def damping_runs(df) -> list[str]:
     """The runs that logged VRAdam's gate: ``eta`` and ``lr``, and ``vr_clamped`` or ``vr_sq_norm``."""
-    df = as_tidy(df)
     out = []
-    for rid in run_ids(df):
-        logged = set(df.loc[df["run_id"] == rid, "metric"])
+    for rid, part in split_runs(df).items():
+        logged = set(part["metric"])
         if {"eta", "lr"} <= logged and logged & {"vr_clamped", "vr_sq_norm"}:
             out.append(rid)
     return out
@@ -285,6 +288,7 @@ def plot_damping(df, ax=None, show_sq_norm: bool = True, title: str | None = Non
     Only runs from :func:`damping_runs` are drawn; ValueError if there are none.
     """
     df = as_tidy(df)
+    parts = split_runs(df)
     ids = damping_runs(df)
     if not ids:
         raise ValueError("no run in df logged VRAdam's damping (eta and lr, with vr_clamped or vr_sq_norm)")
@@ -293,10 +297,10 @@ def plot_damping(df, ax=None, show_sq_norm: bool = True, title: str | None = Non
     twin = None
     floors = set()
     for i, rid in enumerate(ids):
-        info, colour = run_info(df, rid), colours[rid]
-        ratio = _finite(damping_ratio(metric_series(df, "eta", rid), metric_series(df, "lr", rid)))
+        info, colour = run_info(parts[rid], rid), colours[rid]
+        ratio = _finite(damping_ratio(metric_series(parts[rid], "eta"), metric_series(parts[rid], "lr")))
         ax.plot(ratio.index, ratio.to_numpy(), color=colour, linewidth=1.8, label=info["label"], gid="eta_over_lr")
-        clamped = metric_series(df, "vr_clamped", rid)
+        clamped = metric_series(parts[rid], "vr_clamped")
         if len(clamped):
             lo, hi = i / len(ids), (i + 1) / len(ids)
             ax.fill_between(clamped.index, lo, hi, where=clamped.to_numpy() >= 0.5, step="post", color=colour,
@@ -305,7 +309,7 @@ def plot_damping(df, ax=None, show_sq_norm: bool = True, title: str | None = Non
         if alpha1 is not None and alpha1 not in floors:
             floors.add(alpha1)
             ax.axhline(1 / (1 + alpha1), color="0.4", linestyle="--", linewidth=0.9, gid="floor")
-        sq = _finite(metric_series(df, "vr_sq_norm", rid))
+        sq = _finite(metric_series(parts[rid], "vr_sq_norm"))
         sq = sq[sq > 0]
         if show_sq_norm and len(sq):
             twin = twin or ax.twinx()
@@ -335,14 +339,16 @@ def plot_spectrum(df, ax=None, run_id: str | None = None, k: int | None = None, 
     ``precond`` uses ``precond_eig_i`` and ``precond_threshold`` instead.
     ``run_id`` may be omitted when df holds one run. Eigenvalue 1 is the darkest line.
     """
-    df = as_tidy(df)
-    ids = run_ids(df)
+    parts = split_runs(df)
     if run_id is None:
-        if len(ids) != 1:
-            raise ValueError(f"df holds {len(ids)} runs; pass run_id, one of {ids}")
-        run_id = ids[0]
+        if len(parts) != 1:
+            raise ValueError(f"df holds {len(parts)} runs; pass run_id, one of {list(parts)}")
+        run_id = next(iter(parts))
+    if run_id not in parts:
+        raise ValueError(f"no run {run_id!r} in df; runs are {list(parts)}")
+    df = parts[run_id]
     prefix = "precond_eig_" if precond else "hessian_eig_"
-    logged = set(df.loc[df["run_id"] == run_id, "metric"])
+    logged = set(df["metric"])
     found = sorted(int(m[len(prefix):]) for m in logged if re.fullmatch(re.escape(prefix) + r"\d+", m))
     if k is not None:
         found = [i for i in found if i <= k]
@@ -353,10 +359,10 @@ def plot_spectrum(df, ax=None, run_id: str | None = None, k: int | None = None, 
     ax = ax if ax is not None else _new_axes()
     cmap = matplotlib.colormaps["viridis"]
     for j, i in enumerate(found):
-        s = _finite(metric_series(df, f"{prefix}{i}", run_id))
+        s = _finite(metric_series(df, f"{prefix}{i}"))
         colour = cmap(0.85 * j / max(1, len(found) - 1))
         ax.plot(s.index, s.to_numpy(), color=colour, linewidth=1.2, label=rf"$\lambda_{{{i}}}$", gid="eigenvalue")
-    thr = _finite(metric_series(df, "precond_threshold" if precond else "threshold", run_id))
+    thr = _finite(metric_series(df, "precond_threshold" if precond else "threshold"))
     keys = []
     if len(thr):
         ax.plot(thr.index, thr.to_numpy(), color="0.2", linestyle="--", linewidth=1.1, gid="threshold")
@@ -478,12 +484,13 @@ def plot_comparison(df, metric: str = "train_loss", ax=None, group_by: Sequence[
         raise ValueError(f"no run in df logged {metric!r}")
     ax = ax if ax is not None else _new_axes()
     colours = _colours(df)
+    parts = split_runs(df)
     for key, group in rows.groupby(keys, sort=True, dropna=False):
         ids = list(dict.fromkeys(group["run_id"]))
-        ok = [r for r in ids if completed(run_info(df, r).get("status"))]
+        ok = [r for r in ids if completed(run_info(parts[r], r).get("status"))]
         series = {}
         for rid in ok:
-            s = metric_series(df, metric, rid)
+            s = metric_series(parts[rid], metric)
             s = smooth(s, alpha=smooth_alpha) if smooth_alpha else s
             s = s.where(np.isfinite(s.to_numpy()))
             if logy:
@@ -498,7 +505,7 @@ def plot_comparison(df, metric: str = "train_loss", ax=None, group_by: Sequence[
         if logy:
             mean, lo, hi = 10**mean, 10**lo, 10**hi
         key = key if isinstance(key, tuple) else (key,)
-        labels = {run_info(df, r)["label"] for r in ids}
+        labels = {run_info(parts[r], r)["label"] for r in ids}
         name = labels.pop() if len(labels) == 1 else ", ".join(f"{k}={v}" for k, v in zip(keys, key))
         note = f"n={len(ok)}" + (f", {len(ids) - len(ok)} left out" if len(ok) < len(ids) else "")
         colour = colours[ids[0]]

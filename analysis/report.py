@@ -76,15 +76,13 @@ def _save(fig, out_dir: Path, stem: str, formats: Sequence[str], dpi: int) -> li
     return paths
 
 
-def _has_spectrum(df: pd.DataFrame, run_id: str) -> bool:
-    logged = df.loc[df["run_id"] == run_id, "metric"]
-    return bool(logged.str.fullmatch(r"hessian_eig_\d+").any())
+def _has_spectrum(run: Run) -> bool:
+    return any(re.fullmatch(r"hessian_eig_\d+", m) for m in run.metrics)
 
 
-def _threshold_of(df: pd.DataFrame, run_id: str) -> float | None:
-    rows = df[(df["run_id"] == run_id) & (df["metric"] == "threshold")]["value"]
-    rows = rows[rows.notna()]
-    return float(rows.iloc[-1]) if len(rows) else None
+def _last_threshold(run: Run) -> float | None:
+    values = run.metric("threshold").dropna()
+    return float(values.iloc[-1]) if len(values) else None
 
 
 def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAULT_KINDS,
@@ -116,7 +114,7 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
 
     for kind in kinds:
         if kind == "sharpness":
-            if not any(stability_metrics(df, r) for r in runs.run_ids):
+            if not any(stability_metrics(run.df, run.run_id) for run in runs):
                 skip(kind, "no run logged sharpness with its threshold")
                 continue
             fig, ax = _figure()
@@ -144,20 +142,20 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
             plot_comparison(df, ax=ax)
             written += _save(fig, out_dir, "comparison", formats, dpi)
         elif kind == "spectrum":
-            ids = [r for r in runs.run_ids if _has_spectrum(df, r)]
-            if not ids:
+            with_spectrum = [run for run in runs if _has_spectrum(run)]
+            if not with_spectrum:
                 skip(kind, "no run logged hessian_eig_<i>")
-            for rid in ids:
+            for run in with_spectrum:
                 fig, ax = _figure()
-                plot_spectrum(df, ax=ax, run_id=rid)
-                written += _save(fig, out_dir, f"spectrum_{_safe(rid)}", formats, dpi)
+                plot_spectrum(run.df, ax=ax)
+                written += _save(fig, out_dir, f"spectrum_{_safe(run.run_id)}", formats, dpi)
         elif kind == "density":
             with_density = [r for r in runs if len(r.density)]
             if not with_density:
                 skip(kind, "no run logged a spectral density")
             for run in with_density:
                 fig, ax = _figure()
-                plot_density(run.density, ax=ax, threshold=_threshold_of(df, run.run_id), title=run.label)
+                plot_density(run.density, ax=ax, threshold=_last_threshold(run), title=run.label)
                 written += _save(fig, out_dir, f"density_{_safe(run.run_id)}", formats, dpi)
     return written
 

@@ -54,6 +54,12 @@ def run_ids(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(as_tidy(df)["run_id"]))
 
 
+def split_runs(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The tidy table cut into one frame per run (in order of first appearance), in one pass."""
+    df = as_tidy(df)
+    return {rid: part for rid, part in df.groupby("run_id", sort=False)}
+
+
 def run_info(df: pd.DataFrame, run_id: str) -> dict:
     """The per-run columns (status, config fields, label) of one run, as a dict."""
     df = as_tidy(df)
@@ -99,29 +105,29 @@ def stability_summary(df: pd.DataFrame, level: float = 1.0) -> pd.DataFrame:
     """
     df = as_tidy(df)
     rows = []
-    for rid in run_ids(df):
-        info = run_info(df, rid)
+    for rid, part in split_runs(df).items():
+        info = run_info(part, rid)
         row = {"run_id": rid, "label": info["label"], "status": info.get("status")}
-        pair = stability_metrics(df, rid)
+        pair = stability_metrics(part, rid)
         row["sharpness"] = pair.sharpness if pair else None
         row["first_crossing_step"] = None
         row["steps_above_threshold"] = None
         row["late_ratio"] = row["late_ratio_eta"] = math.nan
         if pair:
-            sharp = metric_series(df, pair.sharpness, rid)
-            thr = metric_series(df, pair.threshold, rid)
+            sharp = metric_series(part, pair.sharpness)
+            thr = metric_series(part, pair.threshold)
             row["first_crossing_step"] = first_crossing_step(sharp, thr, level)
             row["steps_above_threshold"] = steps_above_threshold(sharp, thr, level)
             row["late_ratio"] = _late_median(sharpness_ratio(sharp, thr))
             if pair.threshold_eta:
-                row["late_ratio_eta"] = _late_median(sharpness_ratio(sharp, metric_series(df, pair.threshold_eta, rid)))
-        row["loss_rise_fraction"] = loss_rise_fraction(metric_series(df, "train_loss", rid))
-        row["sign_flip_rate"] = sign_flip_rate(metric_series(df, "update_proj_top", rid))
-        row["mean_update_cos"] = mean_update_cos(metric_series(df, "update_cos", rid))
-        eta, lr = metric_series(df, "eta", rid), metric_series(df, "lr", rid)
+                row["late_ratio_eta"] = _late_median(sharpness_ratio(sharp, metric_series(part, pair.threshold_eta)))
+        row["loss_rise_fraction"] = loss_rise_fraction(metric_series(part, "train_loss"))
+        row["sign_flip_rate"] = sign_flip_rate(metric_series(part, "update_proj_top"))
+        row["mean_update_cos"] = mean_update_cos(metric_series(part, "update_cos"))
+        eta, lr = metric_series(part, "eta"), metric_series(part, "lr")
         ratio = damping_ratio(eta, lr) if len(lr) else pd.Series(dtype=float)
         row["mean_eta_over_lr"] = float(ratio.mean()) if len(ratio) else math.nan
-        row["clamp_fraction"] = clamp_fraction(metric_series(df, "vr_clamped", rid))
+        row["clamp_fraction"] = clamp_fraction(metric_series(part, "vr_clamped"))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -145,15 +151,15 @@ def run_summary(df: pd.DataFrame, target_loss: float | None = None, loss: str = 
     df = as_tidy(df)
     acc = acc or _accuracy_metric(df)
     rows = []
-    for rid in run_ids(df):
-        info = run_info(df, rid)
+    for rid, part in split_runs(df).items():
+        info = run_info(part, rid)
         row = {"run_id": rid, "label": info["label"], "status": info.get("status")}
         row.update({k: info[k] for k in ("optimizer", "lr", "seed") if k in info})
-        values = metric_series(df, loss, rid)
+        values = metric_series(part, loss)
         finite = values[np.isfinite(values.to_numpy())]
         row["final_loss"] = float(values.iloc[-1]) if len(values) else math.nan
         row["best_loss"] = float(finite.min()) if len(finite) else math.nan
-        accuracy = metric_series(df, acc, rid) if acc else pd.Series(dtype=float)
+        accuracy = metric_series(part, acc) if acc else pd.Series(dtype=float)
         accuracy = accuracy[np.isfinite(accuracy.to_numpy())]
         row["final_acc"] = float(accuracy.iloc[-1]) if len(accuracy) else math.nan
         row["best_acc"] = float(accuracy.max()) if len(accuracy) else math.nan
