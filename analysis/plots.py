@@ -112,8 +112,9 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
     et al. (2021, 2022) and figure 2c of the VRAdam paper.
 
     ``normalized`` plots sharpness / threshold instead (the edge is the line at
-    1); by default it is used when the runs mix preconditioned and plain
-    sharpness, whose scales differ by orders of magnitude. ``metric`` forces one
+    1; runs without a threshold are left out); by default it is used when the
+    runs mix preconditioned and plain sharpness, whose scales differ by orders
+    of magnitude. ``metric`` forces one
     sharpness metric for all runs (e.g. ``"sharpness"`` to see the raw Hessian
     of Adam runs); a run's threshold is then drawn only when it logged the
     matching one. The y-axis is cut at twice the largest threshold when a
@@ -137,6 +138,10 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
     ax = ax if ax is not None else _new_axes()
     colours = _colours(df)
     top_threshold, top_value, has_eta = 0.0, 0.0, False
+    banded = set()  # labels whose 38/eta_t band is drawn (once: seeds would stack their shading)
+    if normalized:
+        ax.axhline(1.0, color="0.2", linestyle="--", linewidth=1.1, gid="threshold")
+        top_threshold = 1.0
     for rid, pair in pairs.items():
         colour, label = colours[rid], run_info(parts[rid], rid)["label"]
         sharp = _finite(metric_series(parts[rid], pair.sharpness))
@@ -151,17 +156,19 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
             sharp = sharp.loc[common] / thr.loc[common]
             common_eta = eta_thr.index.intersection(thr.index)
             eta_thr = eta_thr.loc[common_eta] / thr.loc[common_eta]
-            thr = pd.Series(1.0, index=thr.index)
+            thr = pd.Series(1.0, index=thr.index)  # drawn once, as the line at 1
         ax.plot(sharp.index, sharp.to_numpy(), color=colour, linewidth=1.4, label=label, gid="sharpness")
-        if len(thr):
+        if len(thr) and not normalized:
             ax.plot(thr.index, thr.to_numpy(), color=colour, linestyle="--", linewidth=1.1, gid="threshold")
             top_threshold = max(top_threshold, float(thr.max()))
         if len(eta_thr):
             has_eta = True
             ax.plot(eta_thr.index, eta_thr.to_numpy(), color=colour, linestyle=":", linewidth=1.1, gid="threshold_eta")
-            base = thr.reindex(eta_thr.index).to_numpy()
-            ax.fill_between(eta_thr.index, base, eta_thr.to_numpy(), color=colour, alpha=0.12, linewidth=0,
-                            gid="threshold_band")
+            if label not in banded:
+                banded.add(label)
+                base = thr.reindex(eta_thr.index).to_numpy()
+                ax.fill_between(eta_thr.index, base, eta_thr.to_numpy(), color=colour, alpha=0.12, linewidth=0,
+                                gid="threshold_band")
             top_threshold = max(top_threshold, float(eta_thr.max()))
         top_value = max(top_value, float(sharp.max()))
     if top_threshold > 0 and top_value > 3 * top_threshold:
@@ -177,7 +184,10 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
         ylabel = r"sharpness $\lambda_1(H)$"
     else:
         ylabel = r"sharpness $\lambda_1(H)$ or $\lambda_1(P^{-1}H)$"
-    threshold_name = "threshold (38/lr for Adam-family)" if True in preconditioned else "threshold"
+    if normalized:
+        threshold_name = "threshold (ratio 1)"
+    else:
+        threshold_name = "threshold (38/lr for Adam-family)" if True in preconditioned else "threshold"
     keys = [_style_key("-", "sharpness"), _style_key("--", threshold_name)]
     if has_eta:
         keys.append(_style_key(":", r"38/$\eta_t$ (VRAdam)"))

@@ -64,7 +64,9 @@ def test_sharpness_vradam_has_the_moving_threshold_and_band(hand_runs):
 def test_sharpness_normalises_when_families_mix(hand_runs):
     ax = analysis.plot_sharpness(hand_runs.df, ax=ax_new())
     assert ax.get_ylabel() == "sharpness / stability threshold"
-    assert all(set(line.get_ydata()) == {1.0} for line in ax.lines if line.get_gid() == "threshold")
+    thresholds = [line for line in ax.lines if line.get_gid() == "threshold"]
+    assert len(thresholds) == 1 and set(thresholds[0].get_ydata()) == {1.0}  # one line at 1 for all runs
+    assert gids(ax)["sharpness"] == 4 and gids(ax)["threshold_eta"] == 1
     sharp = [line for line in ax.lines if line.get_gid() == "sharpness"][1]  # gd (after div): 10..39.5 over 40
     assert list(sharp.get_ydata()) == pytest.approx([0.25, 0.75, 0.975, 1.025, 1.05, 0.9875])
 
