@@ -66,26 +66,29 @@ def test_cnn_with_batchnorm(method, bn_mode):
     assert model.training and model.bn.training and model.bn.track_running_stats
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_causal_transformer_block(method):
+@pytest.fixture(scope="module")
+def transformer_case():
     torch.manual_seed(0)
     model = CausalBlock().to(DT)
     x = torch.randn(2, 5, 4, dtype=DT)
     y = torch.randn(2, 5, 4, dtype=DT)
+    return model, x, y, dense_hessian(model, mse, x, y, engine="autograd")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_causal_transformer_block(method, transformer_case):
+    model, x, y, H = transformer_case
     op = hessian_operator(model, mse, [(x, y)], method=method)
-    assert_products_match(op, dense_hessian(model, mse, x, y, engine="autograd"))
+    assert_products_match(op, H)
 
 
-def test_fused_attention_falls_back_to_math_kernel():
-    torch.manual_seed(0)
-    math_model = CausalBlock().to(DT)
+def test_fused_attention_falls_back_to_math_kernel(transformer_case):
+    math_model, x, y, H = transformer_case
     fused_model = CausalBlock(fused=True).to(DT)
     fused_model.load_state_dict(math_model.state_dict())
-    x = torch.randn(2, 5, 4, dtype=DT)
-    y = torch.randn(2, 5, 4, dtype=DT)
     op = hessian_operator(fused_model, mse, [(x, y)])
     with pytest.warns(RuntimeWarning, match="math attention"):
-        assert_products_match(op, dense_hessian(math_model, mse, x, y, engine="autograd"))
+        assert_products_match(op, H)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -1,0 +1,167 @@
+"""Sharpness tracker and stability thresholds: quadratics with closed forms, dense Hessians, live optimizers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from eos_toolkit.hvp import NondeterministicOperatorError
+from eos_toolkit.thresholds import adam_threshold, gd_threshold, momentum_threshold
+from eos_toolkit.tracker import SharpnessTracker
+from tests.eos_toolkit.reference import DT, SmallCNN, dense_hessian, regression_data, spectrum_matrix, tanh_mlp
+
+mse = nn.functional.mse_loss
+
+
+class Quadratic(nn.Module):
+    """``x`` as the model output; the loss ``0.5 x^T A x`` ignores the data."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.x = nn.Parameter(torch.ones(dim, dtype=DT))
+
+    def forward(self, inputs):
+        return self.x
+
+
+def quadratic_loss(A: torch.Tensor):
+    return lambda x, targets: 0.5 * x @ A @ x
+
+
+def test_thresholds_closed_forms():
+    assert gd_threshold(0.05) == pytest.approx(40.0)
+    assert momentum_threshold(0.1, 0.0) == pytest.approx(gd_threshold(0.1))
+    assert momentum_threshold(0.01, 0.5) == pytest.approx(2 * 1.5 / (0.5 * 0.01))
+    assert adam_threshold(1e-3, 0.9) == pytest.approx(38 / 1e-3)
+    rate = torch.tensor(0.02, dtype=DT)
+    assert torch.is_tensor(adam_threshold(rate, 0.9))
+    assert float(adam_threshold(rate, 0.9)) == pytest.approx(1900.0)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="lr"):
+            gd_threshold(bad)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="beta1"):
+            adam_threshold(0.1, bad)
+
+
+def test_quadratic_sharpness_and_the_stability_edge():
+    A, _ = spectrum_matrix(torch.tensor([0.5, 1.0, 3.0, 7.5], dtype=DT))
+    model = Quadratic(4)
+    data = [(torch.zeros(1), torch.zeros(1))]
+    sharpness = SharpnessTracker(model, quadratic_loss(A), data, tol=1e-10).measure()["sharpness"]
+    assert sharpness == pytest.approx(7.5, rel=1e-10)
+    start_norm = float(model.x.norm())
+
+    def norm_after_sgd(lr: float, steps: int = 1000) -> float:
+        model.x.data.fill_(1.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            quadratic_loss(A)(model(None), None).backward()
+            optimizer.step()
+        return float(model.x.norm())
+
+    edge = 2 / 7.5
+    assert gd_threshold(edge * 0.99) > sharpness and norm_after_sgd(edge * 0.99) < 1e-3 * start_norm
+    assert gd_threshold(edge * 1.01) < sharpness and norm_after_sgd(edge * 1.01) > 1e3 * start_norm
+
+
+@pytest.mark.parametrize("beta1", [0.5, 0.9])
+def test_ema_momentum_edge_matches_momentum_threshold(beta1):
+    """m <- beta1 m + (1 - beta1) A x; x <- x - lr m on a 1-D quadratic with curvature lam."""
+    lam = 4.0
+
+    def final_size(lr: float, steps: int = 4000) -> float:
+        x, m = 1.0, 0.0
+        for _ in range(steps):
+            m = beta1 * m + (1 - beta1) * lam * x
+            x = x - lr * m
+            if abs(x) > 1e6:
+                break  # diverged
+        return abs(x)
+
+    edge = 2 * (1 + beta1) / ((1 - beta1) * lam)  # the rate at which momentum_threshold(lr) == lam
+    assert momentum_threshold(edge, beta1) == pytest.approx(lam)
+    assert final_size(edge * 0.98) < 1e-3
+    assert final_size(edge * 1.02) > 1e3
+
+
+def test_tracker_metrics_warm_start_and_top_eigenvector():
+    model = tanh_mlp(sizes=(5, 8, 3))
+    x, y = regression_data(16, 5, 3)
+    tracker = SharpnessTracker(model, mse, [(x[:6], y[:6]), (x[6:], y[6:])], k=3, tol=1e-6)
+    first = tracker.measure()
+    exact = torch.linalg.eigvalsh(dense_hessian(model, mse, x, y)).flip(0)
+    expected_keys = {"sharpness", "hessian_matvecs", "hessian_seconds", "hessian_converged"}
+    expected_keys |= {f"hessian_{kind}_{i}" for kind in ("eig", "residual") for i in (1, 2, 3)}
+    assert set(first) == expected_keys
+    assert all(type(v) is float for v in first.values())
+    assert first["sharpness"] == first["hessian_eig_1"]
+    for i in range(3):
+        assert first[f"hessian_eig_{i + 1}"] == pytest.approx(float(exact[i]), rel=1e-6)
+    top = tracker.top_eigenvector
+    assert [t.shape for t in top] == [p.shape for p in model.parameters()]
+    # One small gradient step, then the warm start needs only a few products.
+    with torch.no_grad():
+        model.zero_grad()
+    mse(model(x), y).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    second = tracker.measure()
+    assert second["hessian_matvecs"] < first["hessian_matvecs"]
+    flat = tracker.top_eigenvector_flat
+    assert float(flat @ tracker.hessian.flatten(top)) > 0  # signs aligned across measurements
+
+
+def test_tracker_preconditioned_metrics_with_adam():
+    model = tanh_mlp(sizes=(5, 8, 3))
+    x, y = regression_data(16, 5, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = SharpnessTracker(model, mse, [(x, y)], k=2, precondition=True, tol=1e-8)
+    assert "precond_sharpness" not in tracker.measure(optimizer)  # no state before the first step
+    for _ in range(3):
+        optimizer.zero_grad()
+        mse(model(x), y).backward()
+        optimizer.step()
+    metrics = tracker.measure(optimizer)
+    v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
+    P = (1 - 0.9 ** 3) * (torch.sqrt(v / (1 - 0.999 ** 3)) + 1e-8)
+    H = dense_hessian(model, mse, x, y)
+    exact = torch.linalg.eigvalsh(H / torch.sqrt(torch.outer(P, P))).flip(0)
+    assert metrics["precond_sharpness"] == pytest.approx(float(exact[0]), rel=1e-7)
+    assert metrics["precond_eig_2"] == pytest.approx(float(exact[1]), rel=1e-7)
+    assert {"precond_matvecs", "precond_seconds", "precond_residual_1"} <= set(metrics)
+
+
+def test_tracker_probe_fires_on_dropout_and_batchnorm_statistics_survive():
+    torch.manual_seed(0)
+    noisy = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT).train()
+    x, y = regression_data(16, 5, 3)
+    with pytest.raises(NondeterministicOperatorError):
+        SharpnessTracker(noisy, mse, [(x, y)], dropout="as_is").measure()
+    SharpnessTracker(noisy, mse, [(x, y)]).measure()  # dropout off by policy
+    assert noisy.training
+
+    cnn = SmallCNN().to(DT).train()
+    images = torch.randn(8, 1, 6, 6, dtype=DT)
+    targets = torch.randn(8, 3, dtype=DT)
+    cnn(images)
+    saved = {n: b.clone() for n, b in cnn.named_buffers()}
+    for bn_mode, solver, k in (("eval", "lanczos", 2), ("batch_stats", "block_lanczos", 2),
+                               ("batch_stats", "power", 1)):
+        tracker = SharpnessTracker(cnn, mse, [(images[:5], targets[:5]), (images[5:], targets[5:])],
+                                   k=k, bn_mode=bn_mode, solver=solver, max_iter=12)
+        tracker.measure()
+        tracker.measure()
+    assert all(torch.equal(b, saved[n]) for n, b in cnn.named_buffers())
+    assert cnn.training
+
+
+def test_tracker_rejects_bad_arguments():
+    model = tanh_mlp()
+    x, y = regression_data(4, 5, 3)
+    with pytest.raises(ValueError, match="solver"):
+        SharpnessTracker(model, mse, [(x, y)], solver="arpack")
+    with pytest.raises(ValueError, match="power"):
+        SharpnessTracker(model, mse, [(x, y)], solver="power", k=2)
