@@ -52,6 +52,7 @@ class RunConfig:
     dataset: str = "auto"  # fashion-mnist | mnist | mnist5k | cifar10 | digits | auto
     data_dir: str | None = None
     model: str | None = None  # default: mlp-tanh (eos-fullbatch), cnn-small (image-classification)
+    model_options: dict = field(default_factory=dict)  # e.g. {"batchnorm": true}, {"hidden": [512]}
     loss: str | None = None  # mse | cross-entropy; default: mse (eos-fullbatch), cross-entropy (image-classification)
     n_train: int | None = None  # examples in the class-balanced training subset; default 5000 / all
     # optimizer
@@ -160,8 +161,9 @@ class RunConfig:
             raise ConfigError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of track_every ({self.track_every}): "
                 "metrics are written at tracking steps, and a checkpoint must not be ahead of them")
-        if not isinstance(self.schedule_options, dict):
-            raise ConfigError(f"schedule_options must be a mapping, got {self.schedule_options!r}")
+        for name in ("schedule_options", "model_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -1,0 +1,419 @@
+"""The one training loop: train, track sharpness against the stability threshold, record.
+
+At step t (parameters theta_t after t updates) the loop
+
+1. every ``track_every`` steps (and at the first and last step): writes the
+   buffered per-step metrics, checks for divergence and targets, saves a
+   checkpoint, then measures on the fixed tracking subset: loss, accuracy,
+   top-k Hessian eigenvalues, for Adam-family optimizers the preconditioned
+   sharpness from the live optimizer state, and the stability thresholds;
+2. takes one optimizer step and buffers, on the device and without a host
+   sync, the per-step metrics: train loss, the scheduled rate, the effective
+   rate (VRAdam's eta_t), s_t and the clamp flag, the update norm, the cosine
+   between successive updates and the update's projection on the latest top
+   Hessian eigenvector.
+
+Host-device syncs happen only at tracking steps (one to read the buffered
+per-step metrics, and the eigensolver's own), so the training steps between
+them run asynchronously on a GPU.
+
+Resume: a checkpoint at tracking step t holds everything the rest of the run
+depends on (model, optimizer, scheduler, RNG states, the tracker's warm-start
+vectors, the previous update). Resuming truncates the metrics after t - 1 and
+replays from t, so on CPU the resumed run's metrics equal an uninterrupted
+run's exactly (wall-clock metrics aside).
+
+Divergence: a NaN / Inf train loss, or one above ``diverge_factor`` times the
+initial loss, stops the run with a ``diverged`` event at that step; the record
+stays complete. Diverging is a result, not a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from eos_toolkit import record
+from eos_toolkit.solvers import gaussian_density, slq_density
+from eos_toolkit.tracker import SharpnessTracker
+from experiments.config import RunConfig
+from experiments.data import augment_batch
+from experiments.optim import build_optimizer, build_scheduler, stability_threshold
+from experiments.tasks import PreparedTask, chunks, prepare_task
+
+CHECKPOINT_NAME = "last.pt"
+# Metrics that measure wall-clock time; the only ones a resumed run may not reproduce.
+TIMING_METRICS = ("hessian_seconds", "precond_seconds", "density_seconds")
+# Stochastic Lanczos quadrature: probes x steps Hessian-vector products per density.
+DENSITY_PROBES, DENSITY_STEPS, DENSITY_GRID = 4, 60, 400
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # finished | diverged
+    step: int  # the last step reached
+    final: dict = field(default_factory=dict)  # last value of each metric
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(name)
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    """The run's length in optimizer steps (``steps``, or ``epochs`` x batches per epoch)."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return cfg.epochs * max(1, n_train // cfg.batch_size)
+
+
+def environment_info(device: torch.device) -> dict:
+    """Versions, machine and code revision, for environment.json."""
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
+        "command": " ".join(sys.argv),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: torch.nn.Module):
+    """Run a block in ``model``'s current mode and put every buffer (BatchNorm statistics) back afterwards."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
+
+
+def evaluate(model: torch.nn.Module, loss_fn, batches: list, *, train_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted mean loss and accuracy over ``batches`` (0-dim device tensors, no sync).
+
+    ``train_mode`` evaluates with batch statistics (the training objective)
+    without changing the running statistics; otherwise in eval mode.
+    """
+    was_training = model.training
+    model.train(train_mode)
+    n = sum(len(x) for x, _ in batches)
+    loss = acc = 0.0
+    with torch.no_grad(), preserved_buffers(model):
+        for x, y in batches:
+            out = model(x)
+            loss = loss + loss_fn(out, y) * (len(x) / n)
+            acc = acc + (out.argmax(-1) == y).sum() / n
+    model.train(was_training)
+    return loss, acc
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+class Trainer:
+    """Holds one run's state; :meth:`run` is the loop. Build with :func:`train`."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, task: PreparedTask, device: torch.device):
+        self.cfg, self.run_dir, self.task, self.device = cfg, run_dir, task, device
+        self.model = task.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, self.params)
+        self.total = total_steps(cfg, len(task.train[0]))
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
+        self.tracker = SharpnessTracker(
+            self.model, task.loss_fn, task.track_batches, k=cfg.track_k, method=cfg.hvp_method,
+            bn_mode=cfg.hessian_bn_mode, tol=cfg.lanczos_tol, max_iter=cfg.lanczos_max_iter,
+            precondition=cfg.track_precond, seed=cfg.seed)
+        self.density_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.prev_update: torch.Tensor | None = None
+        self.initial_loss: float | None = None
+        self.pending: list[tuple[int, str, torch.Tensor | float]] = []
+        self.writer: record.RunWriter | None = None
+        self.final: dict[str, float] = {}
+
+    # ---- the full-batch gradient / a minibatch gradient -------------------
+    def _gradient(self) -> torch.Tensor:
+        """Accumulate this step's gradient into ``.grad``; returns the (device) loss."""
+        cfg, model, loss_fn = self.cfg, self.model, self.task.loss_fn
+        model.train()
+        if cfg.task == "eos-fullbatch":
+            x, y = self.task.train
+            n = len(x)
+            total = torch.zeros((), device=self.device, dtype=x.dtype)
+            for xc, yc in chunks(x, y, cfg.chunk_size):
+                loss = loss_fn(model(xc), yc) * (len(xc) / n)
+                loss.backward()
+                total = total + loss.detach()
+            return total
+        x, y = self._minibatch(self.step)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss.detach()
+
+    def _minibatch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The minibatch of ``step``: a seeded permutation per epoch, seeded augmentation per step.
+
+        Both depend only on (seed, step), so a resumed run sees the same batches.
+        """
+        x, y = self.task.train
+        per_epoch = max(1, len(x) // self.cfg.batch_size)
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
+        idx = perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size].to(x.device)
+        xb, yb = x[idx], y[idx]
+        if self.cfg.augment:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+            xb = augment_batch(xb, g, **self.task.augmentation)
+        return xb, yb
+
+    # ---- one optimizer step ----------------------------------------------
+    def _train_step(self) -> None:
+        before = flat(self.params)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._gradient()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        update = flat(self.params) - before
+        t = self.step
+        rows = self.pending
+        rows += [(t, "train_loss", loss), (t, "lr", float(lr)), (t, "update_norm", update.norm())]
+        if hasattr(self.optimizer, "telemetry"):  # VRAdam: eta_t, s_t and the clamp, as device tensors
+            tel = self.optimizer.telemetry(0)
+            rows += [(t, "eta", tel["eta"].detach().clone()), (t, "vr_sq_norm", tel["sq_norm"].detach().clone()),
+                     (t, "vr_clamped", tel["clamped"].detach().clone())]
+        else:
+            rows.append((t, "eta", float(lr)))
+        if self.prev_update is not None:
+            cos = torch.dot(update, self.prev_update) / (update.norm() * self.prev_update.norm()).clamp_min(1e-30)
+            rows.append((t, "update_cos", cos))
+        top = self.tracker.top_eigenvector_flat
+        if top is not None:
+            rows.append((t, "update_proj_top", torch.dot(update, top.to(update.dtype))))
+        self.prev_update = update
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+
+    # ---- writing, divergence, tracking ------------------------------------
+    def _flush(self) -> str | None:
+        """Write buffered per-step rows (one sync); returns 'diverged' / 'target' / None."""
+        rows, self.pending = self.pending, []
+        if not rows:
+            return None
+        tensors = [v for _, _, v in rows if isinstance(v, torch.Tensor)]
+        host = iter(torch.stack([v.double() for v in tensors]).tolist()) if tensors else iter(())
+        values = [(s, m, next(host) if isinstance(v, torch.Tensor) else v) for s, m, v in rows]
+        outcome, cut = None, len(values)
+        for i, (s, m, v) in enumerate(values):
+            if m != "train_loss":
+                continue
+            if self.initial_loss is None:
+                self.initial_loss = v
+            if not math.isfinite(v) or v > self.cfg.diverge_factor * max(self.initial_loss, 1e-12):
+                outcome, self.diverged_at = "diverged", s
+                cut = next((j for j, r in enumerate(values) if r[0] > s), len(values))
+                break
+            if self.cfg.target_loss is not None and v <= self.cfg.target_loss and outcome is None:
+                outcome = "target"
+        values = values[:cut]
+        self.writer.log_metrics(values)
+        self.final.update({m: v for _, m, v in values})
+        return outcome
+
+    def _track(self) -> str | None:
+        """Tracking measurements at the current step; returns 'target' when target_acc is reached."""
+        t, cfg = self.step, self.cfg
+        loss, acc = evaluate(self.model, self.task.loss_fn, self.task.track_batches, train_mode=True)
+        rows: list[tuple[int, str, float]] = [(t, "track_loss", loss.item()), (t, "track_acc", acc.item())]
+        for name, split in (("val", self.task.val), ("test", self.task.test if t == self.total else None)):
+            if split is not None:
+                l, a = evaluate(self.model, self.task.loss_fn, chunks(*split, cfg.chunk_size), train_mode=False)
+                rows += [(t, f"{name}_loss", l.item()), (t, f"{name}_acc", a.item())]
+        measured = self.tracker.measure(self.optimizer if cfg.track_precond else None)
+        rows += [(t, name, value) for name, value in measured.items()]
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        rows.append((t, "precond_threshold" if cfg.is_adam_family else "threshold", self._threshold(lr)))
+        if hasattr(self.optimizer, "telemetry"):  # VRAdam: the line at its effective rate eta_t
+            rows.append((t, "precond_threshold_eta", self._threshold(self.optimizer.telemetry(0)["eta"].item())))
+        if cfg.track_density_every and t % cfg.track_density_every == 0:
+            rows += self._density(t)
+        self.writer.log_metrics(rows)
+        self.final.update({m: v for _, m, v in rows})
+        if cfg.target_acc is not None and acc.item() >= cfg.target_acc:
+            return "target"
+        return None
+
+    def _threshold(self, rate: float) -> float:
+        # A schedule may bring the rate to 0 (cosine's last step): no step, no threshold.
+        return stability_threshold(self.cfg, rate) if rate > 0 else math.inf
+
+    def _density(self, t: int) -> list[tuple[int, str, float]]:
+        """SLQ spectral density of the Hessian, written to the record's density table."""
+        op = self.tracker.hessian
+        start = time.perf_counter()
+        sld = slq_density(op.matvec, op.dim, n_probes=DENSITY_PROBES, n_steps=DENSITY_STEPS,
+                          device=op.device, generator=self.density_generator)
+        lo, hi = sld.nodes.min(), sld.nodes.max()
+        pad = 0.05 * (hi - lo)
+        grid = torch.linspace(lo - pad, hi + pad, DENSITY_GRID, dtype=sld.nodes.dtype, device=sld.nodes.device)
+        density = gaussian_density(sld, grid, sigma=float((hi - lo) / 100))  # sync: bounds for the grid width
+        self.writer.log_density(t, grid.tolist(), density.tolist())
+        return [(t, "density_seconds", time.perf_counter() - start)]
+
+    # ---- checkpoints --------------------------------------------------------
+    def _checkpoint(self) -> None:
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "tracker": self.tracker.state_dict(),
+            "density_rng": self.density_generator.get_state(),
+            "prev_update": self.prev_update,
+            "initial_loss": self.initial_loss,
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_python": list(random.getstate()[1]),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        record.write_bytes_atomic(self.run_dir / record.CHECKPOINT_DIR / CHECKPOINT_NAME, buf.getvalue())
+
+    def load_checkpoint(self) -> None:
+        path = self.run_dir / record.CHECKPOINT_DIR / CHECKPOINT_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{self.run_dir} has no checkpoint ({path}); it cannot be resumed")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.density_generator.set_state(state["density_rng"].cpu())
+        self.prev_update = state["prev_update"]
+        self.initial_loss = state["initial_loss"]
+        torch.set_rng_state(state["rng_torch"].cpu())
+        if state["rng_cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        random.setstate((3, tuple(state["rng_python"]), None))
+
+    # ---- the loop -----------------------------------------------------------
+    def run(self, on_step: Callable[[int, int], None] | None = None) -> RunResult:
+        cfg = self.cfg
+        status = "finished"
+        try:
+            while True:
+                at_end = self.step >= self.total
+                if self.step % cfg.track_every == 0 or at_end:
+                    outcome = self._flush()
+                    if outcome == "diverged":
+                        status = "diverged"
+                        self.writer.event("diverged", step=self.diverged_at,
+                                          reason=f"train loss not finite or above {cfg.diverge_factor:g} x initial")
+                        return RunResult(self.run_dir, status, self.diverged_at, self.final)
+                    if self.step % cfg.checkpoint_every == 0 or at_end:
+                        self._checkpoint()
+                    if self._track() == "target" or outcome == "target":
+                        self.writer.event("target_reached", step=self.step)
+                        break
+                if at_end:
+                    break
+                self._train_step()
+                if on_step is not None:
+                    on_step(self.step, self.total)
+        except Exception as exc:
+            self.writer.event("failed", step=self.step, error=f"{type(exc).__name__}: {exc}")
+            raise
+        self.writer.event("finished", step=self.step)
+        return RunResult(self.run_dir, status, self.step, self.final)
+
+
+def _set_seeds(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _build(cfg: RunConfig, run_dir: Path) -> Trainer:
+    device = resolve_device(cfg.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+    _set_seeds(cfg.seed)
+    task = prepare_task(cfg, device, dtype)
+    return Trainer(cfg, run_dir, task, device)
+
+
+def default_run_dir(cfg: RunConfig, out: str | Path) -> Path:
+    """``<out>/<task>-<optimizer>-lr<lr>-s<seed>-<UTC time>`` (made unique if taken)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = Path(out) / f"{cfg.task}-{cfg.optimizer}-lr{cfg.lr:g}-s{cfg.seed}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    return path
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = None) -> RunResult:
+    """Start a new run of ``cfg`` recorded in ``run_dir`` (which must not hold a record).
+
+    ``on_step(step, total)`` is called after every optimizer step (progress bars;
+    tests use it to simulate a kill).
+    """
+    cfg = cfg.validate()
+    run_dir = Path(run_dir)
+    trainer = _build(cfg, run_dir)
+    env = environment_info(trainer.device)
+    env["data"] = trainer.task.data_info
+    trainer.writer = record.RunWriter.create(run_dir, cfg.to_dict(), env)
+    trainer.writer.event("started", step=0, total_steps=trainer.total)
+    return trainer.run(on_step)
+
+
+def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = None) -> RunResult:
+    """Continue the run recorded in ``run_dir`` from its last checkpoint."""
+    run_dir = Path(run_dir)
+    rec = record.read_run(run_dir)
+    if rec.status in ("finished", "diverged"):
+        raise ValueError(f"{run_dir} is already {rec.status}; nothing to resume")
+    cfg = RunConfig.from_dict(rec.config).validate()
+    trainer = _build(cfg, run_dir)
+    trainer.load_checkpoint()
+    trainer.writer = record.RunWriter.open(run_dir)
+    # The checkpoint at step t was taken before step t's tracking: replay from t.
+    trainer.writer.truncate_metrics_after(trainer.step - 1)
+    trainer.writer.event("resumed", step=trainer.step)
+    return trainer.run(on_step)

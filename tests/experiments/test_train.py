@@ -1,0 +1,152 @@
+"""The training loop: records, tracking against independent answers, resume, divergence."""
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call, hessian
+
+from eos_toolkit.record import read_run
+from experiments.config import RunConfig
+from experiments.tasks import prepare_task
+from experiments.train import TIMING_METRICS, resume, train
+
+TINY = dict(task="eos-fullbatch", dataset="fashion-mnist", n_train=100, model_options={"hidden": [12]},
+            track_every=5, chunk_size=64, device="cpu")
+
+
+def tiny(data_dir, **overrides) -> RunConfig:
+    return RunConfig(**{**TINY, "data_dir": str(data_dir), **overrides})
+
+
+def metric(run, name):
+    m = run.metrics
+    return m[m.metric == name].set_index("step")["value"]
+
+
+def test_gd_record_and_sharpness_equal_dense_hessian(tiny_data_dir, tmp_path):
+    cfg = tiny(tiny_data_dir, optimizer="gd", lr=0.5, steps=12, dtype="float64", track_k=2, lanczos_tol=1e-10,
+               lanczos_max_iter=200)
+    result = train(cfg, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    assert result.status == run.status == "finished"
+    assert [e["event"] for e in run.events] == ["started", "finished"]
+    assert metric(run, "train_loss").index.tolist() == list(range(12))
+    assert metric(run, "sharpness").index.tolist() == [0, 5, 10, 12]
+    assert (metric(run, "threshold") == 2 / 0.5).all()
+    assert run.environment["data"]["dataset"] == "fashion-mnist"
+    assert len(run.environment["data"]["checksum"]) == 64
+
+    # Independent answer: the dense Hessian of the full-batch loss at the initial parameters.
+    task = prepare_task(cfg.validate(), torch.device("cpu"), torch.float64)
+    model, (x, y) = task.model, task.train
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(flat):
+        parts = torch.split(flat, [s.numel() for s in shapes])
+        params = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
+        return task.loss_fn(functional_call(model, params, (x,)), y)
+
+    eigs = torch.linalg.eigvalsh(hessian(loss_of)(flat0))
+    assert metric(run, "hessian_eig_1")[0] == pytest.approx(eigs[-1].item(), rel=1e-8)
+    assert metric(run, "hessian_eig_2")[0] == pytest.approx(eigs[-2].item(), rel=1e-8)
+    assert metric(run, "train_loss")[0] == pytest.approx(loss_of(flat0).item(), rel=1e-12)
+    # GD moves by lr * gradient: the first update's norm is lr |grad L(theta_0)|.
+    grad0 = torch.func.grad(loss_of)(flat0)
+    assert metric(run, "update_norm")[0] == pytest.approx(0.5 * grad0.norm().item(), rel=1e-10)
+
+
+def test_vradam_records_gate_and_preconditioned_sharpness(tiny_data_dir, tmp_path):
+    cfg = tiny(tiny_data_dir, optimizer="vradam", lr=0.01, beta3=50.0, alpha1=3.0, steps=10)
+    train(cfg, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    eta, s, clamped, lr = (metric(run, n) for n in ("eta", "vr_sq_norm", "vr_clamped", "lr"))
+    # The gate, recomputed from the recorded s_t: eta_t = lr / (1 + min(beta3 s_t, alpha1)).
+    expected = [0.01 / (1 + min(50.0 * v, 3.0)) for v in s]
+    assert eta.tolist() == pytest.approx(expected, rel=1e-5)
+    assert clamped.tolist() == [float(50.0 * v >= 3.0) for v in s]
+    assert (lr == 0.01).all()
+    assert metric(run, "precond_threshold").tolist() == pytest.approx([38 / 0.01] * 3)
+    # The line at the effective rate: 38 / eta_t with the eta of the step before the measurement.
+    assert metric(run, "precond_threshold_eta")[5] == pytest.approx(38 / eta[4], rel=1e-5)
+    assert metric(run, "precond_sharpness").notna().all()
+    assert metric(run, "precond_sharpness").index.tolist() == [5, 10]  # Adam state exists from step 1
+
+
+class SimulatedKill(BaseException):
+    """Stands in for SIGKILL: the loop must not catch it or write anything on its way out."""
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(optimizer="vradam", lr=0.01, beta3=5.0, steps=17, track_k=2),
+    dict(task="image-classification", optimizer="momentum", lr=0.05, steps=17, batch_size=32,
+         model="cnn-small", model_options={"width": 4, "batchnorm": True}, track_n=64,
+         schedule="CosineAnnealingLR", warmup_steps=3),
+])
+def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides):
+    cfg = tiny(tiny_data_dir, **overrides)
+    train(cfg, tmp_path / "whole")
+
+    def kill_at_13(step, total):
+        if step == 13:
+            raise SimulatedKill()
+
+    with pytest.raises(SimulatedKill):
+        train(cfg, tmp_path / "killed", on_step=kill_at_13)
+    assert read_run(tmp_path / "killed").status == "incomplete"
+    result = resume(tmp_path / "killed")
+    assert result.status == "finished"
+
+    whole, resumed = read_run(tmp_path / "whole"), read_run(tmp_path / "killed")
+    assert [e["event"] for e in resumed.events] == ["started", "resumed", "finished"]
+    assert resumed.events[1]["step"] == 10
+    a, b = (r.metrics[~r.metrics.metric.isin(TIMING_METRICS)].sort_values(["step", "metric"]).reset_index(drop=True)
+            for r in (whole, resumed))
+    assert len(a) == len(b) and (a[["step", "metric"]] == b[["step", "metric"]]).all().all()
+    assert a["value"].tolist() == b["value"].tolist()  # exact, NaN-free
+    with pytest.raises(ValueError, match="already finished"):
+        resume(tmp_path / "killed")
+
+
+def test_divergence_is_a_result_with_a_complete_record(tiny_data_dir, tmp_path):
+    cfg = tiny(tiny_data_dir, optimizer="gd", lr=200.0, steps=40, track_every=10)
+    result = train(cfg, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    assert result.status == run.status == "diverged"
+    step = run.events[-1]["step"]
+    loss = metric(run, "train_loss")
+    assert loss.index.max() == step
+    bad = loss[step]
+    assert not math.isfinite(bad) or bad > 1e3 * loss[0]
+    assert all(math.isfinite(v) and v <= 1e3 * loss[0] for v in loss[loss.index < step])
+
+
+def test_target_loss_stops_the_run(tiny_data_dir, tmp_path):
+    cfg = tiny(tiny_data_dir, optimizer="adam", lr=0.01, steps=200, target_loss=0.3)
+    result = train(cfg, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    assert result.status == "finished" and result.step < 200
+    assert "target_reached" in [e["event"] for e in run.events]
+    loss = metric(run, "train_loss")
+    assert loss.min() <= 0.3 and (loss[loss.index < loss.idxmin()] > 0.3).all()
+
+
+@pytest.mark.slow
+def test_gradient_descent_reaches_the_edge_of_stability_on_real_data(tmp_path):
+    """Cohen et al. 2021 on a real subset: sharpness rises to 2/eta and stays within 10% of it."""
+    from experiments.data import DatasetNotFoundError, resolve_dataset
+
+    try:
+        name = resolve_dataset("fashion-mnist")
+    except DatasetNotFoundError:
+        pytest.skip("needs Fashion-MNIST: eos data fetch fashion-mnist")
+    lr = 0.05
+    cfg = RunConfig(task="eos-fullbatch", dataset=name, n_train=1000, optimizer="gd", lr=lr, steps=600,
+                    track_every=10, device="cpu")
+    train(cfg, tmp_path / "run")
+    sharp = metric(read_run(tmp_path / "run"), "sharpness")
+    assert sharp[0] < 0.5 * 2 / lr  # starts well below the edge ...
+    last = sharp[sharp.index >= 400]
+    assert ((last - 2 / lr).abs() <= 0.1 * 2 / lr).all(), last.tolist()  # ... and hovers at it
