@@ -43,7 +43,7 @@ from analysis.summary import (
 
 log = logging.getLogger("analysis")
 
-#: The kinds :func:`save_figures` knows; "all" in the CLI means these.
+#: The kinds :func:`save_figures` knows; the kind "all" means these.
 FIGURE_KINDS = ("sharpness", "loss", "damping", "spectrum", "density", "comparison")
 DEFAULT_KINDS = ("sharpness", "loss", "damping", "spectrum")
 
@@ -76,6 +76,11 @@ def _save(fig, out_dir: Path, stem: str, formats: Sequence[str], dpi: int) -> li
     return paths
 
 
+def _group_keys(df: pd.DataFrame) -> list[str]:
+    # Optimizer and lr, as the config contract promises; the label for records without them.
+    return [k for k in ("optimizer", "lr") if k in df.columns] or ["label"]
+
+
 def _has_spectrum(run: Run) -> bool:
     return any(re.fullmatch(r"hessian_eig_\d+", m) for m in run.metrics)
 
@@ -93,11 +98,11 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
     Kinds: ``sharpness``, ``loss``, ``damping`` (VRAdam runs), ``comparison``
     (train loss mean and CI by optimizer and lr) draw all runs in one figure
     (``<kind>.png``); ``spectrum`` and ``density`` draw one figure per run
-    (``<kind>_<run_id>.png``). A kind the runs have no data for (damping without a
+    (``<kind>_<run_id>.png``); ``"all"`` means every kind. A kind the runs have no data for (damping without a
     VRAdam run, spectrum without ``hessian_eig_i``, ...) is skipped with a
     warning on the ``analysis`` logger naming it.
     """
-    kinds = list(kinds)
+    kinds = list(FIGURE_KINDS) if "all" in kinds else list(kinds)
     unknown = [k for k in kinds if k not in FIGURE_KINDS]
     if unknown:
         raise ValueError(f"unknown figure kinds {unknown}; choose from {list(FIGURE_KINDS)}")
@@ -139,7 +144,7 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
                 skip(kind, "no run logged train_loss")
                 continue
             fig, ax = _figure()
-            plot_comparison(df, ax=ax)
+            plot_comparison(df, ax=ax, group_by=_group_keys(df))
             written += _save(fig, out_dir, "comparison", formats, dpi)
         elif kind == "spectrum":
             with_spectrum = [run for run in runs if _has_spectrum(run)]
@@ -158,6 +163,10 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
                 plot_density(run.density, ax=ax, threshold=_last_threshold(run), title=run.label)
                 written += _save(fig, out_dir, f"density_{_safe(run.run_id)}", formats, dpi)
     return written
+
+
+def _table(df: pd.DataFrame) -> str:
+    return markdown_table(df) if len(df) else "_No metrics logged yet._"
 
 
 def _json_block(obj) -> str:
@@ -206,16 +215,18 @@ def write_report(run_dirs, out_dir: str | os.PathLike, target_loss: float | None
               "(about 1 at the edge of stability); `loss_rise_fraction` the fraction of steps where the "
               "training loss rose; `sign_flip_rate` how often the update along the top eigenvector changed "
               "sign; `clamp_fraction` how often VRAdam's gate was clamped.", "",
-              markdown_table(stab), ""]
+              _table(stab), ""]
 
     lines += ["## Figures", ""]
+    if not pngs:
+        lines += ["_No figures: the runs logged nothing to plot yet._", ""]
     for png in pngs:
         lines += [f"![{png.stem}](figures/{png.name})", ""]
 
     per_run = run_summary(df, target_loss=target_loss).dropna(axis=1, how="all")
-    lines += ["## Outcomes per run", "", markdown_table(per_run), ""]
-    if several:
-        table = format_summary(summary_table(df, target_loss=target_loss))
+    lines += ["## Outcomes per run", "", _table(per_run), ""]
+    if several and len(per_run):
+        table = format_summary(summary_table(df, group_by=_group_keys(df), target_loss=target_loss))
         lines += ["## Comparison", "",
                   "Mean ± half-width of the 95% Student-t interval over the seeds of each optimizer and rate; "
                   "diverged runs are counted, not averaged.", "", markdown_table(table), ""]

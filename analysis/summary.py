@@ -75,6 +75,8 @@ def stability_metrics(df: pd.DataFrame, run_id: str) -> StabilityMetrics | None:
     """Which sharpness/threshold pair judges this run; None when the run logged neither."""
     df = as_tidy(df)
     logged = set(df.loc[df["run_id"] == run_id, "metric"])
+    if not logged:
+        return None
     optimizer = run_info(df, run_id).get("optimizer")
     if is_adam_family(optimizer) and {"precond_sharpness", "precond_threshold"} <= logged:
         eta = "precond_threshold_eta" if "precond_threshold_eta" in logged else None
@@ -90,6 +92,11 @@ def _late_median(ratio: pd.Series, fraction: float = 0.5) -> float:
     if not len(r):
         return math.nan
     return float(r.iloc[int(len(r) * (1 - fraction)):].median())
+
+
+STABILITY_COLUMNS = ("run_id", "label", "status", "sharpness", "first_crossing_step", "steps_above_threshold",
+                     "late_ratio", "late_ratio_eta", "loss_rise_fraction", "sign_flip_rate", "mean_update_cos",
+                     "mean_eta_over_lr", "clamp_fraction")
 
 
 def stability_summary(df: pd.DataFrame, level: float = 1.0) -> pd.DataFrame:
@@ -129,7 +136,7 @@ def stability_summary(df: pd.DataFrame, level: float = 1.0) -> pd.DataFrame:
         row["mean_eta_over_lr"] = float(ratio.mean()) if len(ratio) else math.nan
         row["clamp_fraction"] = clamp_fraction(metric_series(part, "vr_clamped"))
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=STABILITY_COLUMNS)
 
 
 def _accuracy_metric(df: pd.DataFrame) -> str | None:
@@ -165,7 +172,8 @@ def run_summary(df: pd.DataFrame, target_loss: float | None = None, loss: str = 
         row["best_acc"] = float(accuracy.max()) if len(accuracy) else math.nan
         row["steps_to_target"] = steps_to_target(values, target_loss) if target_loss is not None else None
         rows.append(row)
-    return pd.DataFrame(rows)
+    base = ["run_id", "label", "status", "final_loss", "best_loss", "final_acc", "best_acc", "steps_to_target"]
+    return pd.DataFrame(rows, columns=list(dict.fromkeys([*rows[0], *base]) if rows else base))
 
 
 def completed(status: str) -> bool:

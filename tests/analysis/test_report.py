@@ -63,3 +63,12 @@ def test_write_report_several_runs_has_the_comparison(synthetic_runs, tmp_path):
     assert "## Comparison" in text and "figures/comparison.png" in text and "figures/damping.png" in text
     assert "**diverged**" in text and "**incomplete**" in text
     assert "VRAdam lr=0.002" in text and "±" in text
+
+
+def test_a_run_without_metrics_yet_gives_no_figures_and_a_report_that_says_so(tmp_path, caplog):
+    make_run(tmp_path / "runs", "new", {"optimizer": "gd", "lr": 0.1, "seed": 0}, [], events=(("started", 0),))
+    with caplog.at_level(logging.WARNING, logger="analysis"):
+        assert analysis.save_figures(tmp_path / "runs", tmp_path / "figs", kinds=("all",)) == []
+    assert len(caplog.records) == len(analysis.FIGURE_KINDS)
+    text = analysis.write_report(tmp_path / "runs", tmp_path / "report").read_text()
+    assert "**incomplete**" in text and "_No metrics logged yet._" in text and "_No figures" in text
