@@ -229,7 +229,9 @@ def write_report(run_dirs, out_dir: str | os.PathLike, target_loss: float | None
         table = format_summary(summary_table(df, group_by=_group_keys(df), target_loss=target_loss))
         lines += ["## Comparison", "",
                   "Mean ± half-width of the 95% Student-t interval over the seeds of each optimizer and rate; "
-                  "diverged runs are counted, not averaged.", "", markdown_table(table), ""]
+                  "diverged and unfinished runs are counted, not averaged"
+                  + (f"; `reached`: runs whose loss got to {target_loss:g}." if target_loss is not None else "."),
+                  "", markdown_table(table), ""]
 
     lines += ["## Runs in detail", ""]
     for run in runs:
