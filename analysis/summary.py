@@ -72,7 +72,12 @@ def run_info(df: pd.DataFrame, run_id: str) -> dict:
 
 
 def stability_metrics(df: pd.DataFrame, run_id: str) -> StabilityMetrics | None:
-    """Which sharpness/threshold pair judges this run; None when the run logged neither."""
+    """Which sharpness/threshold pair judges this run; None when it logged no sharpness at all.
+
+    An Adam-family run tracked without the preconditioner falls back to its raw
+    ``sharpness``; it has no ``threshold`` (2/lr does not apply to Adam), so no
+    line is drawn for it and it never "crosses".
+    """
     df = as_tidy(df)
     logged = set(df.loc[df["run_id"] == run_id, "metric"])
     if not logged:
@@ -81,7 +86,7 @@ def stability_metrics(df: pd.DataFrame, run_id: str) -> StabilityMetrics | None:
     if is_adam_family(optimizer) and {"precond_sharpness", "precond_threshold"} <= logged:
         eta = "precond_threshold_eta" if "precond_threshold_eta" in logged else None
         return StabilityMetrics("precond_sharpness", "precond_threshold", eta)
-    if {"sharpness", "threshold"} <= logged:
+    if "sharpness" in logged:
         return StabilityMetrics("sharpness", "threshold")
     return None
 

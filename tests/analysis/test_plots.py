@@ -147,3 +147,13 @@ def test_comparison_mean_and_band(tmp_path):
 def test_plots_open_their_own_figure_when_no_axes_is_given(hand_runs):
     ax = analysis.plot_loss(hand_runs)
     assert isinstance(ax, Axes) and ax.figure is not None
+
+
+def test_adam_tracked_without_preconditioner_shows_raw_sharpness_and_no_threshold(tmp_path):
+    make_run(tmp_path, "adam", {"optimizer": "adam", "lr": 0.001, "seed": 0},
+             [(0, "sharpness", 5.0), (10, "sharpness", 7.0), (0, "train_loss", 1.0)])
+    df = analysis.load_run(tmp_path / "adam").df
+    assert analysis.stability_metrics(df, "adam").sharpness == "sharpness"
+    assert analysis.stability_summary(df)["first_crossing_step"].tolist() == [None]
+    ax = analysis.plot_sharpness(df, ax=ax_new())
+    assert gids(ax) == {"sharpness": 1}
