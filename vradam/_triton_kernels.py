@@ -22,6 +22,12 @@ The kernels (v = exp_avg, the velocity; m = exp_avg_sq, as in DESIGN.md):
                         p <- p (1 - eta wd) - eta (v / bc1) / (sqrt(m / bc2) + eps)
 ``one_pass_kernel``     the lagged variant: the first and second pass fused, with
                         eta taken from the previous step's s.
+
+A program walks its chunk in tiles of BLOCK elements: whole tiles without a
+mask, then one masked tail. Chunks start at multiples of BLOCK, so with
+ALIGNED (every pointer of the launch 16-byte aligned) the whole tiles compile
+to vector loads and stores; a mask bounded by a value read from memory would
+force one element per instruction.
 """
 
 import triton
@@ -31,9 +37,36 @@ CHUNK_ROW_WIDTH = 8
 
 
 @triton.jit
-def _pointer(row, column, DTYPE: tl.constexpr):
+def _pointer(row, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """The pointer stored in ``row[column]``, typed as a pointer to DTYPE."""
-    return tl.load(row + column).to(tl.pointer_type(DTYPE))
+    pointer = tl.load(row + column).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _tile_offsets(offset, BLOCK: tl.constexpr):
+    """offset + [0, BLOCK), with offset a multiple of BLOCK."""
+    return tl.max_contiguous(tl.multiple_of(offset + tl.arange(0, BLOCK), BLOCK), BLOCK)
+
+
+@triton.jit
+def _load(pointer, offs, stop, MASKED: tl.constexpr):
+    """Elements at offs as float32; with MASKED, 0 at and beyond stop."""
+    if MASKED:
+        return tl.load(pointer + offs, mask=offs < stop, other=0.0).to(tl.float32)
+    return tl.load(pointer + offs).to(tl.float32)
+
+
+@triton.jit
+def _store(pointer, offs, stop, value, MASKED: tl.constexpr):
+    """Store value (cast to the pointer's dtype) at offs; with MASKED, only below stop."""
+    value = value.to(pointer.dtype.element_ty)
+    if MASKED:
+        tl.store(pointer + offs, value, mask=offs < stop)
+    else:
+        tl.store(pointer + offs, value)
 
 
 @triton.jit
@@ -75,7 +108,7 @@ def _bias_corrections(row, has_elements, log_beta1, log_beta2):
 
     b^t = exp(t ln b); ``log_beta`` = -inf for b = 0 (t >= 1 always).
     """
-    step_ptr = _pointer(row, 6, tl.float32)
+    step_ptr = _pointer(row, 6, tl.float32, False)
     step = tl.load(step_ptr, mask=has_elements, other=1.0).to(tl.float64)
     correction1 = 1.0 - tl.exp(step * log_beta1)
     correction2 = 1.0 - tl.exp(step * log_beta2)
@@ -91,12 +124,42 @@ def _apply_update(param, exp_avg, exp_avg_sq, eta, weight_decay, eps,
 
 
 @triton.jit
+def _moments_tile(grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, stop,
+                  beta1, one_minus_beta1, beta2, one_minus_beta2, power,
+                  MAXIMIZE: tl.constexpr, GATE_IS_VELOCITY: tl.constexpr,
+                  POWER_IS_TWO: tl.constexpr, MASKED: tl.constexpr):
+    """Pass 1 on one tile: update and store both moments; (v, m, gate terms) in float32."""
+    grad = _load(grad_ptr, offs, stop, MASKED)
+    if MAXIMIZE:
+        grad = -grad
+    exp_avg, exp_avg_sq = _update_moments(
+        grad, _load(exp_avg_ptr, offs, stop, MASKED), _load(exp_avg_sq_ptr, offs, stop, MASKED),
+        beta1, one_minus_beta1, beta2, one_minus_beta2)
+    _store(exp_avg_ptr, offs, stop, exp_avg, MASKED)
+    _store(exp_avg_sq_ptr, offs, stop, exp_avg_sq, MASKED)
+    if GATE_IS_VELOCITY:
+        gate = _gate_term(exp_avg, power, POWER_IS_TWO)
+    else:
+        gate = _gate_term(grad, power, POWER_IS_TWO)
+    return exp_avg, exp_avg_sq, gate
+
+
+@triton.jit
+def _update_tile(param_ptr, offs, stop, exp_avg, exp_avg_sq, eta, weight_decay, eps,
+                 inv_correction1, inv_sqrt_correction2, MASKED: tl.constexpr):
+    """Pass 2 on one tile, given the tile's moments in float32."""
+    param = _apply_update(_load(param_ptr, offs, stop, MASKED), exp_avg, exp_avg_sq, eta,
+                          weight_decay, eps, inv_correction1, inv_sqrt_correction2)
+    _store(param_ptr, offs, stop, param, MASKED)
+
+
+@triton.jit
 def first_pass_kernel(
     chunk_table, partial_norms, first_partial,
     beta1, one_minus_beta1, beta2, one_minus_beta2, power,
     GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, GATE_IS_VELOCITY: tl.constexpr, POWER_IS_TWO: tl.constexpr,
-    INCREMENT_STEPS: tl.constexpr, BLOCK: tl.constexpr,
+    INCREMENT_STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Update both moments of one chunk; write the chunk's gate partial sum.
 
@@ -105,32 +168,29 @@ def first_pass_kernel(
     """
     pid = tl.program_id(0)
     row = chunk_table + pid * 8
-    grad_ptr = _pointer(row, 1, GRAD_DTYPE)
-    exp_avg_ptr = _pointer(row, 2, MOMENT_DTYPE)
-    exp_avg_sq_ptr = _pointer(row, 3, MOMENT_DTYPE)
+    grad_ptr = _pointer(row, 1, GRAD_DTYPE, ALIGNED)
+    exp_avg_ptr = _pointer(row, 2, MOMENT_DTYPE, ALIGNED)
+    exp_avg_sq_ptr = _pointer(row, 3, MOMENT_DTYPE, ALIGNED)
     start = tl.load(row + 4)
     stop = tl.load(row + 5)
     if INCREMENT_STEPS:
         if start == 0:
-            step_ptr = _pointer(row, 6, tl.float32)
+            step_ptr = _pointer(row, 6, tl.float32, False)
             tl.store(step_ptr, tl.load(step_ptr) + 1.0)
+    whole_stop = start + (stop - start) // BLOCK * BLOCK
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for offset in range(start, stop, BLOCK):
-        offs = offset + tl.arange(0, BLOCK)
-        mask = offs < stop
-        grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            grad = -grad
-        exp_avg = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        exp_avg, exp_avg_sq = _update_moments(
-            grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2)
-        tl.store(exp_avg_ptr + offs, exp_avg.to(MOMENT_DTYPE), mask=mask)
-        tl.store(exp_avg_sq_ptr + offs, exp_avg_sq.to(MOMENT_DTYPE), mask=mask)
-        if GATE_IS_VELOCITY:
-            acc += _gate_term(exp_avg, power, POWER_IS_TWO)
-        else:
-            acc += _gate_term(grad, power, POWER_IS_TWO)
+    for offset in range(start, whole_stop, BLOCK):
+        _, _, gate = _moments_tile(
+            grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, _tile_offsets(offset, BLOCK), stop,
+            beta1, one_minus_beta1, beta2, one_minus_beta2, power,
+            MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, False)
+        acc += gate
+    if whole_stop < stop:
+        _, _, gate = _moments_tile(
+            grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, _tile_offsets(whole_stop, BLOCK), stop,
+            beta1, one_minus_beta1, beta2, one_minus_beta2, power,
+            MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, True)
+        acc += gate
     tl.store(partial_norms + first_partial + pid, tl.sum(acc, axis=0))
 
 
@@ -156,7 +216,7 @@ def second_pass_kernel(
     eta_out, clamped_out, telemetry_slot,
     lr, beta3, alpha1, log_beta1, log_beta2, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, LR_IS_POINTER: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Apply the update of one chunk at the rate gated by s[norm_slot].
 
@@ -164,28 +224,31 @@ def second_pass_kernel(
     ``telemetry_slot >= 0``.
     """
     pid = tl.program_id(0)
-    eta, clamped = _effective_rate(tl.load(sq_norms + norm_slot), lr, beta3, alpha1, LR_IS_POINTER)
+    sq_norm = tl.load(sq_norms + norm_slot)
+    eta, clamped = _effective_rate(sq_norm, lr, beta3, alpha1, LR_IS_POINTER)
     if pid == 0:
         if telemetry_slot >= 0:
             tl.store(eta_out + telemetry_slot, eta)
             tl.store(clamped_out + telemetry_slot, clamped)
     row = chunk_table + pid * 8
-    param_ptr = _pointer(row, 0, PARAM_DTYPE)
-    exp_avg_ptr = _pointer(row, 2, MOMENT_DTYPE)
-    exp_avg_sq_ptr = _pointer(row, 3, MOMENT_DTYPE)
+    param_ptr = _pointer(row, 0, PARAM_DTYPE, ALIGNED)
+    exp_avg_ptr = _pointer(row, 2, MOMENT_DTYPE, ALIGNED)
+    exp_avg_sq_ptr = _pointer(row, 3, MOMENT_DTYPE, ALIGNED)
     start = tl.load(row + 4)
     stop = tl.load(row + 5)
     inv_correction1, inv_sqrt_correction2 = _bias_corrections(
         row, start < stop, log_beta1, log_beta2)
-    for offset in range(start, stop, BLOCK):
-        offs = offset + tl.arange(0, BLOCK)
-        mask = offs < stop
-        param = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        exp_avg = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        param = _apply_update(param, exp_avg, exp_avg_sq, eta, weight_decay, eps,
-                              inv_correction1, inv_sqrt_correction2)
-        tl.store(param_ptr + offs, param.to(PARAM_DTYPE), mask=mask)
+    whole_stop = start + (stop - start) // BLOCK * BLOCK
+    for offset in range(start, whole_stop, BLOCK):
+        offs = _tile_offsets(offset, BLOCK)
+        _update_tile(param_ptr, offs, stop, _load(exp_avg_ptr, offs, stop, False),
+                     _load(exp_avg_sq_ptr, offs, stop, False), eta, weight_decay, eps,
+                     inv_correction1, inv_sqrt_correction2, False)
+    if whole_stop < stop:
+        offs = _tile_offsets(whole_stop, BLOCK)
+        _update_tile(param_ptr, offs, stop, _load(exp_avg_ptr, offs, stop, True),
+                     _load(exp_avg_sq_ptr, offs, stop, True), eta, weight_decay, eps,
+                     inv_correction1, inv_sqrt_correction2, True)
 
 
 @triton.jit
@@ -196,7 +259,7 @@ def one_pass_kernel(
     log_beta1, log_beta2, eps, weight_decay, power,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, GATE_IS_VELOCITY: tl.constexpr, POWER_IS_TWO: tl.constexpr,
-    LR_IS_POINTER: tl.constexpr, BLOCK: tl.constexpr,
+    LR_IS_POINTER: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The lagged variant: moments, this step's gate partial and the update in one
     read of (p, g, v, m), with eta gated by the previous step's norm.
@@ -211,33 +274,32 @@ def one_pass_kernel(
             tl.store(eta_out + telemetry_slot, eta)
             tl.store(clamped_out + telemetry_slot, clamped)
     row = chunk_table + pid * 8
-    param_ptr = _pointer(row, 0, PARAM_DTYPE)
-    grad_ptr = _pointer(row, 1, GRAD_DTYPE)
-    exp_avg_ptr = _pointer(row, 2, MOMENT_DTYPE)
-    exp_avg_sq_ptr = _pointer(row, 3, MOMENT_DTYPE)
+    param_ptr = _pointer(row, 0, PARAM_DTYPE, ALIGNED)
+    grad_ptr = _pointer(row, 1, GRAD_DTYPE, ALIGNED)
+    exp_avg_ptr = _pointer(row, 2, MOMENT_DTYPE, ALIGNED)
+    exp_avg_sq_ptr = _pointer(row, 3, MOMENT_DTYPE, ALIGNED)
     start = tl.load(row + 4)
     stop = tl.load(row + 5)
     inv_correction1, inv_sqrt_correction2 = _bias_corrections(
         row, start < stop, log_beta1, log_beta2)
+    whole_stop = start + (stop - start) // BLOCK * BLOCK
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for offset in range(start, stop, BLOCK):
-        offs = offset + tl.arange(0, BLOCK)
-        mask = offs < stop
-        grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            grad = -grad
-        exp_avg = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        exp_avg, exp_avg_sq = _update_moments(
-            grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2)
-        tl.store(exp_avg_ptr + offs, exp_avg.to(MOMENT_DTYPE), mask=mask)
-        tl.store(exp_avg_sq_ptr + offs, exp_avg_sq.to(MOMENT_DTYPE), mask=mask)
-        if GATE_IS_VELOCITY:
-            acc += _gate_term(exp_avg, power, POWER_IS_TWO)
-        else:
-            acc += _gate_term(grad, power, POWER_IS_TWO)
-        param = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        param = _apply_update(param, exp_avg, exp_avg_sq, eta, weight_decay, eps,
-                              inv_correction1, inv_sqrt_correction2)
-        tl.store(param_ptr + offs, param.to(PARAM_DTYPE), mask=mask)
+    for offset in range(start, whole_stop, BLOCK):
+        offs = _tile_offsets(offset, BLOCK)
+        exp_avg, exp_avg_sq, gate = _moments_tile(
+            grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, stop,
+            beta1, one_minus_beta1, beta2, one_minus_beta2, power,
+            MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, False)
+        acc += gate
+        _update_tile(param_ptr, offs, stop, exp_avg, exp_avg_sq, eta, weight_decay, eps,
+                     inv_correction1, inv_sqrt_correction2, False)
+    if whole_stop < stop:
+        offs = _tile_offsets(whole_stop, BLOCK)
+        exp_avg, exp_avg_sq, gate = _moments_tile(
+            grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, stop,
+            beta1, one_minus_beta1, beta2, one_minus_beta2, power,
+            MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, True)
+        acc += gate
+        _update_tile(param_ptr, offs, stop, exp_avg, exp_avg_sq, eta, weight_decay, eps,
+                     inv_correction1, inv_sqrt_correction2, True)
     tl.store(partial_norms + first_partial + pid, tl.sum(acc, axis=0))

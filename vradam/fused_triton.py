@@ -221,6 +221,7 @@ class _Launch:
     first_partial: int  # where this launch's partial sums start in the partial buffer
     param_dtype: torch.dtype
     moment_dtype: torch.dtype
+    aligned: bool  # every tensor starts on 16 bytes: whole tiles use vector loads
 
 
 @dataclass
@@ -290,7 +291,9 @@ def _build_plan(groups: list[GroupTensors], device: torch.device, config: FusedC
         first_partial = bounds[-1]
         for (param_dtype, moment_dtype), rows in buckets.items():
             table = _upload(torch.tensor(rows, dtype=torch.int64), device)
-            group_launches.append(_Launch(table, len(rows), first_partial, param_dtype, moment_dtype))
+            aligned = all(ptr % 16 == 0 for row in rows for ptr in row[:4])
+            group_launches.append(
+                _Launch(table, len(rows), first_partial, param_dtype, moment_dtype, aligned))
             first_partial += len(rows)
         launches.append(group_launches)
         bounds.append(first_partial)
@@ -396,7 +399,8 @@ def fused_step(
                 GRAD_DTYPE=_triton_dtype(launch.param_dtype),
                 MOMENT_DTYPE=_triton_dtype(launch.moment_dtype),
                 MAXIMIZE=bool(g.maximize), INCREMENT_STEPS=plan.step_mirror is None,
-                BLOCK=config.block, num_warps=config.num_warps, **flags,
+                ALIGNED=launch.aligned, BLOCK=config.block, num_warps=config.num_warps,
+                **flags,
             )
     kernels.reduce_norm_kernel[(1,)](
         partials, plan.group_bounds, sq_norms, num_groups, BLOCK=config.block,
@@ -405,18 +409,17 @@ def fused_step(
     for gi, (g, group_launches) in enumerate(zip(groups, plan.launches)):
         norm_slot = num_groups if norm_scope == "global" else gi
         lr, lr_is_pointer = _lr_argument(g.lr, device)
-        runs = [(lnch.table, lnch.num_chunks, lnch.param_dtype, lnch.moment_dtype)
-                for lnch in group_launches]
-        if not runs:  # no tensors: one empty program still writes the telemetry
-            runs = [(plan.empty_table, 1, torch.float32, torch.float32)]
-        for k, (table, num_chunks, param_dtype, moment_dtype) in enumerate(runs):
-            kernels.second_pass_kernel[(num_chunks,)](
-                table, sq_norms, norm_slot, etas, clamped, gi if k == 0 else -1,
+        # a group without tensors still runs one empty program: it writes the telemetry
+        runs = group_launches or [
+            _Launch(plan.empty_table, 1, 0, torch.float32, torch.float32, aligned=False)]
+        for k, launch in enumerate(runs):
+            kernels.second_pass_kernel[(launch.num_chunks,)](
+                launch.table, sq_norms, norm_slot, etas, clamped, gi if k == 0 else -1,
                 lr, g.beta3, g.alpha1, _log_beta(g.beta1), _log_beta(g.beta2), g.eps,
                 g.weight_decay,
-                PARAM_DTYPE=_triton_dtype(param_dtype),
-                MOMENT_DTYPE=_triton_dtype(moment_dtype), LR_IS_POINTER=lr_is_pointer,
-                BLOCK=config.block, num_warps=config.num_warps,
+                PARAM_DTYPE=_triton_dtype(launch.param_dtype),
+                MOMENT_DTYPE=_triton_dtype(launch.moment_dtype), LR_IS_POINTER=lr_is_pointer,
+                ALIGNED=launch.aligned, BLOCK=config.block, num_warps=config.num_warps,
             )
     return [
         Telemetry(
@@ -474,7 +477,8 @@ def fused_lagged_step(
                 PARAM_DTYPE=dtype, GRAD_DTYPE=dtype,
                 MOMENT_DTYPE=_triton_dtype(launch.moment_dtype),
                 MAXIMIZE=bool(g.maximize), LR_IS_POINTER=lr_is_pointer,
-                BLOCK=config.block, num_warps=config.num_warps, **flags,
+                ALIGNED=launch.aligned, BLOCK=config.block, num_warps=config.num_warps,
+                **flags,
             )
     kernels.reduce_norm_kernel[(1,)](
         partials, plan.group_bounds, sq_norms, num_groups, BLOCK=config.block,

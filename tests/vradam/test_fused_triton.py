@@ -51,10 +51,12 @@ HYPER_B = dict(lr=0.02, beta1=0.8, beta2=0.99, beta3=3.0, alpha1=2.0, eps=1e-6,
 
 
 def _dense_params(gen: torch.Generator, dtype: torch.dtype) -> list[list[torch.Tensor]]:
-    """Two groups: multi-chunk, transposed (dense, non-contiguous), zero-size, tiny."""
+    """Two groups: multi-chunk, transposed (dense, non-contiguous), zero-size, tiny,
+    and a view starting 4 bytes into its storage (not 16-byte aligned)."""
     transposed = torch.randn(9, 12, generator=gen).t()
     group_a = [torch.randn(150, generator=gen), transposed, torch.zeros(0)]
-    group_b = [torch.randn(3, 5, generator=gen), torch.randn(1, generator=gen)]
+    group_b = [torch.randn(3, 5, generator=gen), torch.randn(1, generator=gen),
+               torch.randn(41, generator=gen)[1:]]
     return [[p.to(dtype) for p in group_a], [p.to(dtype) for p in group_b]]
 
 
@@ -103,7 +105,7 @@ def scenarios() -> list[dict]:
         make_scenario("velocity_power1.5", power=1.5),
         # group B has no gradient at all at step 1 (group scope: eta = lr, s = 0)
         make_scenario("missing_grads", norm_scope="group",
-                      missing_at={1: {(0, 1), (1, 0), (1, 1)}, 2: {(0, 0)}}),
+                      missing_at={1: {(0, 1), (1, 0), (1, 1), (1, 2)}, 2: {(0, 0)}}),
         # large gradients: the clamp bites from the first step on
         make_scenario("clamped", grad_scale=30.0),
         make_scenario("beta1_zero", hypers=(dict(HYPER_A, beta1=0.0), HYPER_B)),
@@ -130,11 +132,17 @@ def initial_state(scn: dict) -> dict:
         return torch.zeros_like(p, dtype=scn["moment_dtype"])
 
     return dict(
-        params=[[torch.empty_like(p).copy_(p) for p in g] for g in scn["params"]],
+        params=[[same_layout_copy(p) for p in g] for g in scn["params"]],
         exp_avgs=[[zero_moment(p) for p in g] for g in scn["params"]],
         exp_avg_sqs=[[zero_moment(p) for p in g] for g in scn["params"]],
         steps=[[torch.zeros((), dtype=torch.float32) for _ in g] for g in scn["params"]],
     )
+
+
+def same_layout_copy(p: torch.Tensor) -> torch.Tensor:
+    """A copy with p's shape, strides and storage offset (so alignment is kept too)."""
+    base = torch.empty(p.storage_offset() + p.numel(), dtype=p.dtype)
+    return base.as_strided(p.shape, p.stride(), p.storage_offset()).copy_(p)
 
 
 def copy_state(state: dict, dtype: torch.dtype | None = None) -> dict:
@@ -269,14 +277,26 @@ TOLERANCE = {  # (rtol, atol): float32 tolerance; one unit in the last place for
 }
 
 
-def assert_state_close(actual: dict, expected: dict, where: str) -> None:
+def assert_state_close(actual: dict, expected: dict, where: str, before: dict | None = None):
+    """Every tensor within its dtype's tolerance.
+
+    With 16-bit moments the fused update reads the moments as stored (rounded,
+    relative error <= 2^-9 each) while the float64 reference does not, so the
+    parameters also get 2^-7 of the update (``expected - before``) as slack.
+    """
     for key in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
         for gi, (xs, ys) in enumerate(zip(actual[key], expected[key])):
             for pi, (x, y) in enumerate(zip(xs, ys)):
                 rtol, atol = TOLERANCE[x.dtype]
-                torch.testing.assert_close(
-                    x.double(), y.to(x.dtype).double(), rtol=rtol, atol=atol,
-                    msg=lambda m, k=key, g=gi, i=pi: f"{where}: {k}[{g}][{i}]: {m}",
+                x, y = x.double(), y.to(x.dtype).double()
+                bound = atol + rtol * y.abs()
+                rounded_moments = actual["exp_avgs"][gi][pi].dtype != torch.float32
+                if key == "params" and before is not None and rounded_moments:
+                    bound = bound + 2.0**-7 * (y - before[key][gi][pi].double()).abs()
+                excess = (x - y).abs() - bound
+                assert not (excess > 0).any(), (
+                    f"{where}: {key}[{gi}][{pi}]: worst excess {float(excess.max()):.3g} "
+                    f"over the tolerance; actual {x}, expected {y}"
                 )
 
 
@@ -299,7 +319,7 @@ def test_each_fused_step_equals_reference(fused_results, scn):
     state, previous = initial_state(scn), [0.0] * len(scn["hypers"])
     for t, (grads, after) in enumerate(zip(scn["grads"], trajectory)):
         expected, tels = reference_one_step(scn, state, grads, previous)
-        assert_state_close(after["state"], expected, f"step {t + 1}")
+        assert_state_close(after["state"], expected, f"step {t + 1}", before=state)
         assert_telemetry_close(after["telemetry"], tels, f"step {t + 1}")
         state, previous = after["state"], [s for _, s, _ in after["telemetry"]]
 
@@ -379,19 +399,20 @@ moments = dict(beta1="fp32", one_minus_beta1="fp32", beta2="fp32", one_minus_bet
 for dtype, power_is_two in ((tl.bfloat16, False), (tl.float32, True)):
     build(K.first_pass_kernel, dict(common, **moments, power="fp32"),
           dict(GRAD_DTYPE=dtype, MOMENT_DTYPE=tl.float32, MAXIMIZE=True, GATE_IS_VELOCITY=True,
-               POWER_IS_TWO=power_is_two, INCREMENT_STEPS=True, BLOCK=1024))
+               POWER_IS_TWO=power_is_two, INCREMENT_STEPS=True, ALIGNED=True, BLOCK=1024))
 build(K.reduce_norm_kernel, dict(partial_norms="*fp32", group_bounds="*i64", sq_norms="*fp32",
       num_groups="i32"), dict(BLOCK=1024))
 rate = dict(eta_out="*fp32", clamped_out="*i1", telemetry_slot="i32", lr="*fp32")
 update = dict(log_beta1="fp32", log_beta2="fp32", eps="fp32", weight_decay="fp32")
 build(K.second_pass_kernel, dict(chunk_table="*i64", sq_norms="*fp32", norm_slot="i32", **rate,
       beta3="fp32", alpha1="fp32", **update),
-      dict(PARAM_DTYPE=tl.float16, MOMENT_DTYPE=tl.float32, LR_IS_POINTER=True, BLOCK=1024))
+      dict(PARAM_DTYPE=tl.float16, MOMENT_DTYPE=tl.float32, LR_IS_POINTER=True, ALIGNED=True,
+           BLOCK=1024))
 build(K.one_pass_kernel, dict(chunk_table="*i64", previous_sq_norm="*fp32", partial_norms="*fp32",
       first_partial="i32", **rate, **moments, beta3="fp32", alpha1="fp32", **update, power="fp32"),
       dict(PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.bfloat16, MOMENT_DTYPE=tl.bfloat16,
            MAXIMIZE=False, GATE_IS_VELOCITY=False, POWER_IS_TWO=False, LR_IS_POINTER=True,
-           BLOCK=1024))
+           ALIGNED=False, BLOCK=1024))
 print("compiled")
 """
 
