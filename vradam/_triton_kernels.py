@@ -30,10 +30,12 @@ to vector loads and stores; a mask bounded by a value read from memory would
 force one element per instruction.
 """
 
+import torch
 import triton
 import triton.language as tl
 
 CHUNK_ROW_WIDTH = 8
+TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -303,3 +305,7 @@ def one_pass_kernel(
         _update_tile(param_ptr, offs, stop, exp_avg, exp_avg_sq, eta, weight_decay, eps,
                      inv_correction1, inv_sqrt_correction2, True)
     tl.store(partial_norms + first_partial + pid, tl.sum(acc, axis=0))
+
+
+# Triton swaps ``triton.jit`` for its interpreter when TRITON_INTERPRET=1 at import.
+INTERPRETED = not isinstance(first_pass_kernel, triton.runtime.JITFunction)

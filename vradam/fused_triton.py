@@ -129,11 +129,7 @@ def is_available() -> bool:
 
 def is_interpreted() -> bool:
     """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    if _KERNELS is None:
-        return False
-    import triton  # noqa: PLC0415  (present whenever _KERNELS is)
-
-    return not isinstance(_KERNELS.first_pass_kernel, triton.runtime.JITFunction)
+    return _KERNELS is not None and _KERNELS.INTERPRETED
 
 
 def _kernels() -> ModuleType:
@@ -143,14 +139,6 @@ def _kernels() -> ModuleType:
             "pip install 'eos-toolkit[fused]' (or use impl='foreach')"
         )
     return _KERNELS
-
-
-def _triton_dtype(dtype: torch.dtype):
-    import triton.language as tl  # noqa: PLC0415
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[
-        dtype
-    ]
 
 
 # ----------------------------------------------------------------- checks
@@ -366,6 +354,29 @@ def _gate_flags(gate: str, power: float) -> dict:
     return dict(GATE_IS_VELOCITY=gate == "velocity", POWER_IS_TWO=power == 2.0)
 
 
+def _outputs(plan: _Plan, num_groups: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Fresh buffers of one step: partial sums, s per group (+ all), eta, clamp flags."""
+    return (
+        torch.empty(max(plan.num_partials, 1), dtype=torch.float32, device=device),
+        torch.empty(num_groups + 1, dtype=torch.float32, device=device),
+        torch.empty(num_groups, dtype=torch.float32, device=device),
+        torch.empty(num_groups, dtype=torch.bool, device=device),
+    )
+
+
+def _telemetry(sq_norms: Tensor, etas: Tensor, clamped: Tensor, norm_scope: str) -> list[Telemetry]:
+    """Per group: 0-dim views of eta, of s (the group's or the global one) and of the flag."""
+    num_groups = len(etas)
+    return [
+        Telemetry(
+            eta=etas[gi],
+            sq_norm=sq_norms[num_groups if norm_scope == "global" else gi],
+            clamped=clamped[gi],
+        )
+        for gi in range(num_groups)
+    ]
+
+
 # ------------------------------------------------------------------- step
 
 
@@ -385,10 +396,7 @@ def fused_step(
     if plan.step_mirror is not None:
         _refresh_step_mirror(plan, groups)
     num_groups = len(groups)
-    partials = torch.empty(max(plan.num_partials, 1), dtype=torch.float32, device=device)
-    sq_norms = torch.empty(num_groups + 1, dtype=torch.float32, device=device)
-    etas = torch.empty(num_groups, dtype=torch.float32, device=device)
-    clamped = torch.empty(num_groups, dtype=torch.bool, device=device)
+    partials, sq_norms, etas, clamped = _outputs(plan, num_groups, device)
     flags = _gate_flags(gate, power)
 
     for g, group_launches in zip(groups, plan.launches):
@@ -396,8 +404,8 @@ def fused_step(
             kernels.first_pass_kernel[(launch.num_chunks,)](
                 launch.table, partials, launch.first_partial,
                 g.beta1, 1.0 - g.beta1, g.beta2, 1.0 - g.beta2, float(power),
-                GRAD_DTYPE=_triton_dtype(launch.param_dtype),
-                MOMENT_DTYPE=_triton_dtype(launch.moment_dtype),
+                GRAD_DTYPE=kernels.TRITON_DTYPES[launch.param_dtype],
+                MOMENT_DTYPE=kernels.TRITON_DTYPES[launch.moment_dtype],
                 MAXIMIZE=bool(g.maximize), INCREMENT_STEPS=plan.step_mirror is None,
                 ALIGNED=launch.aligned, BLOCK=config.block, num_warps=config.num_warps,
                 **flags,
@@ -417,18 +425,12 @@ def fused_step(
                 launch.table, sq_norms, norm_slot, etas, clamped, gi if k == 0 else -1,
                 lr, g.beta3, g.alpha1, _log_beta(g.beta1), _log_beta(g.beta2), g.eps,
                 g.weight_decay,
-                PARAM_DTYPE=_triton_dtype(launch.param_dtype),
-                MOMENT_DTYPE=_triton_dtype(launch.moment_dtype), LR_IS_POINTER=lr_is_pointer,
+                PARAM_DTYPE=kernels.TRITON_DTYPES[launch.param_dtype],
+                MOMENT_DTYPE=kernels.TRITON_DTYPES[launch.moment_dtype],
+                LR_IS_POINTER=lr_is_pointer,
                 ALIGNED=launch.aligned, BLOCK=config.block, num_warps=config.num_warps,
             )
-    return [
-        Telemetry(
-            eta=etas[gi],
-            sq_norm=sq_norms[num_groups if norm_scope == "global" else gi],
-            clamped=clamped[gi],
-        )
-        for gi in range(num_groups)
-    ]
+    return _telemetry(sq_norms, etas, clamped, norm_scope)
 
 
 def fused_lagged_step(
@@ -456,10 +458,7 @@ def fused_lagged_step(
     else:
         _refresh_step_mirror(plan, groups)
     num_groups = len(groups)
-    partials = torch.empty(max(plan.num_partials, 1), dtype=torch.float32, device=device)
-    sq_norms = torch.empty(num_groups + 1, dtype=torch.float32, device=device)
-    etas = torch.empty(num_groups, dtype=torch.float32, device=device)
-    clamped = torch.empty(num_groups, dtype=torch.bool, device=device)
+    partials, sq_norms, etas, clamped = _outputs(plan, num_groups, device)
     flags = _gate_flags(gate, power)
     for gi, (g, group_launches) in enumerate(zip(groups, plan.launches)):
         lr, lr_is_pointer = _lr_argument(g.lr, device)
@@ -468,14 +467,14 @@ def fused_lagged_step(
             etas[gi] = lr / (1.0 + torch.clamp(g.beta3 * previous, max=g.alpha1))
             clamped[gi] = g.beta3 * previous >= g.alpha1
         for k, launch in enumerate(group_launches):
-            dtype = _triton_dtype(launch.param_dtype)
+            dtype = kernels.TRITON_DTYPES[launch.param_dtype]
             kernels.one_pass_kernel[(launch.num_chunks,)](
                 launch.table, previous, partials, launch.first_partial,
                 etas, clamped, gi if k == 0 else -1,
                 lr, g.beta1, 1.0 - g.beta1, g.beta2, 1.0 - g.beta2, g.beta3, g.alpha1,
                 _log_beta(g.beta1), _log_beta(g.beta2), g.eps, g.weight_decay, float(power),
                 PARAM_DTYPE=dtype, GRAD_DTYPE=dtype,
-                MOMENT_DTYPE=_triton_dtype(launch.moment_dtype),
+                MOMENT_DTYPE=kernels.TRITON_DTYPES[launch.moment_dtype],
                 MAXIMIZE=bool(g.maximize), LR_IS_POINTER=lr_is_pointer,
                 ALIGNED=launch.aligned, BLOCK=config.block, num_warps=config.num_warps,
                 **flags,
@@ -484,14 +483,7 @@ def fused_lagged_step(
         partials, plan.group_bounds, sq_norms, num_groups, BLOCK=config.block,
         num_warps=config.num_warps,
     )
-    return [
-        Telemetry(
-            eta=etas[gi],
-            sq_norm=sq_norms[num_groups if norm_scope == "global" else gi],
-            clamped=clamped[gi],
-        )
-        for gi in range(num_groups)
-    ]
+    return _telemetry(sq_norms, etas, clamped, norm_scope)
 
 
 def _device_of(groups: list[GroupTensors]) -> torch.device:
