@@ -169,6 +169,7 @@ def check(param_set: ParamSet, device: torch.device, steps: int = 3) -> list[str
     vradam_step(foreach, **OPTIONS, impl="foreach")
 
     graph = capture_step(lambda: fused_triton.fused_step(fused, **OPTIONS), device)
+    vradam_step(foreach, **OPTIONS, impl="foreach")  # the twin of the capture's warm-up step
     for _ in range(2):
         graph.replay()
         vradam_step(foreach, **OPTIONS, impl="foreach")

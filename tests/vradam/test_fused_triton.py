@@ -382,6 +382,35 @@ def test_fused_refuses_cpu_tensors_without_the_interpreter():
         vradam_step(groups, gate="velocity", power=2.0, norm_scope="global", impl="fused")
 
 
+WITHOUT_TRITON = r"""
+import importlib.abc, sys
+class NoTriton(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "triton":
+            raise ImportError("no triton here")
+sys.meta_path.insert(0, NoTriton())
+import torch
+from vradam import fused_triton
+from vradam.functional import GroupTensors, vradam_step
+assert not fused_triton.is_available()
+group = GroupTensors([torch.zeros(2)], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)],
+                     [torch.zeros(())], lr=0.1, beta1=0.9, beta2=0.999, beta3=1.0, alpha1=10.0,
+                     eps=1e-8, weight_decay=0.0)
+try:
+    vradam_step([group], gate="velocity", power=2.0, norm_scope="global", impl="fused")
+except RuntimeError as err:
+    print(err)
+"""
+
+
+def test_module_imports_without_triton_and_the_step_says_what_is_missing():
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "needs Triton" in proc.stdout and "eos-toolkit[fused]" in proc.stdout
+
+
 # ------------------------------------------------- compiled for a GPU
 
 
