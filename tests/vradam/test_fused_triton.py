@@ -9,7 +9,7 @@ and the parent checks it against independent answers:
 
 * each step, from the child's state before it, against ``reference_step`` in
   float64, rounded to the storage dtype (float32: float32 tolerance; bf16 /
-  fp16: one unit in the last place);
+  fp16: one unit in the last place, plus the effect of 16-bit moments);
 * float32 trajectories against ``reference_step`` run in float32 from the start;
 * beta3 = 0 against ``torch.optim.AdamW``;
 * the lagged variant against the lagged rule written out in this file.
@@ -357,6 +357,15 @@ def test_beta3_zero_is_torch_adamw(fused_results):
     fused = [p for g in fused_results["adamw"][-1]["state"]["params"] for p in g]
     for p, q in zip(fused, params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_scenarios_see_the_clamp_bite_and_not_bite(fused_results):
+    """The clamp flag is checked both ways, within one run too (velocity_global)."""
+    flags = [c for run in fused_results.values() for step in run for _, _, c in step["telemetry"]]
+    assert any(flags) and not all(flags)
+    first_group = [step["telemetry"][0][2] for step in fused_results["velocity_global"]]
+    assert any(first_group) and not all(first_group)
 
 
 @needs_triton
