@@ -311,7 +311,7 @@ def plot_damping(df, ax=None, show_sq_norm: bool = True, title: str | None = Non
         ratio = _finite(damping_ratio(metric_series(parts[rid], "eta"), metric_series(parts[rid], "lr")))
         ax.plot(ratio.index, ratio.to_numpy(), color=colour, linewidth=1.8, label=info["label"], gid="eta_over_lr")
         clamped = metric_series(parts[rid], "vr_clamped")
-        if len(clamped):
+        if (clamped >= 0.5).any():
             lo, hi = i / len(ids), (i + 1) / len(ids)
             ax.fill_between(clamped.index, lo, hi, where=clamped.to_numpy() >= 0.5, step="post", color=colour,
                             alpha=0.15, linewidth=0, transform=ax.get_xaxis_transform(), gid="clamp")

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from analysis.load import Run, Runs, flatten_config, load_runs
+from analysis.load import Run, Runs, flatten_config, is_adam_family, load_runs
 from analysis.plots import (
     damping_runs,
     plot_comparison,
@@ -81,8 +81,12 @@ def _group_keys(df: pd.DataFrame) -> list[str]:
     return [k for k in ("optimizer", "lr") if k in df.columns] or ["label"]
 
 
-def _has_spectrum(run: Run) -> bool:
-    return any(re.fullmatch(r"hessian_eig_\d+", m) for m in run.metrics)
+def _spectrum_prefix(run: Run) -> str | None:
+    # Adam-family runs are judged on the preconditioned Hessian, when it was tracked.
+    logged = run.metrics
+    if is_adam_family(run.optimizer) and any(re.fullmatch(r"precond_eig_\d+", m) for m in logged):
+        return "precond_eig_"
+    return "hessian_eig_" if any(re.fullmatch(r"hessian_eig_\d+", m) for m in logged) else None
 
 
 def _last_threshold(run: Run) -> float | None:
@@ -98,7 +102,8 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
     Kinds: ``sharpness``, ``loss``, ``damping`` (VRAdam runs), ``comparison``
     (train loss mean and CI by optimizer and lr) draw all runs in one figure
     (``<kind>.png``); ``spectrum`` and ``density`` draw one figure per run
-    (``<kind>_<run_id>.png``); ``"all"`` means every kind. A kind the runs have no data for (damping without a
+    (``<kind>_<run_id>.png``; the preconditioned spectrum for Adam-family runs
+    that tracked it); ``"all"`` means every kind. A kind the runs have no data for (damping without a
     VRAdam run, spectrum without ``hessian_eig_i``, ...) is skipped with a
     warning on the ``analysis`` logger naming it.
     """
@@ -147,12 +152,12 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
             plot_comparison(df, ax=ax, group_by=_group_keys(df))
             written += _save(fig, out_dir, "comparison", formats, dpi)
         elif kind == "spectrum":
-            with_spectrum = [run for run in runs if _has_spectrum(run)]
+            with_spectrum = [run for run in runs if _spectrum_prefix(run)]
             if not with_spectrum:
-                skip(kind, "no run logged hessian_eig_<i>")
+                skip(kind, "no run logged hessian_eig_<i> or precond_eig_<i>")
             for run in with_spectrum:
                 fig, ax = _figure()
-                plot_spectrum(run.df, ax=ax)
+                plot_spectrum(run.df, ax=ax, precond=_spectrum_prefix(run) == "precond_eig_")
                 written += _save(fig, out_dir, f"spectrum_{_safe(run.run_id)}", formats, dpi)
         elif kind == "density":
             with_density = [r for r in runs if len(r.density)]
