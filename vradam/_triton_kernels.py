@@ -23,11 +23,12 @@ The kernels (v = exp_avg, the velocity; m = exp_avg_sq, as in DESIGN.md):
 ``one_pass_kernel``     the lagged variant: the first and second pass fused, with
                         eta taken from the previous step's s.
 
-A program walks its chunk in tiles of BLOCK elements: whole tiles without a
-mask, then one masked tail. Chunks start at multiples of BLOCK, so with
-ALIGNED (every pointer of the launch 16-byte aligned) the whole tiles compile
-to vector loads and stores; a mask bounded by a value read from memory would
-force one element per instruction.
+A program walks its chunk in CHUNK / BLOCK tiles of BLOCK elements (a fixed
+trip count; tiles past the chunk's end do nothing): whole tiles without a mask,
+the one partial tile with a mask. Chunks start at multiples of BLOCK, so with
+ALIGNED (every pointer of the launch 16-byte aligned) whole tiles compile to
+vector loads and stores; a mask bounded by a value read from memory would force
+one element per instruction.
 """
 
 import torch
@@ -161,7 +162,8 @@ def first_pass_kernel(
     beta1, one_minus_beta1, beta2, one_minus_beta2, power,
     GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, GATE_IS_VELOCITY: tl.constexpr, POWER_IS_TWO: tl.constexpr,
-    INCREMENT_STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    INCREMENT_STEPS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Update both moments of one chunk; write the chunk's gate partial sum.
 
@@ -179,36 +181,46 @@ def first_pass_kernel(
         if start == 0:
             step_ptr = _pointer(row, 6, tl.float32, False)
             tl.store(step_ptr, tl.load(step_ptr) + 1.0)
-    whole_stop = start + (stop - start) // BLOCK * BLOCK
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for offset in range(start, whole_stop, BLOCK):
-        _, _, gate = _moments_tile(
-            grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, _tile_offsets(offset, BLOCK), stop,
-            beta1, one_minus_beta1, beta2, one_minus_beta2, power,
-            MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, False)
-        acc += gate
-    if whole_stop < stop:
-        _, _, gate = _moments_tile(
-            grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, _tile_offsets(whole_stop, BLOCK), stop,
-            beta1, one_minus_beta1, beta2, one_minus_beta2, power,
-            MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, True)
-        acc += gate
+    for tile in range(0, CHUNK // BLOCK):
+        offset = start + tile * BLOCK
+        offs = _tile_offsets(offset, BLOCK)
+        if offset + BLOCK <= stop:
+            _, _, gate = _moments_tile(
+                grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, stop,
+                beta1, one_minus_beta1, beta2, one_minus_beta2, power,
+                MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, False)
+            acc += gate
+        elif offset < stop:
+            _, _, gate = _moments_tile(
+                grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, stop,
+                beta1, one_minus_beta1, beta2, one_minus_beta2, power,
+                MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, True)
+            acc += gate
     tl.store(partial_norms + first_partial + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
 def reduce_norm_kernel(partial_norms, group_bounds, sq_norms, num_groups, BLOCK: tl.constexpr):
-    """One program: s[g] = sum(partials[bounds[g]:bounds[g+1]]), s[num_groups] = sum of all."""
+    """One program: s[g] = sum(partials[bounds[g]:bounds[g+1]]), s[num_groups] = sum of all.
+
+    While loops, because their bounds are read from memory (a ``range`` over
+    such values trips older interpreters).
+    """
     total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for group in range(0, num_groups):
+    group = 0
+    while group < num_groups:
         lo = tl.load(group_bounds + group)
         hi = tl.load(group_bounds + group + 1)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for offset in range(lo, hi, BLOCK):
+        offset = lo
+        while offset < hi:
             offs = offset + tl.arange(0, BLOCK)
             acc += tl.load(partial_norms + offs, mask=offs < hi, other=0.0)
+            offset += BLOCK
         tl.store(sq_norms + group, tl.sum(acc, axis=0))
         total += acc
+        group += 1
     tl.store(sq_norms + num_groups, tl.sum(total, axis=0))
 
 
@@ -218,7 +230,7 @@ def second_pass_kernel(
     eta_out, clamped_out, telemetry_slot,
     lr, beta3, alpha1, log_beta1, log_beta2, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, LR_IS_POINTER: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Apply the update of one chunk at the rate gated by s[norm_slot].
 
@@ -240,17 +252,17 @@ def second_pass_kernel(
     stop = tl.load(row + 5)
     inv_correction1, inv_sqrt_correction2 = _bias_corrections(
         row, start < stop, log_beta1, log_beta2)
-    whole_stop = start + (stop - start) // BLOCK * BLOCK
-    for offset in range(start, whole_stop, BLOCK):
+    for tile in range(0, CHUNK // BLOCK):
+        offset = start + tile * BLOCK
         offs = _tile_offsets(offset, BLOCK)
-        _update_tile(param_ptr, offs, stop, _load(exp_avg_ptr, offs, stop, False),
-                     _load(exp_avg_sq_ptr, offs, stop, False), eta, weight_decay, eps,
-                     inv_correction1, inv_sqrt_correction2, False)
-    if whole_stop < stop:
-        offs = _tile_offsets(whole_stop, BLOCK)
-        _update_tile(param_ptr, offs, stop, _load(exp_avg_ptr, offs, stop, True),
-                     _load(exp_avg_sq_ptr, offs, stop, True), eta, weight_decay, eps,
-                     inv_correction1, inv_sqrt_correction2, True)
+        if offset + BLOCK <= stop:
+            _update_tile(param_ptr, offs, stop, _load(exp_avg_ptr, offs, stop, False),
+                         _load(exp_avg_sq_ptr, offs, stop, False), eta, weight_decay, eps,
+                         inv_correction1, inv_sqrt_correction2, False)
+        elif offset < stop:
+            _update_tile(param_ptr, offs, stop, _load(exp_avg_ptr, offs, stop, True),
+                         _load(exp_avg_sq_ptr, offs, stop, True), eta, weight_decay, eps,
+                         inv_correction1, inv_sqrt_correction2, True)
 
 
 @triton.jit
@@ -261,7 +273,8 @@ def one_pass_kernel(
     log_beta1, log_beta2, eps, weight_decay, power,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
     MAXIMIZE: tl.constexpr, GATE_IS_VELOCITY: tl.constexpr, POWER_IS_TWO: tl.constexpr,
-    LR_IS_POINTER: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    LR_IS_POINTER: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """The lagged variant: moments, this step's gate partial and the update in one
     read of (p, g, v, m), with eta gated by the previous step's norm.
@@ -284,26 +297,26 @@ def one_pass_kernel(
     stop = tl.load(row + 5)
     inv_correction1, inv_sqrt_correction2 = _bias_corrections(
         row, start < stop, log_beta1, log_beta2)
-    whole_stop = start + (stop - start) // BLOCK * BLOCK
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for offset in range(start, whole_stop, BLOCK):
+    for tile in range(0, CHUNK // BLOCK):
+        offset = start + tile * BLOCK
         offs = _tile_offsets(offset, BLOCK)
-        exp_avg, exp_avg_sq, gate = _moments_tile(
-            grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, stop,
-            beta1, one_minus_beta1, beta2, one_minus_beta2, power,
-            MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, False)
-        acc += gate
-        _update_tile(param_ptr, offs, stop, exp_avg, exp_avg_sq, eta, weight_decay, eps,
-                     inv_correction1, inv_sqrt_correction2, False)
-    if whole_stop < stop:
-        offs = _tile_offsets(whole_stop, BLOCK)
-        exp_avg, exp_avg_sq, gate = _moments_tile(
-            grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, stop,
-            beta1, one_minus_beta1, beta2, one_minus_beta2, power,
-            MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, True)
-        acc += gate
-        _update_tile(param_ptr, offs, stop, exp_avg, exp_avg_sq, eta, weight_decay, eps,
-                     inv_correction1, inv_sqrt_correction2, True)
+        if offset + BLOCK <= stop:
+            exp_avg, exp_avg_sq, gate = _moments_tile(
+                grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, stop,
+                beta1, one_minus_beta1, beta2, one_minus_beta2, power,
+                MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, False)
+            acc += gate
+            _update_tile(param_ptr, offs, stop, exp_avg, exp_avg_sq, eta, weight_decay, eps,
+                         inv_correction1, inv_sqrt_correction2, False)
+        elif offset < stop:
+            exp_avg, exp_avg_sq, gate = _moments_tile(
+                grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offs, stop,
+                beta1, one_minus_beta1, beta2, one_minus_beta2, power,
+                MAXIMIZE, GATE_IS_VELOCITY, POWER_IS_TWO, True)
+            acc += gate
+            _update_tile(param_ptr, offs, stop, exp_avg, exp_avg_sq, eta, weight_decay, eps,
+                         inv_correction1, inv_sqrt_correction2, True)
     tl.store(partial_norms + first_partial + pid, tl.sum(acc, axis=0))
 
 

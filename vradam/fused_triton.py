@@ -407,7 +407,8 @@ def fused_step(
                 GRAD_DTYPE=kernels.TRITON_DTYPES[launch.param_dtype],
                 MOMENT_DTYPE=kernels.TRITON_DTYPES[launch.moment_dtype],
                 MAXIMIZE=bool(g.maximize), INCREMENT_STEPS=plan.step_mirror is None,
-                ALIGNED=launch.aligned, BLOCK=config.block, num_warps=config.num_warps,
+                ALIGNED=launch.aligned, CHUNK=config.chunk, BLOCK=config.block,
+                num_warps=config.num_warps,
                 **flags,
             )
     kernels.reduce_norm_kernel[(1,)](
@@ -428,7 +429,8 @@ def fused_step(
                 PARAM_DTYPE=kernels.TRITON_DTYPES[launch.param_dtype],
                 MOMENT_DTYPE=kernels.TRITON_DTYPES[launch.moment_dtype],
                 LR_IS_POINTER=lr_is_pointer,
-                ALIGNED=launch.aligned, BLOCK=config.block, num_warps=config.num_warps,
+                ALIGNED=launch.aligned, CHUNK=config.chunk, BLOCK=config.block,
+                num_warps=config.num_warps,
             )
     return _telemetry(sq_norms, etas, clamped, norm_scope)
 
@@ -476,7 +478,8 @@ def fused_lagged_step(
                 PARAM_DTYPE=dtype, GRAD_DTYPE=dtype,
                 MOMENT_DTYPE=kernels.TRITON_DTYPES[launch.moment_dtype],
                 MAXIMIZE=bool(g.maximize), LR_IS_POINTER=lr_is_pointer,
-                ALIGNED=launch.aligned, BLOCK=config.block, num_warps=config.num_warps,
+                ALIGNED=launch.aligned, CHUNK=config.chunk, BLOCK=config.block,
+                num_warps=config.num_warps,
                 **flags,
             )
     kernels.reduce_norm_kernel[(1,)](

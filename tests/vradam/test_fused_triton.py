@@ -33,6 +33,7 @@ from vradam.functional import GroupTensors, Telemetry
 from vradam.reference import reference_step
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CHILD_PYTHONPATH = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(
     not HAS_TRITON, reason="triton is not installed (optional extra 'fused')"
@@ -221,7 +222,7 @@ def fused_results(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("fused")
     inputs, outputs = folder / "scenarios.pt", folder / "fused.pt"
     torch.save(SCENARIOS, inputs)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=CHILD_PYTHONPATH)
     proc = subprocess.run(
         [sys.executable, __file__, str(inputs), str(outputs)],
         env=env, capture_output=True, text=True, timeout=300,
@@ -413,7 +414,7 @@ except RuntimeError as err:
 
 
 def test_module_imports_without_triton_and_the_step_says_what_is_missing():
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=CHILD_PYTHONPATH)
     proc = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -437,7 +438,8 @@ moments = dict(beta1="fp32", one_minus_beta1="fp32", beta2="fp32", one_minus_bet
 for dtype, power_is_two in ((tl.bfloat16, False), (tl.float32, True)):
     build(K.first_pass_kernel, dict(common, **moments, power="fp32"),
           dict(GRAD_DTYPE=dtype, MOMENT_DTYPE=tl.float32, MAXIMIZE=True, GATE_IS_VELOCITY=True,
-               POWER_IS_TWO=power_is_two, INCREMENT_STEPS=True, ALIGNED=True, BLOCK=1024))
+               POWER_IS_TWO=power_is_two, INCREMENT_STEPS=True, ALIGNED=True, CHUNK=8192,
+               BLOCK=1024))
 build(K.reduce_norm_kernel, dict(partial_norms="*fp32", group_bounds="*i64", sq_norms="*fp32",
       num_groups="i32"), dict(BLOCK=1024))
 rate = dict(eta_out="*fp32", clamped_out="*i1", telemetry_slot="i32", lr="*fp32")
@@ -445,12 +447,12 @@ update = dict(log_beta1="fp32", log_beta2="fp32", eps="fp32", weight_decay="fp32
 build(K.second_pass_kernel, dict(chunk_table="*i64", sq_norms="*fp32", norm_slot="i32", **rate,
       beta3="fp32", alpha1="fp32", **update),
       dict(PARAM_DTYPE=tl.float16, MOMENT_DTYPE=tl.float32, LR_IS_POINTER=True, ALIGNED=True,
-           BLOCK=1024))
+           CHUNK=8192, BLOCK=1024))
 build(K.one_pass_kernel, dict(chunk_table="*i64", previous_sq_norm="*fp32", partial_norms="*fp32",
       first_partial="i32", **rate, **moments, beta3="fp32", alpha1="fp32", **update, power="fp32"),
       dict(PARAM_DTYPE=tl.bfloat16, GRAD_DTYPE=tl.bfloat16, MOMENT_DTYPE=tl.bfloat16,
            MAXIMIZE=False, GATE_IS_VELOCITY=False, POWER_IS_TWO=False, LR_IS_POINTER=True,
-           ALIGNED=False, BLOCK=1024))
+           ALIGNED=False, CHUNK=65536, BLOCK=1024))
 print("compiled")
 """
 
@@ -462,7 +464,7 @@ def test_kernels_compile_for_an_sm90_gpu():
     if backend is None or not list(Path(backend.origin).parent.glob("bin/ptxas*")):
         pytest.skip("this triton build has no NVIDIA backend with ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(REPO_ROOT), TRITON_DEFAULT_FP_FUSION="1")
+    env.update(PYTHONPATH=CHILD_PYTHONPATH, TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout + proc.stderr
