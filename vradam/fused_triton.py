@@ -23,9 +23,10 @@ other owners of the storage), and gradients arrive wherever autograd or a
 DDP bucket put them, so they would need a copy per step. The table works on the
 tensors ``torch.optim`` already holds, with ``state_dict`` unchanged. It is
 built on the host once per set of tensors, uploaded without a sync (pinned
-memory, non-blocking copy) and cached by the tensors' addresses; it is rebuilt
-only when an address changes (for example gradients freed by
-``zero_grad(set_to_none=True)`` and reallocated elsewhere).
+memory, non-blocking copy) and cached by the tensors' addresses (the last
+eight sets, and every set a CUDA graph captured); it is rebuilt only when an
+address changes (for example gradients freed by ``zero_grad(set_to_none=True)``
+and reallocated elsewhere).
 
 **Step counts.** Counts on the parameters' device (``capturable`` / ``fused``
 state) are advanced by pass 1 and read by pass 2 through their pointers, so the
@@ -51,9 +52,9 @@ alpha1))``, so moments, this step's partial norm and the update happen in one
 pass (28 bytes per parameter, AdamW's traffic). It differs from the exact rule
 whenever s changes between steps: the damping answers a gradient spike one step
 late (the spike itself is taken at the undamped rate), and at step 1 the rate
-is always lr. With the velocity gate the lag is mild (v moves by a factor
-(1 - beta1) of g per step); with the gradient gate s_{t-1} and s_t are
-unrelated samples.
+is always lr. With the velocity gate the lag is mild, since
+v_t - v_{t-1} = (1 - beta1)(g_t - v_{t-1}) is a small part of v_t once v has
+built up; with the gradient gate s_{t-1} and s_t come from different batches.
 
 **Without CUDA.** Triton is an optional extra (``pip install
 'eos-toolkit[fused]'``). This module imports without it; calling the step then
@@ -64,12 +65,14 @@ the tests use that.
 
 Example (needs CUDA and triton)::
 
-    >>> import torch
-    >>> from vradam import VRAdam
-    >>> model = torch.nn.Linear(512, 512).cuda()
-    >>> opt = VRAdam(model.parameters(), lr=1e-3, fused=True)
-    >>> model(torch.randn(8, 512, device="cuda")).square().mean().backward()
-    >>> _ = opt.step()      # three launches for any number of tensors
+    import torch
+    from vradam import VRAdam
+
+    model = torch.nn.Linear(512, 512).cuda()
+    opt = VRAdam(model.parameters(), lr=1e-3, fused=True)
+    model(torch.randn(8, 512, device="cuda")).square().mean().backward()
+    opt.step()              # three launches for any number of tensors
+    opt.telemetry()["eta"]  # eta_t as a 0-dim CUDA tensor, no sync
 """
 
 from __future__ import annotations
@@ -223,7 +226,8 @@ class _Plan:
     step_mirror: Tensor | None  # device copy of host step counts; None: counts on device
 
 
-_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()  # the last few, least recent first
+_CAPTURED_PLANS: list[_Plan] = []  # used by a CUDA graph: kept for the process's life
 
 
 def _plan_key(groups: list[GroupTensors], config: FusedConfig) -> tuple:
@@ -299,10 +303,13 @@ def _plan_for(groups: list[GroupTensors], device: torch.device, config: FusedCon
     """The cached plan for these tensors, building (and checking) it on a miss."""
     key = _plan_key(groups, config)
     plan = _PLANS.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if plan is not None:
         _PLANS.move_to_end(key)
+        if capturing and not any(p is plan for p in _CAPTURED_PLANS):
+            _CAPTURED_PLANS.append(plan)  # the graph reads its tables at every replay
         return plan
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing:
         raise RuntimeError(
             "the fused VRAdam step met new tensors while a CUDA graph is being captured; "
             "take one step with the same parameters, gradients and state before capturing"
