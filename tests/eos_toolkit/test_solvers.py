@@ -8,6 +8,7 @@ from torch import nn
 from eos_toolkit.hvp import hessian_operator
 from eos_toolkit.solvers import (
     block_lanczos,
+    eigenvalue_error_bound,
     gaussian_density,
     hutchinson_trace,
     lanczos,
@@ -143,3 +144,26 @@ def test_bad_arguments_raise_value_errors():
         hutchinson_trace(lambda v: A @ v, 4, n_samples=1)
     with pytest.raises(ValueError, match="sigma"):
         gaussian_density(slq_density(lambda v: A @ v, 4, n_probes=2, n_steps=2), torch.zeros(3), 0.0)
+
+
+def test_eigenvalue_rule_is_cheaper_and_still_accurate():
+    ev = torch.linspace(-1.0, 1.0, 300, dtype=DT)
+    ev[-1] = 1.5
+    A, _ = spectrum_matrix(ev)
+    by_residual = lanczos(lambda v: A @ v, 300, 1, tol=1e-6, generator=gen())
+    by_eigenvalue = lanczos(lambda v: A @ v, 300, 1, tol=1e-6, criterion="eigenvalue", generator=gen())
+    assert by_eigenvalue.converged and by_eigenvalue.n_matvecs < by_residual.n_matvecs
+    assert abs(float(by_eigenvalue.eigenvalues[0]) - 1.5) <= 1e-6 * 1.5
+
+
+def test_eigenvalue_error_bound_holds_with_the_true_gap():
+    ev = torch.linspace(0.0, 1.0, 40, dtype=DT)
+    ev[-1] = 2.0
+    A, Q = spectrum_matrix(ev)
+    for scale in (1e-1, 1e-2, 1e-3):
+        y = Q[:, -1] + scale * torch.randn(40, generator=gen(), dtype=DT)
+        y = y / y.norm()
+        theta = y @ A @ y
+        r = (A @ y - theta * y).norm()
+        bound = eigenvalue_error_bound(r.reshape(1), (theta - 1.0).reshape(1))
+        assert abs(float(theta) - 2.0) <= float(bound[0])
