@@ -211,7 +211,29 @@ def child_main(inputs: str, outputs: str) -> None:
 
     assert fused_triton.is_interpreted()
     results = {scn["name"]: run_fused(scn) for scn in torch.load(inputs, weights_only=True)}
+    results["refusals"] = refusals()
     torch.save(results, outputs)
+
+
+def refusals() -> dict[str, str]:
+    """The fused step's error for inputs it cannot take ("" where it took them)."""
+    from vradam import fused_triton  # noqa: PLC0415
+
+    def attempt(param: torch.Tensor, grad: torch.Tensor) -> str:
+        group = GroupTensors([param], [grad], [torch.zeros_like(param)],
+                             [torch.zeros_like(param)], [torch.zeros(())], **HYPER_A)
+        try:
+            fused_triton.fused_step([group], gate="velocity", power=2.0, norm_scope="global")
+        except ValueError as err:
+            return str(err)
+        return ""
+
+    strided = torch.zeros(6, 4)[:, ::2]
+    return {
+        "float64": attempt(torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)),
+        "strided_slice": attempt(strided, torch.ones_like(strided)),
+        "grad_layout": attempt(torch.zeros(4, 3), torch.ones(3, 4).t()),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +385,8 @@ def test_beta3_zero_is_torch_adamw(fused_results):
 @needs_triton
 def test_scenarios_see_the_clamp_bite_and_not_bite(fused_results):
     """The clamp flag is checked both ways, within one run too (velocity_global)."""
-    flags = [c for run in fused_results.values() for step in run for _, _, c in step["telemetry"]]
+    flags = [c for scn in SCENARIOS for step in fused_results[scn["name"]]
+             for _, _, c in step["telemetry"]]
     assert any(flags) and not all(flags)
     first_group = [step["telemetry"][0][2] for step in fused_results["velocity_global"]]
     assert any(first_group) and not all(first_group)
@@ -376,6 +399,14 @@ def test_lagged_variant_differs_from_exact_rule(fused_results):
     eta_exact = fused_results["velocity_global"][0]["telemetry"][0][0]
     assert eta_lagged == pytest.approx(HYPER_A["lr"])
     assert eta_exact < HYPER_A["lr"]
+
+
+@needs_triton
+def test_fused_refuses_what_its_kernels_cannot_walk(fused_results):
+    errors = fused_results["refusals"]
+    assert "float64" in errors["float64"] and "allowed: float32" in errors["float64"]
+    assert "dense layout" in errors["strided_slice"]
+    assert "dense layout" in errors["grad_layout"]
 
 
 def test_fused_refuses_cpu_tensors_without_the_interpreter():
