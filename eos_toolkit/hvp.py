@@ -312,7 +312,7 @@ class HessianOperator:
         out = torch.empty(block.shape, dtype=self.dtype, device=self.device)
         for j in range(block.shape[0]):
             v = block[j].to(self.model_dtype)
-            # One deliberate sync per product: the step size is a Python number.
+            # Deliberate syncs (two per product): the step size is a Python number.
             vnorm = float(v.norm())
             if vnorm == 0.0:
                 out[j].zero_()

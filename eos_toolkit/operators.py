@@ -94,7 +94,7 @@ class PreconditionedOperator:
 
     Its eigenvalues are those of ``D^-1 A``; an eigenvector ``u`` of this operator
     maps to the eigenvector ``D^-1/2 u`` of ``D^-1 A`` (:meth:`to_original`).
-    Passes ``flatten``/``unflatten``/``parameters`` through to ``A`` when present.
+    ``flatten``, ``unflatten`` and ``parameters`` are those of ``A`` (a Hessian operator).
     """
 
     def __init__(self, op, diag: torch.Tensor):
@@ -120,10 +120,15 @@ class PreconditionedOperator:
         w = u * (self.inv_sqrt_diag if u.dim() == 1 else self.inv_sqrt_diag.unsqueeze(1))
         return w / w.norm(dim=0)
 
-    def __getattr__(self, name):
-        if name in ("flatten", "unflatten", "parameters", "names"):
-            return getattr(self.op, name)
-        raise AttributeError(name)
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        return self.op.parameters
+
+    def flatten(self, tensors) -> torch.Tensor:
+        return self.op.flatten(tensors)
+
+    def unflatten(self, vec: torch.Tensor, dtype=None) -> list[torch.Tensor]:
+        return self.op.unflatten(vec, dtype)
 
 
 def preconditioned_operator(hess_op, optimizer: torch.optim.Optimizer, *,

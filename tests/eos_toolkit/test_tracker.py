@@ -165,3 +165,15 @@ def test_tracker_rejects_bad_arguments():
         SharpnessTracker(model, mse, [(x, y)], solver="arpack")
     with pytest.raises(ValueError, match="power"):
         SharpnessTracker(model, mse, [(x, y)], solver="power", k=2)
+
+
+@pytest.mark.gpu
+def test_tracker_on_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tanh_mlp(sizes=(5, 8, 3))
+    x, y = regression_data(16, 5, 3)
+    cpu = SharpnessTracker(model, mse, [(x, y)], k=2, tol=1e-8).measure()
+    gpu = SharpnessTracker(model.cuda(), mse, [(x, y)], k=2, tol=1e-8).measure()
+    assert gpu["hessian_eig_1"] == pytest.approx(cpu["hessian_eig_1"], rel=1e-7)
+    assert gpu["hessian_eig_2"] == pytest.approx(cpu["hessian_eig_2"], rel=1e-7)
