@@ -88,6 +88,17 @@ from torch import Tensor
 
 from vradam.functional import GroupTensors, Telemetry, register_impl
 
+__all__ = [
+    "DEFAULT_CONFIG",
+    "SUPPORTED_PARAM_DTYPES",
+    "FusedConfig",
+    "fused_lagged_step",
+    "fused_step",
+    "is_available",
+    "is_interpreted",
+    "unsupported_reason",
+]
+
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PLAN_CACHE_SIZE = 8
 

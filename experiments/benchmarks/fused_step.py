@@ -267,7 +267,7 @@ def run(device: torch.device, scale: float, repeats: int) -> str:
 
     copy_nbytes = max(4 * param_set.numel, 1 << 20) if device.type == "cuda" else 1 << 16
     copy_bps = copy_bandwidth(device, copy_nbytes, repeats)
-    parts.append(f"copy bandwidth ({copy_nbytes / 2**20:.0f} MiB buffer): "
+    parts.append(f"copy bandwidth ({copy_nbytes / 2**20:.1f} MiB buffer): "
                  f"{copy_bps / 1e9:.0f} GB/s")
 
     swept = sweep(param_set, device, max(1, repeats // 3) if device.type != "cuda" else 5)
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="timed batches per contender (default 20 on CUDA, 1 interpreted)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type != "cuda" and not fused_triton.is_interpreted():
+    runnable = torch.cuda.is_available() if device.type == "cuda" else fused_triton.is_interpreted()
+    if not runnable:
         print("fused_step benchmark: needs a CUDA device (or TRITON_INTERPRET=1 for a CPU "
               "smoke run on tiny shapes); nothing timed. The CPU-side proof of the kernels "
               "is tests/vradam/test_fused_triton.py.")

@@ -452,6 +452,21 @@ def test_module_imports_without_triton_and_the_step_says_what_is_missing():
     assert "needs Triton" in proc.stdout and "eos-toolkit[fused]" in proc.stdout
 
 
+@needs_triton
+@pytest.mark.slow
+def test_fused_step_benchmark_runs_through_the_interpreter():
+    """The benchmark's CPU-reachable code (checks, sweep, table) on tiny shapes."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=CHILD_PYTHONPATH)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmarks.fused_step", "--device", "cpu",
+         "--scale", "0.005"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fused vs foreach after 3 steps" in proc.stdout and ": ok" in proc.stdout
+    assert "vradam_lagged (functional)" in proc.stdout
+
+
 # ------------------------------------------------- compiled for a GPU
 
 
