@@ -1,7 +1,7 @@
 """Triton kernels of the fused VRAdam step (imported only by ``vradam.fused_triton``).
 
-Every kernel walks a *chunk table*: one int64 row of ``CHUNK_ROW_WIDTH``
-entries per chunk of at most ``chunk`` consecutive elements of one tensor::
+The update kernels walk a *chunk table*: one int64 row of ``CHUNK_ROW_WIDTH``
+(= 8, the ``pid * 8`` in the kernels) entries per chunk of at most ``chunk`` consecutive elements of one tensor::
 
     [param ptr, grad ptr, exp_avg ptr, exp_avg_sq ptr, start, stop, step ptr, 0]
 
