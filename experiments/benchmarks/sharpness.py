@@ -136,11 +136,11 @@ def power_stop(history: torch.Tensor, tol: float) -> int:
     return int(hits[0]) + 2 if len(hits) else len(history)
 
 
-def solver_table(op, reference: float, args) -> tuple[list[str], dict[str, float]]:
-    """Products, oracle products, error and time per solver; medians over ``args.trials`` random starts."""
+def solver_table(op, reference: float, args, lines: list[str]) -> dict[str, float]:
+    """Rows of products, oracle products, error and time per solver (medians over ``args.trials`` starts)."""
     from scipy.sparse.linalg import eigsh
 
-    lines = [f"  {'solver (median of %d starts)' % args.trials:<34} {'stop':>6} {'to 1e-3':>9} "
+    lines += [f"  {'solver (median of %d starts)' % args.trials:<34} {'stop':>6} {'to 1e-3':>9} "
              f"{'rel. error':>11} {'seconds':>9}"]
     counts: dict[str, float] = {}
     for criterion in ("residual", "eigenvalue"):
@@ -188,7 +188,20 @@ def solver_table(op, reference: float, args) -> tuple[list[str], dict[str, float
     else:
         lines.append("  pyhessian: installed, but not run: its power iteration wants its own"
                      " model/data wrapper; the power-iteration row uses its stopping rule")
-    return lines, counts
+    return counts
+
+
+class Printer(list):
+    """Collects the lines of a model's section and prints each as it comes (long runs show progress)."""
+
+    def append(self, line: str) -> None:
+        print(line, flush=True)
+        super().append(line)
+
+    def __iadd__(self, lines):
+        for line in lines:
+            self.append(line)
+        return self
 
 
 def bench_model(name: str, args, device: torch.device, images, targets) -> list[str]:
@@ -198,8 +211,9 @@ def bench_model(name: str, args, device: torch.device, images, targets) -> list[
     for _ in range(args.pretrain_steps):
         gd_step(model, chunks, args.lr)
     n_params = sum(p.numel() for p in model.parameters())
-    out = [f"== {name}: {n_params:,} parameters, {len(targets)} examples in {len(chunks)} chunk(s), "
-           f"after {args.pretrain_steps} GD steps at lr {args.lr} =="]
+    out = Printer()
+    out.append(f"== {name}: {n_params:,} parameters, {len(targets)} examples in {len(chunks)} chunk(s), "
+               f"after {args.pretrain_steps} GD steps at lr {args.lr} ==")
     ratios = hvp_ratios(model, chunks, device, args.repeats)
     out.append(f"  gradient: {ratios['gradient_seconds'] * 1e3:.1f} ms (median of {args.repeats})")
     out += [f"  HVP {m:<22} {ratios[m]:5.2f} x gradient" for m in METHODS]
@@ -210,8 +224,7 @@ def bench_model(name: str, args, device: torch.device, images, targets) -> list[
     reference = float(tight.eigenvalues[0])
     out.append(f"  reference lambda_1 = {reference:.6f} (Lanczos, residual {float(tight.residuals[0]):.1e}, "
                f"{tight.n_matvecs} products)")
-    lines, counts = solver_table(op, reference, args)
-    out += lines
+    counts = solver_table(op, reference, args, out)
     # Warm start: one training step later, start from the previous top eigenvector.
     previous = tight.eigenvectors
     gd_step(model, chunks, args.lr)
@@ -261,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per HVP method")
     parser.add_argument("--max-iter", type=int, default=200, help="Lanczos product budget")
-    parser.add_argument("--power-iter", type=int, default=300, help="power-iteration product budget")
+    parser.add_argument("--power-iter", type=int, default=100, help="power-iteration product budget")
     parser.add_argument("--trials", type=int, default=3, help="random starts per cold solver (medians)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -271,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     images, targets, source = load_subset(args.n_examples, args.data_dir, device)
     print(f"device {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}; data: {source}")
     for name in args.models:
-        print("\n".join(bench_model(name, args, device, images, targets)))
+        bench_model(name, args, device, images, targets)
 
 
 if __name__ == "__main__":
