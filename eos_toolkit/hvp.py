@@ -27,7 +27,9 @@ Module modes are fixed during every product and restored afterwards: the whole
 model is put in eval mode (dropout off) except BatchNorm layers, which use
 either their running statistics (``bn_mode="eval"``) or the chunk's batch
 statistics (``bn_mode="batch_stats"``) with ``track_running_stats`` switched
-off, so running statistics are never updated.  ``dropout="as_is"`` leaves
+off, so running statistics are never updated (each chunk is then normalised
+with its own statistics, as in training on those batches, so in that mode the
+operator depends on how the data are chunked).  ``dropout="as_is"`` leaves
 every non-BatchNorm module in the mode the caller set (for studying a
 stochastic operator); :meth:`HessianOperator.check_determinism` then detects
 the randomness.
