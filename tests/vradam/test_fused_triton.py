@@ -618,3 +618,36 @@ def test_fused_step_captures_and_replays_in_a_cuda_graph():
 
 if __name__ == "__main__":
     child_main(sys.argv[1], sys.argv[2])
+
+
+CLASS_CHILD = """
+import torch
+from vradam import VRAdam
+torch.manual_seed(0)
+base = [torch.randn(7, 5), torch.randn(300), torch.randn(3)]
+fused_params = [p.clone().requires_grad_() for p in base]
+plain_params = [p.clone().requires_grad_() for p in base]
+fused = VRAdam(fused_params, lr=0.05, beta3=2.0, alpha1=1.0, fused=True)
+plain = VRAdam(plain_params, lr=0.05, beta3=2.0, alpha1=1.0, foreach=True)
+for step in range(3):
+    grads = [torch.randn_like(p) for p in base]
+    for opt, params in ((fused, fused_params), (plain, plain_params)):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fused_params, plain_params))
+eta_err = abs(fused.telemetry()["eta"].item() - plain.telemetry()["eta"].item())
+print(err, eta_err, fused.telemetry()["clamped"].item())
+"""
+
+
+@needs_triton
+def test_the_class_steps_with_fused_true_like_foreach():
+    """VRAdam(fused=True) through the interpreter equals VRAdam(foreach=True)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": CHILD_PYTHONPATH}
+    out = subprocess.run([sys.executable, "-c", CLASS_CHILD], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    err, eta_err, clamped = out.stdout.split()
+    assert float(err) < 1e-6 and float(eta_err) < 1e-9
+    assert clamped == "True"  # the scenario exercises the clamp
