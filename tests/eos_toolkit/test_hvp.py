@@ -1,6 +1,8 @@
 """Hessian-vector products against dense torch.func.hessian in float64."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -176,3 +178,27 @@ def test_bad_arguments_raise_value_errors():
     op = hessian_operator(model, mse, [(x, y)])
     with pytest.raises(ValueError, match="shape"):
         op.matvec(torch.zeros(op.dim + 1, dtype=DT))
+
+
+class LSTMRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_fused_rnn_kernel_falls_back_to_plain_kernels():
+    """float32 LSTMs on the CPU run oneDNN's fused kernel, which has no forward-mode AD."""
+    torch.manual_seed(0)
+    model = LSTMRegressor()
+    x = torch.randn(4, 5, 3, dtype=DT)
+    y = torch.randn(4, 2, dtype=DT)
+    H = dense_hessian(copy.deepcopy(model).to(DT), mse, x, y, engine="autograd")
+    op = hessian_operator(model, mse, [(x.float(), y.float())], dtype=DT)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(7), dtype=DT)
+    with pytest.warns(RuntimeWarning, match="cuDNN and oneDNN off"):
+        product = op.matvec(v)
+    assert (product - H @ v).abs().max() <= 1e-4 * (H @ v).abs().max()

@@ -108,3 +108,21 @@ def test_matrix_operator_counts_products():
     assert op.n_matvecs == 4
     with pytest.raises(ValueError, match="square"):
         MatrixOperator(torch.zeros(2, 3))
+
+
+def test_preconditioner_reproduces_a_vradam_step_at_its_effective_rate():
+    """VRAdam keeps torch's Adam state names; its step is eta_t * exp_avg / P."""
+    from vradam import VRAdam
+
+    model = tanh_mlp()
+    x, y = regression_data(12, 5, 3)
+    optimizer = VRAdam(model.parameters(), lr=1e-2, beta3=5.0, alpha1=10.0, weight_decay=0.0)
+    train(model, optimizer, x, y, steps=3)
+    before = flat_params(model, [n for n, _ in model.named_parameters()])
+    train(model, optimizer, x, y, steps=1)
+    after = flat_params(model, [n for n, _ in model.named_parameters()])
+    eta = float(optimizer.telemetry()["eta"])
+    assert eta < 1e-2  # the gate is active, so the check is about eta_t, not lr
+    P = adam_preconditioner(optimizer, list(model.parameters()))
+    exp_avg = torch.cat([optimizer.state[p]["exp_avg"].reshape(-1) for p in model.parameters()])
+    assert torch.allclose(before - after, eta * exp_avg / P, rtol=1e-10, atol=0)
