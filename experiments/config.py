@@ -161,6 +161,9 @@ class RunConfig:
             raise ConfigError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of track_every ({self.track_every}): "
                 "metrics are written at tracking steps, and a checkpoint must not be ahead of them")
+        from experiments.optim import check_schedule_name  # imports torch; config stays light until here
+
+        check_schedule_name(self.schedule)
         for name in ("schedule_options", "model_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")

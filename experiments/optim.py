@@ -55,16 +55,25 @@ def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     raise ConfigError(f"unknown optimizer {name!r}")
 
 
+def schedule_names() -> list[str]:
+    """The torch.optim.lr_scheduler classes a run can name (those that wrap other schedulers excluded)."""
+    lrs = torch.optim.lr_scheduler
+    return sorted(n for n, c in vars(lrs).items()
+                  if isinstance(c, type) and issubclass(c, lrs.LRScheduler) and not n.startswith("_")
+                  and n not in ("LRScheduler", "SequentialLR", "ChainedScheduler"))
+
+
+def check_schedule_name(name: str) -> None:
+    if name != "constant" and name not in schedule_names():
+        raise ConfigError(f"unknown schedule {name!r}; allowed: constant, {', '.join(schedule_names())}")
+
+
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     """The lr scheduler for ``cfg`` (or None for a constant rate without warmup)."""
     main = None
     if cfg.schedule != "constant":
-        cls = getattr(torch.optim.lr_scheduler, cfg.schedule, None)
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)):
-            allowed = sorted(n for n, c in vars(torch.optim.lr_scheduler).items()
-                             if isinstance(c, type) and issubclass(c, torch.optim.lr_scheduler.LRScheduler)
-                             and not n.startswith("_") and n not in ("LRScheduler", "SequentialLR", "ChainedScheduler"))
-            raise ConfigError(f"unknown schedule {cfg.schedule!r}; allowed: constant, {', '.join(allowed)}")
+        check_schedule_name(cfg.schedule)
+        cls = getattr(torch.optim.lr_scheduler, cfg.schedule)
         options = dict(cfg.schedule_options)
         remaining = max(1, total_steps - cfg.warmup_steps)
         if cfg.schedule == "CosineAnnealingLR":

@@ -62,3 +62,9 @@ def test_unreadable_config_files(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config_file(lst)
+
+
+def test_schedule_names_are_checked_up_front():
+    with pytest.raises(ConfigError, match="unknown schedule 'Bogus'; allowed: constant, .*CosineAnnealingLR"):
+        RunConfig(schedule="Bogus").validate()
+    assert RunConfig(schedule="OneCycleLR").validate().schedule == "OneCycleLR"

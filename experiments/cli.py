@@ -1,0 +1,285 @@
+"""The ``eos`` command line: thin typer commands over the library.
+
+    eos demo                         GD, Adam and VRAdam at the edge of stability, with plots
+    eos run TASK [options]           one training run with sharpness tracking
+    eos resume RUN_DIR               continue a killed run from its last checkpoint
+    eos runs list [DIR]              the runs under DIR
+    eos plot RUN_OR_DIR... [--kind]  stability figures
+    eos report RUN_OR_DIR...         a self-contained report
+    eos data list | fetch NAME       data sets here, and getting them
+    eos bench optimizer | sharpness  benchmarks
+
+Every command's help is its docstring; ``eos COMMAND --help`` shows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  pretty_exceptions_enable=False)
+runs_app = typer.Typer(help="Inspect run records.", no_args_is_help=True)
+data_app = typer.Typer(help="Data sets: what is here, and getting what is not.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (ratios against baselines measured in the same run).", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one clear line to stderr and return the Exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def clear_errors(command):
+    """Turn the library's input errors into one line and a non-zero exit, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FileExistsError) as exc:
+            raise fail(str(exc)) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def progress_bar(description: str):
+    """A rich progress bar; yields ``on_step(step, total)`` for the training loop."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, transient=False, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task(description, total=None)
+
+        def on_step(step: int, total: int) -> None:
+            progress.update(task, completed=step, total=total)
+
+        yield on_step
+
+
+def _print_result(result) -> None:
+    keys = ("train_loss", "track_acc", "sharpness", "threshold", "precond_sharpness", "precond_threshold", "eta")
+    summary = ", ".join(f"{k}={result.final[k]:.4g}" for k in keys if k in result.final)
+    typer.echo(f"{result.status} at step {result.step}: {summary}")
+    typer.echo(f"record: {result.run_dir}")
+
+
+def _parse_set(assignments: list[str]) -> dict:
+    values = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            values[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.replace("-", "_")] = raw
+    return values
+
+
+@app.command()
+@clear_errors
+def run(
+    task: str = typer.Argument(..., help="eos-fullbatch | image-classification"),
+    optimizer: Optional[str] = typer.Option(None, help="gd, sgd, momentum, nesterov, adam, adamw, rmsprop, radam, vradam"),
+    lr: Optional[float] = typer.Option(None, help="Maximal learning rate (VRAdam's alpha_0)."),
+    momentum: Optional[float] = typer.Option(None, help="Momentum for momentum / nesterov."),
+    beta1: Optional[float] = typer.Option(None),
+    beta2: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 0 for every optimizer)."),
+    beta3: Optional[float] = typer.Option(None, help="VRAdam: gate strength beta3 (0 = AdamW)."),
+    alpha1: Optional[float] = typer.Option(None, help="VRAdam: clamp alpha1; eta_t >= lr / (1 + alpha1)."),
+    gate: Optional[str] = typer.Option(None, help="VRAdam: velocity | gradient."),
+    norm_scope: Optional[str] = typer.Option(None, help="VRAdam: global | group."),
+    schedule: Optional[str] = typer.Option(None, help="constant or a torch.optim.lr_scheduler class name."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps before the schedule."),
+    model: Optional[str] = typer.Option(None, help="mlp-tanh, mlp-relu, cnn-small, cnn-deep."),
+    loss: Optional[str] = typer.Option(None, help="mse | cross-entropy."),
+    data: Optional[str] = typer.Option(None, help="fashion-mnist, mnist, mnist5k, cifar10, digits or auto."),
+    data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR", help="Data directory."),
+    n_train: Optional[int] = typer.Option(None, help="Class-balanced training subset size."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (image-classification)."),
+    batch_size: Optional[int] = typer.Option(None),
+    track_every: Optional[int] = typer.Option(None, help="Measure sharpness every N steps."),
+    track_k: Optional[int] = typer.Option(None, help="Top-k Hessian eigenvalues."),
+    target_loss: Optional[float] = typer.Option(None, help="Stop when the train loss reaches it."),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | float64."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON or YAML file of RunConfig keys."),
+    set_: list[str] = typer.Option([], "--set", help="Any other RunConfig key, KEY=VALUE (repeatable)."),
+    out: Path = typer.Option(Path("runs"), help="Parent directory of run records."),
+    name: Optional[str] = typer.Option(None, help="Run directory name (default: task-optimizer-lr-seed-time)."),
+):
+    """Train one model while tracking sharpness against the optimizer's stability threshold.
+
+    Defaults (from experiments.config.RunConfig) work offline on the data
+    found by --data auto. Precedence: defaults < --config FILE < options.
+    """
+    from experiments.config import resolve_config
+    from experiments.train import default_run_dir, train
+
+    overrides = dict(task=task, optimizer=optimizer, lr=lr, momentum=momentum, beta1=beta1, beta2=beta2,
+                     weight_decay=weight_decay, beta3=beta3, alpha1=alpha1, gate=gate, norm_scope=norm_scope,
+                     schedule=schedule, warmup_steps=warmup_steps, model=model, loss=loss, dataset=data,
+                     data_dir=data_dir, n_train=n_train, steps=steps, epochs=epochs, batch_size=batch_size,
+                     track_every=track_every, track_k=track_k, target_loss=target_loss, seed=seed, device=device,
+                     dtype=dtype)
+    overrides.update(_parse_set(set_))
+    cfg = resolve_config(config, **overrides)
+    run_dir = out / name if name else default_run_dir(cfg, out)
+    with progress_bar(cfg.label) as on_step:
+        result = train(cfg, run_dir, on_step=on_step)
+    _print_result(result)
+
+
+@app.command()
+@clear_errors
+def resume(run_dir: Path = typer.Argument(..., help="A run record directory.")):
+    """Continue a killed or interrupted run from its last checkpoint (same metrics as an uninterrupted run)."""
+    from experiments.train import resume as resume_run
+
+    with progress_bar(f"resume {run_dir.name}") as on_step:
+        result = resume_run(run_dir, on_step=on_step)
+    _print_result(result)
+
+
+@app.command()
+@clear_errors
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the runs and figures go."),
+    data: str = typer.Option("auto", help="Data set (auto picks the first available)."),
+    data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR"),
+    steps: Optional[int] = typer.Option(None, help="Override every run's step count (quick looks)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+):
+    """Gradient descent, Adam and VRAdam at the edge of stability, then the stability plots.
+
+    Full-batch training of a tanh MLP (784-200-200-10, MSE) on a class-balanced
+    1,000-image subset: GD's sharpness rises to 2/eta and hovers there; Adam's
+    preconditioned sharpness settles at 38/lr; VRAdam's gate throttles eta_t
+    early on. Writes the records, figures and a report under --out.
+    """
+    from experiments.demo import run_demo
+
+    paths = run_demo(out, dataset=data, data_dir=data_dir, steps=steps, device=device, progress=progress_bar)
+    typer.echo("figures:")
+    for p in paths:
+        typer.echo(f"  {p}")
+
+
+@runs_app.command("list")
+@clear_errors
+def runs_list(directory: Path = typer.Argument(Path("runs"), help="Directory to search for run records.")):
+    """A table of runs: task, optimizer, lr, status, steps, final train loss."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from eos_toolkit.record import find_runs, read_run
+
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory} does not exist")
+    table = Table("run", "task", "optimizer", "lr", "status", "step", "train loss")
+    for path in find_runs(directory):
+        r = read_run(path)
+        m = r.metrics
+        loss = m[m.metric == "train_loss"]
+        last_step = int(m.step.max()) if len(m) else 0
+        table.add_row(str(path.relative_to(directory)) if path != directory else path.name, r.config.get("task", "?"),
+                      r.config.get("optimizer", "?"), f"{r.config.get('lr', float('nan')):g}", r.status,
+                      str(last_step), f"{loss.value.iloc[-1]:.4g}" if len(loss) else "-")
+    Console(width=160).print(table)
+
+
+@app.command()
+@clear_errors
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories or parents of them."),
+    kind: str = typer.Option("all", help="sharpness | loss | damping | spectrum | all"),
+    out: Path = typer.Option(Path("figures"), help="Output directory."),
+):
+    """Write stability figures (PNG and PDF) and print their paths."""
+    import analysis
+
+    kinds = ("sharpness", "loss", "damping", "spectrum")
+    if kind != "all" and kind not in kinds:
+        raise ValueError(f"unknown --kind {kind!r}; allowed: {', '.join(kinds)}, all")
+    loaded = analysis.load_runs([str(r) for r in runs])
+    for path in analysis.save_figures(loaded, out, kinds=kinds if kind == "all" else (kind,)):
+        typer.echo(str(path))
+
+
+@app.command()
+@clear_errors
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories or parents of them."),
+    out: Path = typer.Option(Path("report"), help="Output directory."),
+):
+    """Write one self-contained report: config, environment, status, figures, summary table."""
+    import analysis
+
+    typer.echo(str(analysis.write_report([str(r) for r in runs], out)))
+
+
+@data_app.command("list")
+@clear_errors
+def data_list(data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR")):
+    """The data sets this machine has, where each came from, and how to get the missing ones."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from experiments.data import available_datasets
+
+    table = Table("name", "available", "where / how to get")
+    for entry in available_datasets(data_dir):
+        table.add_row(entry.name, "yes" if entry.available else "no",
+                      entry.where if entry.available else entry.how_to_get)
+    Console(width=160).print(table)
+
+
+@data_app.command("fetch")
+@clear_errors
+def data_fetch(name: str = typer.Argument(..., help="fashion-mnist | mnist5k | cifar10"),
+               data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR")):
+    """Get a data set (explicitly; nothing is ever downloaded silently)."""
+    from experiments.data import fetch_dataset
+
+    typer.echo(str(fetch_dataset(name, data_dir=data_dir)))
+
+
+def _bench(module: str, ctx: typer.Context) -> None:
+    import importlib
+
+    importlib.import_module(module).main(list(ctx.args))
+
+
+@bench_app.command("optimizer", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_optimizer(ctx: typer.Context):
+    """Optimizer step time: VRAdam paths vs torch AdamW (extra arguments go to the benchmark; try --help)."""
+    _bench("experiments.benchmarks.optimizer_step", ctx)
+
+
+@bench_app.command("sharpness", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_sharpness(ctx: typer.Context):
+    """HVP cost and eigensolver matvecs vs scipy eigsh (extra arguments go to the benchmark; try --help)."""
+    _bench("experiments.benchmarks.sharpness", ctx)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

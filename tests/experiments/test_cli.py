@@ -1,0 +1,130 @@
+"""The eos command line through typer's CliRunner, on tiny data, into tmp_path."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from eos_toolkit.record import read_run
+from experiments.cli import app
+
+runner = CliRunner()
+TINY = ["--data", "fashion-mnist", "--n-train", "100", "--track-every", "5", "--device", "cpu",
+        "--set", "model_options={\"hidden\": [12]}", "--set", "chunk_size=64"]
+
+
+def eos(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_writes_a_record_that_pandas_reads(tiny_data_dir, tmp_path):
+    result = eos("run", "eos-fullbatch", "--optimizer", "vradam", "--lr", "0.01", "--beta3", "2", "--steps", "10",
+                 "--data-dir", tiny_data_dir, "--out", tmp_path, "--name", "r1", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "finished at step 10" in result.output
+    run = read_run(tmp_path / "r1")
+    assert run.config["optimizer"] == "vradam" and run.config["beta3"] == 2.0 and run.config["steps"] == 10
+    assert {"train_loss", "sharpness", "precond_sharpness", "eta", "vr_sq_norm"} <= set(run.metrics.metric)
+
+    listed = eos("runs", "list", tmp_path)
+    assert listed.exit_code == 0 and "r1" in listed.output and "finished" in listed.output
+
+
+def test_config_file_with_cli_override(tiny_data_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optimizer: adam\nlr: 0.002\nsteps: 5\n")
+    result = eos("run", "eos-fullbatch", "--config", cfg, "--lr", "0.004", "--data-dir", tiny_data_dir,
+                 "--out", tmp_path, "--name", "r", *TINY)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["optimizer"], config["lr"], config["steps"]) == ("adam", 0.004, 5)
+
+
+def test_resume_command_finishes_a_killed_run(tiny_data_dir, tmp_path):
+    from experiments.config import RunConfig
+    from experiments.train import train
+
+    class Kill(BaseException):
+        pass
+
+    def kill(step, total):
+        if step == 7:
+            raise Kill()
+
+    cfg = RunConfig(dataset="fashion-mnist", data_dir=str(tiny_data_dir), n_train=100, steps=10, track_every=5,
+                    model_options={"hidden": [12]}, device="cpu")
+    with pytest.raises(Kill):
+        train(cfg, tmp_path / "k", on_step=kill)
+    result = eos("resume", tmp_path / "k")
+    assert result.exit_code == 0, result.output
+    assert read_run(tmp_path / "k").status == "finished"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope"], "unknown task 'nope'"),
+    (["run", "eos-fullbatch", "--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (["run", "eos-fullbatch", "--steps", "-3"], "steps must be an integer > 0, got -3"),
+    (["run", "eos-fullbatch", "--set", "schedule=Bogus"], "unknown schedule 'Bogus'"),
+    (["run", "eos-fullbatch", "--set", "volume=11"], "unknown config key(s) ['volume']"),
+    (["run", "eos-fullbatch", "--config", "/nonexistent/c.json"], "cannot read config file"),
+    (["run", "eos-fullbatch", "--data", "cifar10"], "eos data fetch cifar10"),
+    (["resume", "/nonexistent/run"], "not a run record"),
+    (["plot", "/nonexistent/run", "--kind", "bogus"], "unknown --kind 'bogus'"),
+])
+def test_bad_arguments_exit_with_one_clear_line(tiny_data_dir, tmp_path, args, message):
+    result = runner.invoke(app, args + ["--out", str(tmp_path)] if args[0] == "run" else args,
+                           env={"EOS_DATA_DIR": str(tiny_data_dir)})
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ")
+    assert message in result.output
+
+
+def test_non_numeric_lr_is_a_usage_error():
+    result = eos("run", "eos-fullbatch", "--lr", "fast")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and "Invalid value for '--lr'" in result.output
+
+
+def test_data_list_shows_what_is_here(tiny_data_dir):
+    result = eos("data", "list", "--data-dir", tiny_data_dir)
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") >= 3}
+    assert "yes" in lines["fashion-mnist"] and "no" in lines["cifar10"]
+
+
+def test_data_fetch_refuses_what_cannot_be_fetched():
+    result = eos("data", "fetch", "digits")
+    assert result.exit_code == 2 and "error:" in result.output
+
+
+def test_plot_and_report_write_files(tiny_data_dir, tmp_path):
+    for opt, lr in (("gd", "0.5"), ("vradam", "0.01")):
+        r = eos("run", "eos-fullbatch", "--optimizer", opt, "--lr", lr, "--steps", "10", "--data-dir", tiny_data_dir,
+                "--out", tmp_path / "runs", "--name", opt, "--track-k", "2", *TINY)
+        assert r.exit_code == 0, r.output
+    result = eos("plot", tmp_path / "runs", "--out", tmp_path / "fig")
+    assert result.exit_code == 0, result.output
+    paths = [line for line in result.output.splitlines() if line.endswith((".png", ".pdf"))]
+    assert any("sharpness" in p for p in paths) and any("damping" in p for p in paths)
+    from pathlib import Path
+
+    assert all(Path(p).stat().st_size > 1000 for p in paths)
+    result = eos("report", tmp_path / "runs", "--out", tmp_path / "rep")
+    assert result.exit_code == 0, result.output
+    report = Path(result.output.strip().splitlines()[-1])
+    assert report.exists() and "sharpness" in report.read_text().lower()
+
+
+@pytest.mark.slow
+def test_demo_runs_and_writes_figures(tmp_path):
+    from experiments.data import DatasetNotFoundError, resolve_dataset
+
+    try:
+        resolve_dataset("auto")
+    except DatasetNotFoundError:
+        pytest.skip("no data set here: eos data fetch fashion-mnist")
+    result = eos("demo", "--out", tmp_path / "demo", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    figures = [line.strip() for line in result.output.splitlines() if line.strip().endswith(".png")]
+    assert any("sharpness" in f for f in figures) and any("damping" in f for f in figures)
