@@ -92,6 +92,19 @@ class SharpnessTracker:
     def top_eigenvector_flat(self) -> torch.Tensor | None:
         return None if self.eigenvectors is None else self.eigenvectors[:, 0]
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly: warm-start vectors, probe flag, RNG state."""
+        return {"eigenvectors": self.eigenvectors, "precond_eigenvectors": self.precond_eigenvectors,
+                "probe_pending": self._probe_pending, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.hessian.device
+        self.eigenvectors = None if state["eigenvectors"] is None else state["eigenvectors"].to(device)
+        self.precond_eigenvectors = (None if state["precond_eigenvectors"] is None
+                                     else state["precond_eigenvectors"].to(device))
+        self._probe_pending = bool(state["probe_pending"])
+        self.generator.set_state(state["generator"].cpu())
+
     def _solve(self, op, warm: torch.Tensor | None) -> tuple[EigResult, float]:
         kwargs = dict(max_iter=self.max_iter, tol=self.tol, v0=warm, dtype=op.dtype,
                       device=op.device, generator=self.generator)

@@ -177,3 +177,19 @@ def test_tracker_on_cuda_matches_cpu():
     gpu = SharpnessTracker(model.cuda(), mse, [(x, y)], k=2, tol=1e-8).measure()
     assert gpu["hessian_eig_1"] == pytest.approx(cpu["hessian_eig_1"], rel=1e-7)
     assert gpu["hessian_eig_2"] == pytest.approx(cpu["hessian_eig_2"], rel=1e-7)
+
+
+def test_state_dict_round_trip_resumes_identically():
+    import io
+
+    model = tanh_mlp(sizes=(5, 8, 3))
+    x, y = regression_data(16, 5, 3)
+    first = SharpnessTracker(model, mse, [(x, y)], k=2)
+    first.measure()
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = SharpnessTracker(model, mse, [(x, y)], k=2)
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    assert first.measure()["hessian_eig_1"] == second.measure()["hessian_eig_1"]
+    assert torch.equal(first.eigenvectors, second.eigenvectors)
