@@ -3,6 +3,7 @@
     eos demo                         GD, Adam and VRAdam at the edge of stability, with plots
     eos run TASK [options]           one training run with sharpness tracking
     eos resume RUN_DIR               continue a killed run from its last checkpoint
+    eos sweep SPEC [--jobs N]        a grid of runs with equal tuning budgets (or print commands)
     eos runs list [DIR]              the runs under DIR
     eos plot RUN_OR_DIR... [--kind]  stability figures
     eos report RUN_OR_DIR...         a self-contained report
@@ -154,6 +155,36 @@ def resume(run_dir: Path = typer.Argument(..., help="A run record directory.")):
     with progress_bar(f"resume {run_dir.name}") as on_step:
         result = resume_run(run_dir, on_step=on_step)
     _print_result(result)
+
+
+@app.command()
+@clear_errors
+def sweep(
+    spec: Path = typer.Argument(..., help="Sweep file (JSON/YAML): base, grid, seeds."),
+    out: Path = typer.Option(Path("runs/sweep"), help="Parent directory of the sweep's runs."),
+    jobs: int = typer.Option(1, help="Runs in parallel on this machine."),
+    print_commands: bool = typer.Option(False, "--print-commands",
+                                        help="Write the configs and print one 'eos run' per line; run nothing."),
+    allow_unequal_budget: bool = typer.Option(False, help="Allow optimizers different numbers of configurations."),
+):
+    """Run a grid of configurations x seeds; every optimizer gets the same tuning budget.
+
+    Finished runs under --out are kept and incomplete ones resumed, so a
+    sweep can be re-run after an interruption. See experiments/sweep.py.
+    """
+    from experiments.sweep import commands, load_sweep, run_sweep, write_configs
+
+    runs = load_sweep(spec, allow_unequal_budget)
+    if print_commands:
+        write_configs(runs, out)
+        for line in commands(runs, out):
+            typer.echo(line)
+        return
+    typer.echo(f"{len(runs)} runs into {out} ({jobs} at a time)")
+    statuses = run_sweep(runs, out, jobs=jobs, on_done=lambda name, status: typer.echo(f"{name}: {status}"))
+    failed = [n for n, s in statuses.items() if s.startswith("failed")]
+    if failed:
+        raise fail(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}", code=1)
 
 
 @app.command()
