@@ -130,23 +130,6 @@ class SharpnessTracker:
         metrics[f"{prefix}_converged"] = float(result.converged)
         return metrics
 
-    def state_dict(self) -> dict:
-        """What the next measurement depends on: warm-start vectors, the random generator, the probe flag.
-
-        A training run checkpoints this so that a resumed run measures exactly
-        what an uninterrupted one would have.
-        """
-        return {"eigenvectors": self.eigenvectors, "precond_eigenvectors": self.precond_eigenvectors,
-                "generator": self.generator.get_state(), "probe_pending": self._probe_pending}
-
-    def load_state_dict(self, state: dict) -> None:
-        device = self.hessian.device
-        self.eigenvectors = None if state["eigenvectors"] is None else state["eigenvectors"].to(device)
-        self.precond_eigenvectors = (None if state["precond_eigenvectors"] is None
-                                     else state["precond_eigenvectors"].to(device))
-        self.generator.set_state(state["generator"].cpu())
-        self._probe_pending = state["probe_pending"]
-
     def measure(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """Solve at the model's current parameters; returns plain floats (a deliberate sync point).
 
