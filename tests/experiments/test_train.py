@@ -142,11 +142,12 @@ def test_gradient_descent_reaches_the_edge_of_stability_on_real_data(tmp_path):
         name = resolve_dataset("fashion-mnist")
     except DatasetNotFoundError:
         pytest.skip("needs Fashion-MNIST: eos data fetch fashion-mnist")
-    lr = 0.05
-    cfg = RunConfig(task="eos-fullbatch", dataset=name, n_train=1000, optimizer="gd", lr=lr, steps=600,
-                    track_every=10, device="cpu")
+    lr = 0.04
+    cfg = RunConfig(task="eos-fullbatch", dataset=name, n_train=1000, optimizer="gd", lr=lr, steps=1000,
+                    track_every=20, device="cpu")
     train(cfg, tmp_path / "run")
-    sharp = metric(read_run(tmp_path / "run"), "sharpness")
-    assert sharp[0] < 0.5 * 2 / lr  # starts well below the edge ...
-    last = sharp[sharp.index >= 400]
-    assert ((last - 2 / lr).abs() <= 0.1 * 2 / lr).all(), last.tolist()  # ... and hovers at it
+    ratio = metric(read_run(tmp_path / "run"), "sharpness") / (2 / lr)
+    assert ratio[0] < 0.85  # starts below the edge,
+    assert ratio[ratio.index <= 300].max() > 1.0  # sharpens up to it within a few hundred steps,
+    last = ratio[ratio.index >= 700]
+    assert ((last - 1).abs() <= 0.1).all(), last.tolist()  # and hovers at it to the end
