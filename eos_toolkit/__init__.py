@@ -2,25 +2,44 @@
 
 Modules:
   record      the run-record format (standard library only; no torch)
-  thresholds  stability thresholds 2/eta and 2(1+beta1)/((1-beta1) eta)
+  thresholds  stability thresholds: 2/eta, heavy ball, Nesterov, 2(1+beta1)/((1-beta1) eta)
   hvp         Hessian-vector products and the Hessian operator
   operators   optimizer-aware operators (preconditioned Hessian), scipy adapter
-  solvers     Lanczos, block solvers, power iteration, Hutchinson, SLQ density
+  solvers     Lanczos, block Lanczos, power iteration, Hutchinson, SLQ density
   tracker     sharpness tracking during training
 
-Submodules are imported on first use, so ``import eos_toolkit.record`` (used by
-the analysis) does not import torch.
+The names below are imported on first use, so ``import eos_toolkit.record``
+(what the analysis uses) does not import torch.
+
+Example:
+    >>> import eos_toolkit
+    >>> eos_toolkit.gd_threshold(0.05)
+    40.0
 """
 
 import importlib
 
-_SUBMODULES = ("record", "thresholds", "hvp", "operators", "solvers", "tracker")
+_EXPORTS = {
+    "thresholds": ("gd_threshold", "momentum_threshold", "adam_threshold", "heavy_ball_threshold",
+                   "nesterov_threshold"),
+    "hvp": ("HessianOperator", "hessian_operator", "select_parameters", "module_mode",
+            "NondeterministicOperatorError", "MissingSecondDerivativeError"),
+    "operators": ("adam_preconditioner", "PreconditionedOperator", "preconditioned_operator", "has_adam_state",
+                  "MatrixOperator", "as_scipy_linear_operator"),
+    "solvers": ("EigResult", "lanczos", "block_lanczos", "power_iteration", "hutchinson_trace", "slq_density",
+                "SpectralDensity", "gaussian_density", "eigenvalue_error_bound"),
+    "tracker": ("SharpnessTracker",),
+    "record": ("RunWriter", "read_run", "find_runs"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
 def __getattr__(name):
-    if name in _SUBMODULES:
+    if name in _EXPORTS:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _HOME:
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = list(_SUBMODULES)
+__all__ = [*_EXPORTS, *_HOME]
