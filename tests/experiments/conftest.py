@@ -1,23 +1,13 @@
 """A tiny, learnable Fashion-MNIST stand-in written in the real IDX format, in an isolated data dir."""
 
 import gzip
-import struct
 import sys
 
 import numpy as np
 import pytest
 
 from experiments.data import catalog
-
-IDX_STEMS = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-
-
-def _idx(array: np.ndarray) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
+from tests.experiments.idx import IDX_NAMES, idx_bytes
 
 
 def _class_patterns(n: int, side: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +33,6 @@ def tiny_data_dir(tmp_path, monkeypatch):
     directory.mkdir(parents=True)
     for split, n in (("train", 200), ("test", 50)):
         images, labels = _class_patterns(n, 10, rng)
-        for stem, array in zip(IDX_STEMS[split], (images, labels)):
-            (directory / f"{stem}.gz").write_bytes(gzip.compress(_idx(array)))
+        for stem, array in zip(IDX_NAMES[split], (images, labels)):
+            (directory / f"{stem}.gz").write_bytes(gzip.compress(idx_bytes(array)))
     return tmp_path / "data"

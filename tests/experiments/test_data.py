@@ -43,19 +43,9 @@ from experiments.data import (
 )
 from experiments.data import catalog, fetch
 
-IDX_NAMES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-
+from tests.experiments.idx import IDX_NAMES, idx_bytes
 
 # ---------------------------------------------------------------- writers
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """IDX encoding of a uint8 array: 00 00 08 ndim, big-endian sizes, values."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
 
 
 def write_idx_split(directory: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool) -> list[Path]:
