@@ -13,7 +13,6 @@ import io
 import os
 import pickle
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
