@@ -22,7 +22,7 @@ from experiments.config import RunConfig
 from experiments.train import train
 
 DEMO_RUNS = {
-    "gd": dict(optimizer="gd", lr=0.04, steps=800, track_every=20),
+    "gd": dict(optimizer="gd", lr=0.04, steps=800),
     "adam": dict(optimizer="adam", lr=2e-3, steps=300),
     "vradam": dict(optimizer="vradam", lr=2e-3, beta3=1.0, alpha1=10.0, steps=300),
 }
