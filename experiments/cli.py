@@ -24,8 +24,8 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, add_completion=False, rich_markup_mode=None,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(help="Edge-of-stability experiments: VRAdam and baselines with live sharpness tracking.",
+                  no_args_is_help=True, add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 runs_app = typer.Typer(help="Inspect run records.", no_args_is_help=True)
 data_app = typer.Typer(help="Data sets: what is here, and getting what is not.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (ratios against baselines measured in the same run).", no_args_is_help=True)
