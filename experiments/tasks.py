@@ -83,6 +83,7 @@ def prepare_task(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> Pr
             train = datasets.balanced_subset(train, cfg.n_train, seed=cfg.seed)
         try:
             test = datasets.load_dataset(name, split="test", data_dir=cfg.data_dir)
+            info.update(test_source=test.source, test_checksum=test.checksum)
         except ValueError as exc:  # missing test files, or a data set with a train split only
             info["test_split"] = f"unavailable: {exc}"
     normalise = datasets.fit_normalization(train)
