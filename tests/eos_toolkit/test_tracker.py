@@ -50,7 +50,7 @@ def test_quadratic_sharpness_and_the_stability_edge():
     data = [(torch.zeros(1), torch.zeros(1))]
     sharpness = SharpnessTracker(model, quadratic_loss(A), data, tol=1e-10).measure()["sharpness"]
     assert sharpness == pytest.approx(7.5, rel=1e-10)
-    start_norm = float(model.x.norm())
+    start_norm = float(model.x.detach().norm())
 
     def norm_after_sgd(lr: float, steps: int = 1000) -> float:
         model.x.data.fill_(1.0)
@@ -59,7 +59,7 @@ def test_quadratic_sharpness_and_the_stability_edge():
             optimizer.zero_grad()
             quadratic_loss(A)(model(None), None).backward()
             optimizer.step()
-        return float(model.x.norm())
+        return float(model.x.detach().norm())
 
     edge = 2 / 7.5
     assert gd_threshold(edge * 0.99) > sharpness and norm_after_sgd(edge * 0.99) < 1e-3 * start_norm
