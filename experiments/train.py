@@ -230,30 +230,35 @@ class Trainer:
         self.step += 1
 
     # ---- writing, divergence, tracking ------------------------------------
-    def _flush(self) -> str | None:
-        """Write buffered per-step rows (one sync); returns 'diverged' / 'target' / None."""
+    def _flush(self) -> tuple[str | None, int]:
+        """Write buffered per-step rows (one sync).
+
+        Returns ``("diverged", step)`` at the first non-finite or exploding
+        train loss (rows after that step are dropped), ``("target", step)`` once
+        the train loss reached ``target_loss``, else ``(None, step)``.
+        """
         rows, self.pending = self.pending, []
         if not rows:
-            return None
+            return None, self.step
         tensors = [v for _, _, v in rows if isinstance(v, torch.Tensor)]
         host = iter(torch.stack([v.double() for v in tensors]).tolist()) if tensors else iter(())
         values = [(s, m, next(host) if isinstance(v, torch.Tensor) else v) for s, m, v in rows]
-        outcome, cut = None, len(values)
-        for i, (s, m, v) in enumerate(values):
+        outcome = None
+        for s, m, v in values:
             if m != "train_loss":
                 continue
             if self.initial_loss is None:
                 self.initial_loss = v
             if not math.isfinite(v) or v > self.cfg.diverge_factor * max(self.initial_loss, 1e-12):
-                outcome, self.diverged_at = "diverged", s
-                cut = next((j for j, r in enumerate(values) if r[0] > s), len(values))
-                break
-            if self.cfg.target_loss is not None and v <= self.cfg.target_loss and outcome is None:
+                values = [r for r in values if r[0] <= s]
+                self.writer.log_metrics(values)
+                self.final.update({m: v for _, m, v in values})
+                return "diverged", s
+            if self.cfg.target_loss is not None and v <= self.cfg.target_loss:
                 outcome = "target"
-        values = values[:cut]
         self.writer.log_metrics(values)
         self.final.update({m: v for _, m, v in values})
-        return outcome
+        return outcome, self.step
 
     def _track(self) -> str | None:
         """Tracking measurements at the current step; returns 'target' when target_acc is reached."""
@@ -336,17 +341,15 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------
     def run(self, on_step: Callable[[int, int], None] | None = None) -> RunResult:
         cfg = self.cfg
-        status = "finished"
         try:
             while True:
                 at_end = self.step >= self.total
                 if self.step % cfg.track_every == 0 or at_end:
-                    outcome = self._flush()
+                    outcome, at = self._flush()
                     if outcome == "diverged":
-                        status = "diverged"
-                        self.writer.event("diverged", step=self.diverged_at,
+                        self.writer.event("diverged", step=at,
                                           reason=f"train loss not finite or above {cfg.diverge_factor:g} x initial")
-                        return RunResult(self.run_dir, status, self.diverged_at, self.final)
+                        return RunResult(self.run_dir, "diverged", at, self.final)
                     if self.step % cfg.checkpoint_every == 0 or at_end:
                         self._checkpoint()
                     if self._track() == "target" or outcome == "target":
@@ -361,7 +364,7 @@ class Trainer:
             self.writer.event("failed", step=self.step, error=f"{type(exc).__name__}: {exc}")
             raise
         self.writer.event("finished", step=self.step)
-        return RunResult(self.run_dir, status, self.step, self.final)
+        return RunResult(self.run_dir, "finished", self.step, self.final)
 
 
 def _set_seeds(seed: int) -> None:
