@@ -6,7 +6,8 @@ The classic setting of Cohen et al. (2021, 2022) at laptop scale: a tanh MLP
 
 - Gradient descent at eta = 0.04: the sharpness rises (progressive sharpening)
   from about 39 to 2/eta = 50 by step ~200 and hovers there (within about 10%)
-  while the loss keeps falling non-monotonically.
+  while the loss keeps falling non-monotonically; a spectral density (stochastic
+  Lanczos quadrature) every 200 steps shows the outliers leaving the bulk.
 - Adam at lr = 2e-3: the preconditioned sharpness settles at 38/lr = 19,000.
 - VRAdam at lr = 2e-3 (beta3 = 1, alpha1 = 10): early large velocities throttle
   eta_t below lr; once they shrink, eta_t = lr and it behaves like Adam.
@@ -22,7 +23,7 @@ from experiments.config import RunConfig
 from experiments.train import train
 
 DEMO_RUNS = {
-    "gd": dict(optimizer="gd", lr=0.04, steps=800),
+    "gd": dict(optimizer="gd", lr=0.04, steps=800, track_density_every=200),
     "adam": dict(optimizer="adam", lr=2e-3, steps=300),
     "vradam": dict(optimizer="vradam", lr=2e-3, beta3=1.0, alpha1=10.0, steps=300),
 }
@@ -60,6 +61,6 @@ def run_demo(out: str | Path, *, dataset: str = "auto", data_dir: str | None = N
             result = train(cfg, out / name, on_step=on_step)
         run_dirs.append(result.run_dir)
     runs = analysis.load_runs([str(d) for d in run_dirs])
-    figures = analysis.save_figures(runs, out / "figures")
+    figures = analysis.save_figures(runs, out / "figures", kinds=(*analysis.DEFAULT_KINDS, "density"))
     report = analysis.write_report([str(d) for d in run_dirs], out / "report")
     return [*figures, report]

@@ -151,3 +151,16 @@ def test_gradient_descent_reaches_the_edge_of_stability_on_real_data(tmp_path):
     assert ratio[ratio.index <= 300].max() > 1.0  # sharpens up to it within a few hundred steps,
     last = ratio[ratio.index >= 700]
     assert ((last - 1).abs() <= 0.1).all(), last.tolist()  # and hovers at it to the end
+
+
+def test_spectral_density_is_recorded_with_unit_mass(tiny_data_dir, tmp_path):
+    cfg = tiny(tiny_data_dir, optimizer="gd", lr=0.5, steps=10, track_density_every=5, dtype="float64")
+    train(cfg, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    assert sorted(set(run.density["step"])) == [0, 5, 10]
+    for _, curve in run.density.groupby("step"):
+        x, d = curve["eigenvalue"].to_numpy(), curve["density"].to_numpy()
+        assert (d >= 0).all()
+        assert ((d[1:] + d[:-1]) / 2 * (x[1:] - x[:-1])).sum() == pytest.approx(1.0, abs=0.02)
+    # The grid spans the spectrum: its top reaches past the measured sharpness.
+    assert run.density[run.density.step == 0]["eigenvalue"].max() >= metric(run, "sharpness")[0]
