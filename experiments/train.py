@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import platform
 import random
 import subprocess

@@ -1,4 +1,4 @@
-"""A tiny, learnable Fashion-MNIST stand-in written in the real IDX format, in an isolated data dir."""
+"""Isolated data directories for the data, training and CLI tests, and a tiny learnable Fashion-MNIST in IDX."""
 
 import gzip
 import sys
@@ -21,18 +21,26 @@ def _class_patterns(n: int, side: int, rng: np.random.Generator) -> tuple[np.nda
 
 
 @pytest.fixture
-def tiny_data_dir(tmp_path, monkeypatch):
-    """A data dir holding a 10x10 'fashion-mnist' (200 train, 50 test); nothing else is visible."""
+def isolated(tmp_path, monkeypatch):
+    """A data directory with nothing in it: no env var, empty cache, no system files, no scikit-learn."""
     monkeypatch.delenv("EOS_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(catalog, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system" / "fashion-mnist")
     for module in ("sklearn", "sklearn.datasets"):
-        monkeypatch.setitem(sys.modules, module, None)
+        monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def tiny_data_dir(isolated):
+    """An isolated data dir holding a 10x10 'fashion-mnist' (200 train, 50 test) and nothing else."""
     rng = np.random.default_rng(0)
-    directory = tmp_path / "data" / "fashion-mnist"
-    directory.mkdir(parents=True)
+    directory = isolated / "fashion-mnist"
+    directory.mkdir()
     for split, n in (("train", 200), ("test", 50)):
         images, labels = _class_patterns(n, 10, rng)
         for stem, array in zip(IDX_NAMES[split], (images, labels)):
             (directory / f"{stem}.gz").write_bytes(gzip.compress(idx_bytes(array)))
-    return tmp_path / "data"
+    return isolated

