@@ -30,7 +30,6 @@ stays complete. Diverging is a result, not a crash.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import platform
@@ -45,6 +44,7 @@ from typing import Callable
 import torch
 
 from eos_toolkit import record
+from eos_toolkit.hvp import module_mode
 from eos_toolkit.solvers import gaussian_density, slq_density
 from eos_toolkit.tracker import SharpnessTracker
 from experiments.config import RunConfig
@@ -108,34 +108,20 @@ def _git_commit() -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def preserved_buffers(model: torch.nn.Module):
-    """Run a block in ``model``'s current mode and put every buffer (BatchNorm statistics) back afterwards."""
-    saved = [b.detach().clone() for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in zip(model.buffers(), saved):
-                b.copy_(s)
-
-
 def evaluate(model: torch.nn.Module, loss_fn, batches: list, *, train_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted mean loss and accuracy over ``batches`` (0-dim device tensors, no sync).
 
-    ``train_mode`` evaluates with batch statistics (the training objective)
-    without changing the running statistics; otherwise in eval mode.
+    ``train_mode`` evaluates the training objective (BatchNorm with batch
+    statistics, running statistics untouched); otherwise in eval mode. Dropout
+    is off either way (:func:`eos_toolkit.hvp.module_mode`, as the tracker uses).
     """
-    was_training = model.training
-    model.train(train_mode)
     n = sum(len(x) for x, _ in batches)
     loss = acc = 0.0
-    with torch.no_grad(), preserved_buffers(model):
+    with torch.no_grad(), module_mode(model, bn_mode="batch_stats" if train_mode else "eval"):
         for x, y in batches:
             out = model(x)
             loss = loss + loss_fn(out, y) * (len(x) / n)
             acc = acc + (out.argmax(-1) == y).sum() / n
-    model.train(was_training)
     return loss, acc
 
 

@@ -164,3 +164,21 @@ def test_spectral_density_is_recorded_with_unit_mass(tiny_data_dir, tmp_path):
         assert ((d[1:] + d[:-1]) / 2 * (x[1:] - x[:-1])).sum() == pytest.approx(1.0, abs=0.02)
     # The grid spans the spectrum: its top reaches past the measured sharpness.
     assert run.density[run.density.step == 0]["eigenvalue"].max() >= metric(run, "sharpness")[0]
+
+
+def test_evaluation_leaves_batchnorm_statistics_and_mode_alone():
+    from experiments.models import build_model
+    from experiments.tasks import cross_entropy
+    from experiments.train import evaluate
+
+    model = build_model("cnn-small", (1, 10, 10), 10, batchnorm=True, seed=0).train()
+    before = [b.clone() for b in model.buffers()]
+    x, y = torch.randn(16, 1, 10, 10), torch.randint(0, 10, (16,))
+    batch_loss, _ = evaluate(model, cross_entropy, [(x, y)], train_mode=True)
+    # Independent answer: the same forward with batch statistics, by hand.
+    with torch.no_grad():
+        expected = cross_entropy(torch.func.functional_call(
+            model, {**dict(model.named_parameters()), **{n: b.clone() for n, b in model.named_buffers()}}, (x,)), y)
+    assert batch_loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    evaluate(model, cross_entropy, [(x, y)], train_mode=False)
+    assert model.training and all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
