@@ -194,7 +194,8 @@ class HessianOperator:
         self.names = list(names)
         named = dict(model.named_parameters())
         self._params = [named[n] for n in self.names]
-        self._frozen = [n for n in named if n not in set(self.names)]
+        selected = set(self.names)
+        self._frozen = {n: p for n, p in named.items() if n not in selected}  # live, held fixed
         self.shapes = [p.shape for p in self._params]
         self.numels = [p.numel() for p in self._params]
         self.dim = sum(self.numels)
@@ -237,8 +238,7 @@ class HessianOperator:
 
     # -- loss as a function of the selected parameters ---------------------------
     def _chunk_loss(self, selected: dict, inputs, targets) -> torch.Tensor:
-        named = dict(self.model.named_parameters())
-        values = {n: named[n].detach() for n in self._frozen}
+        values = {n: p.detach() for n, p in self._frozen.items()}
         values.update(selected)
         outputs = functional_call(self.model, values, _as_args(inputs))
         return self.loss_fn(outputs, targets)
