@@ -13,6 +13,7 @@ from eos_toolkit.hvp import (
     hessian_operator,
     select_parameters,
 )
+from eos_toolkit.solvers import lanczos
 from tests.eos_toolkit.reference import (
     DT,
     CausalBlock,
@@ -140,6 +141,69 @@ def test_float32_model_with_float64_solver_vectors():
     assert (out - H @ v).abs().max() <= 1e-5 * (H @ v).abs().max()
 
 
+def _classifier_data(n: int = 12):
+    x, _ = regression_data(n, 5, 3)
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 2, 1, 2, 2, 1, 0])[:n]
+    return x, labels
+
+
+@pytest.mark.parametrize("kind", ["class_weights", "ignore_index", "smoothing_with_weights"])
+def test_loss_with_its_own_normaliser(kind):
+    """A loss that divides by a chunk-dependent normaliser: refused without chunk weights, exact with them."""
+    model = tanh_mlp()
+    x, labels = _classifier_data()
+    weight = torch.tensor([0.2, 1.0, 3.0], dtype=DT)
+    if kind == "class_weights":
+        def loss(out, y):
+            return nn.functional.cross_entropy(out, y, weight=weight)
+        normaliser = lambda y: float(weight[y].sum())  # noqa: E731
+    elif kind == "ignore_index":
+        labels = labels.clone()
+        labels[[1, 2, 3, 9]] = -100
+
+        def loss(out, y):
+            return nn.functional.cross_entropy(out, y, ignore_index=-100)
+        normaliser = lambda y: float((y != -100).sum())  # noqa: E731
+    else:
+        def loss(out, y):
+            return nn.functional.cross_entropy(out, y, weight=weight, label_smoothing=0.1)
+        normaliser = lambda y: float(weight[y].sum())  # noqa: E731
+    chunks = [(x[:5], labels[:5]), (x[5:], labels[5:])]
+    with pytest.raises(ValueError, match="not an unweighted mean.*chunk_weights"):
+        hessian_operator(model, loss, chunks)
+    op = hessian_operator(model, loss, chunks, chunk_weights=[normaliser(y) for _, y in chunks])
+    assert_products_match(op, dense_hessian(model, loss, x, labels))  # the full-batch loss, one chunk
+
+
+def test_chunk_weights_are_checked():
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    with pytest.raises(ValueError, match="chunk_weights must be 2 finite numbers"):
+        hessian_operator(model, mse, [(x[:5], y[:5]), (x[5:], y[5:])], chunk_weights=[1.0])
+    with pytest.raises(ValueError, match="chunk_weights must be 2 finite numbers"):
+        hessian_operator(model, mse, [(x[:5], y[:5]), (x[5:], y[5:])], chunk_weights=[1.0, -1.0])
+
+
+def test_finite_differences_in_float32_are_accurate_at_large_parameter_norms():
+    """lambda_1 from float32 finite differences within 3e-5 of the dense float64 value, |theta| = 14.
+
+    The step scales with the root-mean-square parameter, not |theta|: scaling it by |theta| gave 6e-4 here.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
+    exact = torch.linalg.eigvalsh(dense_hessian(copy.deepcopy(model).double(), mse, x.double(), y.double(),
+                                                engine="autograd"))[-1]
+    op = hessian_operator(model, mse, [(x, y)], method="finite_difference", dtype=DT)
+    assert float(op.flat_parameters().norm()) > 10
+    estimate = lanczos(op.matvec, op.dim, 1, max_iter=200, tol=1e-8).eigenvalues[0]
+    assert abs(float(estimate / exact) - 1) < 3e-5
+
+
 def test_flatten_unflatten_round_trip():
     model = tanh_mlp()
     x, y = regression_data(4, 5, 3)
@@ -159,6 +223,9 @@ def test_determinism_probe_fires_for_dropout_in_train_mode():
     x, y = regression_data(10, 5, 3)
     with pytest.raises(NondeterministicOperatorError, match="dropout"):
         hessian_operator(model, mse, [(x, y)], dropout="as_is", determinism_probe=True)
+    with pytest.raises(NondeterministicOperatorError, match="dropout"):
+        hessian_operator(model, mse, [(x, y)], dropout="as_is")  # probed by default when dropout is left on
+    hessian_operator(model, mse, [(x, y)], dropout="as_is", determinism_probe=False)  # asked for explicitly
     op = hessian_operator(model, mse, [(x, y)], determinism_probe=True)  # dropout="off": fine
     model.eval()
     assert_products_match(op, dense_hessian(model, mse, x, y))
