@@ -33,11 +33,9 @@ from analysis.derived import (
     steps_to_target,
 )
 from analysis.load import (
-    ADAM_FAMILY,
     Run,
     Runs,
     flatten_config,
-    is_adam_family,
     load_run,
     load_runs,
     metric_series,
@@ -65,9 +63,9 @@ from analysis.summary import (
 )
 
 __all__ = [
-    "ADAM_FAMILY", "DEFAULT_KINDS", "FIGURE_KINDS", "OKABE_ITO", "Run", "Runs",
+    "DEFAULT_KINDS", "FIGURE_KINDS", "OKABE_ITO", "Run", "Runs",
     "clamp_fraction", "damping_ratio", "damping_runs", "first_crossing_step", "flatten_config",
-    "format_summary", "is_adam_family", "load_run", "load_runs", "loss_rise_fraction", "markdown_table",
+    "format_summary", "load_run", "load_runs", "loss_rise_fraction", "markdown_table",
     "mean_ci", "mean_update_cos", "metric_series", "plot_comparison", "plot_damping", "plot_density",
     "plot_loss", "plot_sharpness", "plot_spectrum", "run_label", "run_summary", "save_figures",
     "sharpness_ratio", "sign_flip_rate", "smooth", "stability_metrics", "stability_summary",

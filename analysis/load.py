@@ -36,9 +36,6 @@ import pandas as pd
 
 from eos_toolkit.record import find_runs, is_run_dir, read_run
 
-#: Optimizers whose stability picture is the preconditioned sharpness against 38/lr.
-ADAM_FAMILY = frozenset({"adam", "adamw", "rmsprop", "radam", "vradam"})
-
 #: How optimizer names (lower case in config.json) are written in legends.
 OPTIMIZER_NAMES = {
     "gd": "GD",
@@ -85,11 +82,6 @@ def run_label(config: dict) -> str:
     name = OPTIMIZER_NAMES.get(optimizer.lower(), optimizer)
     lr = config.get("lr")
     return f"{name} lr={lr:g}" if isinstance(lr, (int, float)) else name
-
-
-def is_adam_family(optimizer: str | None) -> bool:
-    """True for optimizers judged by preconditioned sharpness (adam, adamw, rmsprop, radam, vradam)."""
-    return str(optimizer).lower() in ADAM_FAMILY
 
 
 @dataclass

@@ -9,10 +9,12 @@ Conventions, the same in every figure:
 
 - colours from the Okabe-Ito palette (safe for colour-blind readers), one per
   run label, so seeds of one configuration share a colour;
-- the stability threshold is dashed in the run's colour (2/lr for gradient
-  descent, 2(1+beta)/((1-beta) lr) with momentum, 38/lr for Adam's
-  preconditioned sharpness); VRAdam's moving 38/eta_t is dotted, with the band
-  between the two shaded;
+- the stability threshold is dashed in the run's colour, as the run recorded
+  it from its optimizer's formula in ``eos_toolkit/thresholds.py`` (2/lr for
+  gradient descent, 2(1+beta)/lr for torch's heavy ball and RMSprop's
+  momentum, 2(1+beta)/((1+2 beta) lr) for Nesterov, 38/lr for Adam's
+  preconditioned sharpness at beta1 = 0.9); VRAdam's moving 38/eta_t is
+  dotted, with the band between the two shaded;
 - every drawn element carries a ``gid`` naming what it is (``sharpness``,
   ``threshold``, ``threshold_eta``, ``loss``, ``rises``, ``diverged``, ...), so
   that tests and callers can find it;
@@ -105,7 +107,8 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
     """Sharpness against step, one line per run, with each run's stability threshold.
 
     Gradient descent and momentum runs show ``sharpness`` (lambda_1 of the
-    Hessian) with ``threshold`` dashed; Adam-family runs show
+    Hessian) with ``threshold`` dashed; runs of optimizers with a
+    preconditioner (Adam, AdamW, RAdam, RMSprop, VRAdam) show
     ``precond_sharpness`` (lambda_1 of the preconditioned Hessian) with
     ``precond_threshold`` (38/lr) dashed and, for VRAdam, ``precond_threshold_eta``
     (38/eta_t) dotted with the band between shaded. This is the picture of Cohen

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from analysis.load import Run, Runs, flatten_config, is_adam_family, load_runs
+from analysis.load import Run, Runs, flatten_config, load_runs
 from analysis.plots import (
     damping_runs,
     plot_comparison,
@@ -82,9 +82,9 @@ def _group_keys(df: pd.DataFrame) -> list[str]:
 
 
 def _spectrum_prefix(run: Run) -> str | None:
-    # Adam-family runs are judged on the preconditioned Hessian, when it was tracked.
+    # Runs of optimizers with a preconditioner are judged on the preconditioned Hessian, when it was tracked.
     logged = run.metrics
-    if is_adam_family(run.optimizer) and any(re.fullmatch(r"precond_eig_\d+", m) for m in logged):
+    if any(re.fullmatch(r"precond_eig_\d+", m) for m in logged):
         return "precond_eig_"
     return "hessian_eig_" if any(re.fullmatch(r"hessian_eig_\d+", m) for m in logged) else None
 

@@ -5,11 +5,16 @@
 groups runs (by optimizer and lr by default) and reports mean +- 95% CI over
 seeds; :func:`format_summary` and :func:`markdown_table` render them.
 
-Which sharpness a run is judged by: Adam-family optimizers (adam, adamw,
-rmsprop, radam, vradam) by ``precond_sharpness`` against ``precond_threshold``
-(38/lr at beta1 = 0.9), and VRAdam also against ``precond_threshold_eta``
-(38/eta_t); the others by ``sharpness`` against ``threshold`` (2/lr, or
-2(1+beta)/((1-beta) lr) with momentum). See :func:`stability_metrics`.
+Which sharpness a run is judged by is read from its record, not from the
+optimizer's name: a run that logged ``precond_sharpness`` and
+``precond_threshold`` (an optimizer with a preconditioner P) by
+lambda_max(P^-1 H) against that threshold, and VRAdam also against
+``precond_threshold_eta`` (its effective rate eta_t); the others by
+``sharpness`` against ``threshold``. The training loop wrote each threshold
+from its optimizer's formula (``eos_toolkit/thresholds.py``: 2/lr for
+gradient descent, 2(1+beta)/lr for torch's heavy ball and RMSprop's momentum,
+2(1+beta1)/((1-beta1) lr) = 38/lr for Adam's preconditioned sharpness). See
+:func:`stability_metrics`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from analysis.derived import (
     steps_above_threshold,
     steps_to_target,
 )
-from analysis.load import as_tidy, is_adam_family, metric_series, run_label
+from analysis.load import as_tidy, metric_series, run_label
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ def run_info(df: pd.DataFrame, run_id: str) -> dict:
 def stability_metrics(df: pd.DataFrame, run_id: str) -> StabilityMetrics | None:
     """Which sharpness/threshold pair judges this run; None when it logged no sharpness at all.
 
-    An Adam-family run tracked without the preconditioner falls back to its raw
+    A run with a preconditioner tracked without it falls back to its raw
     ``sharpness``; it has no ``threshold`` (2/lr does not apply to Adam), so no
     line is drawn for it and it never "crosses".
     """
@@ -82,8 +87,7 @@ def stability_metrics(df: pd.DataFrame, run_id: str) -> StabilityMetrics | None:
     logged = set(df.loc[df["run_id"] == run_id, "metric"])
     if not logged:
         return None
-    optimizer = run_info(df, run_id).get("optimizer")
-    if is_adam_family(optimizer) and {"precond_sharpness", "precond_threshold"} <= logged:
+    if {"precond_sharpness", "precond_threshold"} <= logged:
         eta = "precond_threshold_eta" if "precond_threshold_eta" in logged else None
         return StabilityMetrics("precond_sharpness", "precond_threshold", eta)
     if "sharpness" in logged:

@@ -4,7 +4,7 @@ Modules:
   record      the run-record format (standard library only; no torch)
   thresholds  stability thresholds: 2/eta, heavy ball, Nesterov, 2(1+beta1)/((1-beta1) eta)
   hvp         Hessian-vector products and the Hessian operator
-  operators   optimizer-aware operators (preconditioned Hessian), scipy adapter
+  operators   the preconditioned Hessian P^-1/2 H P^-1/2 for a given P, dense and scipy adapters
   solvers     Lanczos, block Lanczos, power iteration, Hutchinson, SLQ density
   tracker     sharpness tracking during training
 
@@ -24,8 +24,7 @@ _EXPORTS = {
                    "nesterov_threshold"),
     "hvp": ("HessianOperator", "hessian_operator", "select_parameters", "module_mode",
             "NondeterministicOperatorError", "MissingSecondDerivativeError"),
-    "operators": ("adam_preconditioner", "PreconditionedOperator", "preconditioned_operator", "has_adam_state",
-                  "MatrixOperator", "as_scipy_linear_operator"),
+    "operators": ("PreconditionedOperator", "preconditioned_operator", "MatrixOperator", "as_scipy_linear_operator"),
     "solvers": ("EigResult", "lanczos", "block_lanczos", "power_iteration", "hutchinson_trace", "slq_density",
                 "SpectralDensity", "gaussian_density", "eigenvalue_error_bound"),
     "tracker": ("SharpnessTracker",),

@@ -1,35 +1,25 @@
-"""Linear operators built on a Hessian operator: Adam-preconditioned Hessian, dense matrices, scipy.
+"""Linear operators built on a Hessian operator: preconditioned Hessian, dense matrices, scipy.
 
-The preconditioned sharpness of an Adam-family optimizer (Cohen et al. 2022,
+The preconditioned sharpness of an adaptive optimizer (Cohen et al. 2022,
 "Adaptive gradient methods at the edge of stability") is the top eigenvalue
-of ``P^-1 H``, computed symmetrically as ``P^-1/2 H P^-1/2`` (same spectrum),
-with the diagonal preconditioner read from the optimizer's live state::
-
-    P = (1 - beta1^t) (sqrt(v_t / (1 - beta2^t)) + eps)        Adam, AdamW, VRAdam
-    P = sqrt(v_t) + eps   (centered: sqrt(v_t - g_avg^2) + eps)    RMSprop
-
-Adam's step is ``lr m_t / ((1 - beta1^t) (sqrt(vhat_t) + eps))``, i.e. EMA
-momentum with rate ``lr`` on the preconditioned problem; the ``1 - beta1^t``
-factor moves the first-moment bias correction into ``P`` so the stability
-threshold is exactly ``adam_threshold(lr, beta1) = 2 (1 + beta1) / ((1 - beta1) lr)``
-(``momentum_threshold(lr, momentum)`` for RMSprop with momentum,
-``gd_threshold(lr)`` without).  For VRAdam compare with the threshold at its
-effective rate ``eta_t`` and at ``lr``.
-
-Only the optimizer's ``state`` and ``param_groups`` are read, by torch's key
-names (``exp_avg_sq``, ``max_exp_avg_sq`` with ``amsgrad``, ``step``,
-``betas``, ``eps``; RMSprop's ``square_avg``, ``grad_avg``, ``alpha``,
-``centered``), so any optimizer storing its state under those names works.
+of ``P^-1 H`` for the optimizer's diagonal preconditioner ``P``, computed
+symmetrically as ``P^-1/2 H P^-1/2`` (same spectrum). ``P`` is data here: a
+positive vector over the operator's parameters. Which ``P`` (and which
+threshold from :mod:`eos_toolkit.thresholds`) belongs to which optimizer is
+decided where optimizers are known: one adapter per optimizer family in
+``experiments.adapters`` (for Adam, ``P = (1 - beta1^t)(sqrt(v_t / (1 -
+beta2^t)) + eps)`` and the threshold is ``adam_threshold(lr, beta1)``), each
+checked against the optimizer's own step. This module never reads an
+optimizer, so it cannot silently apply Adam's formula to another optimizer.
 
 Example::
 
     >>> import torch
     >>> model = torch.nn.Linear(3, 1)
     >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
-    >>> opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    >>> loss = torch.nn.functional.mse_loss(model(x), y); loss.backward(); opt.step()
     >>> from eos_toolkit.hvp import hessian_operator
-    >>> op = preconditioned_operator(hessian_operator(model, torch.nn.functional.mse_loss, [(x, y)]), opt)
+    >>> op = preconditioned_operator(hessian_operator(model, torch.nn.functional.mse_loss, [(x, y)]),
+    ...                              torch.full((4,), 2.0))
     >>> op.matvec(torch.randn(op.dim)).shape
     torch.Size([4])
 """
@@ -37,56 +27,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-
-def has_adam_state(optimizer: torch.optim.Optimizer, params) -> bool:
-    """Whether every parameter in ``params`` has a second-moment estimate in ``optimizer.state``."""
-    return all(("exp_avg_sq" in optimizer.state.get(p, {}) and "step" in optimizer.state[p])
-               or "square_avg" in optimizer.state.get(p, {}) for p in params)
-
-
-def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
-    for group in optimizer.param_groups:
-        if any(p is param for p in group["params"]):
-            return group
-    raise ValueError("a selected parameter is not managed by the optimizer")
-
-
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params, *,
-                        first_moment_correction: bool = True) -> torch.Tensor:
-    """The diagonal of ``P`` (see the module docstring), flattened over ``params`` in order.
-
-    ``params``: the live parameter tensors (e.g. ``HessianOperator.parameters``).
-    ``first_moment_correction=False`` drops the ``1 - beta1^t`` factor (then the
-    threshold is off by that factor early in training).  Computed on the
-    parameters' device, without host syncs.  Raises ValueError for a parameter
-    without second-moment state (take an optimizer step first).
-    """
-    diags = []
-    for i, p in enumerate(params):
-        state = optimizer.state.get(p, {})
-        group = _group_of(optimizer, p)
-        if "exp_avg_sq" in state and "step" in state:
-            beta1, beta2 = group["betas"]
-            step = state["step"]
-            if isinstance(step, torch.Tensor) and step.device.type == "cpu":
-                step = float(step)  # as torch.optim.Adam does: bias corrections in double precision
-            v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-            diag = (v / (1 - beta2 ** step)).sqrt() + group["eps"]
-            if first_moment_correction:
-                diag = diag * (1 - beta1 ** step)
-        elif "square_avg" in state:
-            v = state["square_avg"]
-            if group.get("centered"):
-                v = v - state["grad_avg"] ** 2
-            diag = v.sqrt() + group["eps"]
-        else:
-            raise ValueError(
-                f"parameter #{i} (shape {tuple(p.shape)}) has no 'exp_avg_sq'/'step' or 'square_avg' "
-                "in the optimizer state: take at least one optimizer step first, or use an Adam-family "
-                "or RMSprop optimizer")
-        diags.append(diag.detach().reshape(-1))
-    return torch.cat(diags)
 
 
 class PreconditionedOperator:
@@ -131,15 +71,15 @@ class PreconditionedOperator:
         return self.op.unflatten(vec, dtype)
 
 
-def preconditioned_operator(hess_op, optimizer: torch.optim.Optimizer, *,
-                            first_moment_correction: bool = True) -> PreconditionedOperator:
-    """``P^-1/2 H P^-1/2`` from a Hessian operator and an Adam-family optimizer's live state.
+def preconditioned_operator(hess_op, preconditioner) -> PreconditionedOperator:
+    """``P^-1/2 H P^-1/2`` from a Hessian operator and the diagonal of ``P``.
 
-    Compare its top eigenvalue with ``adam_threshold(lr, beta1)``.
+    ``preconditioner``: a flat positive tensor of length ``hess_op.dim``, or a
+    list of parameter-shaped tensors in the operator's parameter order.
     """
-    diag = adam_preconditioner(optimizer, hess_op.parameters,
-                               first_moment_correction=first_moment_correction)
-    return PreconditionedOperator(hess_op, diag)
+    if isinstance(preconditioner, (list, tuple)):
+        preconditioner = hess_op.flatten(preconditioner)
+    return PreconditionedOperator(hess_op, preconditioner.detach().reshape(-1))
 
 
 class MatrixOperator:

@@ -19,7 +19,8 @@ Layout::
       checkpoints/       written by the training loop (torch files), atomically
 
 Event names: ``started``, ``resumed``, ``checkpoint``, ``diverged``,
-``finished``, ``failed``. The run's status is derived from the events (see
+``finished``, ``failed``, ``warning`` (a measurement the run could not make,
+with a ``message``; the run goes on). The run's status is derived from the events (see
 :func:`run_status`): the last terminal event (``finished``, ``diverged``,
 ``failed``) if there is one after the last ``started``/``resumed``, otherwise
 ``incomplete`` (still running, or killed).
@@ -44,18 +45,34 @@ every ``track_every`` steps
 ``hessian_eig_{i}``          i-th largest Hessian eigenvalue (i = 1..k)
 ``hessian_residual_{i}``     its residual norm |H u - lambda u|
 ``hessian_matvecs``          Hessian-vector products this measurement used
+                             (a determinism probe's included)
 ``hessian_seconds``          wall time of this measurement
 ``threshold``                the stability threshold lambda_1(H) is compared
-                             with: 2/lr for gradient descent,
-                             2(1+beta)/lr for heavy-ball momentum (torch SGD),
-                             2(1+beta)/((1+2 beta) lr) for Nesterov
-``precond_sharpness``        lambda_1(P^-1/2 H P^-1/2) for Adam-family
+                             with, for optimizers without a preconditioner
+``precond_sharpness``        lambda_1(P^-1/2 H P^-1/2) for optimizers with a
+                             diagonal preconditioner P (Adam, AdamW, RAdam,
+                             RMSprop, VRAdam); NaN when P was missing
 ``precond_eig_{i}`` etc.     as for the Hessian
-``precond_threshold``        2(1+beta1)/((1-beta1) lr)  (38/lr at beta1 = 0.9)
-``precond_threshold_eta``    the same with VRAdam's effective rate eta_t
+``precond_threshold``        the threshold the preconditioned sharpness is
+                             compared with
+``precond_threshold_eta``    the same at VRAdam's effective rate eta_t
 ``val_loss``/``val_acc``     validation metrics (minibatch tasks)
 ``test_loss``/``test_acc``   test metrics (minibatch tasks)
 ===========================  =================================================
+
+Thresholds. Every threshold value is one formula of
+``eos_toolkit/thresholds.py``, chosen by the optimizer's adapter
+(``experiments/adapters.py``): 2/lr for gradient descent, 2(1+beta)/lr for
+torch's heavy ball (2(1+beta)/((1-d) lr) with dampening d) and for RMSprop's
+momentum, 2(1+beta)/((1+2 beta) lr) for Nesterov, 2(1+beta1)/((1-beta1) lr)
+(38/lr at beta1 = 0.9) for the Adam family, whose preconditioner P carries
+bias corrections (and RAdam's rectification). Which step: a measurement at
+step t (parameters after t updates, before step t is taken) is compared with
+the rates of step t - 1, the step that produced those parameters and left P
+in the optimizer state (``lr`` and ``eta`` as recorded at step t - 1). At
+t = 0 the threshold uses the scheduled rate of step 0; the preconditioned
+metrics and ``precond_threshold_eta`` start at the first tracking step after
+a step has been taken.
 
 This module imports only the standard library (and pandas inside
 :func:`read_metrics`), so the analysis can use it without torch.

@@ -227,15 +227,43 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
 def power_iteration(matvec: MatVec, dim: int, *, max_iter: int = 1000, tol: float = 1e-6,
                     v0: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
                     device=None, generator: torch.Generator | None = None,
-                    check_every: int = 4, keep_history: bool = False) -> EigResult:
-    """The eigenpair of largest *magnitude* by power iteration (for comparison).
+                    check_every: int = 4, keep_history: bool = False, which: str = "LM") -> EigResult:
+    """The eigenpair of largest magnitude (``which="LM"``) or the largest eigenvalue (``"LA"``).
 
     ``v <- A v / |A v|``; the estimate is the Rayleigh quotient ``v^T A v``.
     Stops when the relative change of the estimate over one product is below
-    ``tol`` (checked, with a host sync, every ``check_every`` products).  On an
-    indefinite Hessian this may return a negative eigenvalue; prefer
-    :func:`lanczos`.
+    ``tol`` (checked, with a host sync, every ``check_every`` products).
+    Power iteration converges to the eigenvalue of largest *magnitude*, which
+    on an indefinite Hessian can be a negative one (-86.8 where lambda_max is
+    5.3). ``which="LA"`` (what sharpness means) then runs a second, shifted
+    power iteration on ``A - mu I`` with that negative ``mu``, whose dominant
+    eigenvalue is ``lambda_max - mu``; the products of both runs are counted
+    in ``n_matvecs``. Lanczos (:func:`lanczos`) finds lambda_max in far fewer
+    products; this solver is kept for comparison.
     """
+    if which not in ("LM", "LA"):
+        raise ValueError(f"which must be 'LM' (largest magnitude) or 'LA' (largest algebraic), got {which!r}")
+    first = _power_iteration(matvec, dim, max_iter=max_iter, tol=tol, v0=v0, dtype=dtype, device=device,
+                             generator=generator, check_every=check_every, keep_history=keep_history)
+    if which == "LM":
+        return first
+    mu = float(first.eigenvalues[0])  # sync: is the dominant eigenvalue negative?
+    if mu >= 0:
+        return first
+
+    def shifted(v: torch.Tensor) -> torch.Tensor:
+        return matvec(v).to(dtype) - mu * v
+
+    second = _power_iteration(shifted, dim, max_iter=max_iter, tol=tol, v0=None, dtype=dtype, device=device,
+                              generator=generator, check_every=check_every, keep_history=keep_history)
+    history = None if not keep_history else torch.cat([first.history, second.history + mu])
+    return EigResult(eigenvalues=second.eigenvalues + mu, eigenvectors=second.eigenvectors,
+                     residuals=second.residuals, n_matvecs=first.n_matvecs + second.n_matvecs,
+                     converged=second.converged, history=history)
+
+
+def _power_iteration(matvec: MatVec, dim: int, *, max_iter: int, tol: float, v0, dtype, device, generator,
+                     check_every: int, keep_history: bool) -> EigResult:
     _check_common(dim, 1, tol)
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")

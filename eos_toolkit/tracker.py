@@ -4,11 +4,12 @@ A :class:`SharpnessTracker` owns one :class:`~eos_toolkit.hvp.HessianOperator`
 over a fixed measurement set (it reads the live parameters at each product),
 and each :meth:`SharpnessTracker.measure` runs an eigensolver on it, started
 from the previous eigenvectors: after one training step the top eigenvector
-has barely moved, so a few products suffice.  With ``precondition=True`` and
-an Adam-family optimizer it also measures ``P^-1/2 H P^-1/2`` from the
-optimizer's live state (:mod:`eos_toolkit.operators`).  Thresholds are the
-caller's business (:mod:`eos_toolkit.thresholds`): the tracker does not know
-which optimizer trains the model.
+has barely moved, so a few products suffice.  With ``precondition=True`` it
+also measures ``P^-1/2 H P^-1/2`` for the diagonal preconditioner ``P`` the
+caller passes to :meth:`SharpnessTracker.measure` (:mod:`eos_toolkit.operators`;
+``experiments.adapters`` reads ``P`` from an optimizer's state).  Thresholds
+are the caller's business (:mod:`eos_toolkit.thresholds`): the tracker does
+not know which optimizer trains the model.
 
 Example::
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from .hvp import hessian_operator
-from .operators import has_adam_state, preconditioned_operator
+from .operators import preconditioned_operator
 from .solvers import EigResult, block_lanczos, lanczos, power_iteration
 
 SOLVERS = ("lanczos", "block_lanczos", "power")
@@ -54,18 +55,22 @@ class SharpnessTracker:
 
     Arguments as in :func:`eos_toolkit.hvp.hessian_operator` (``params`` for
     per-layer sharpness, ``method``, ``bn_mode``, ``dropout``, ``dtype`` for the
-    solver arithmetic), plus ``k`` eigenpairs; ``solver`` one of ``"lanczos"``,
+    solver arithmetic, ``chunk_weights`` for losses that are not unweighted
+    means), plus ``k`` eigenpairs; ``solver`` one of ``"lanczos"``,
     ``"block_lanczos"`` (block size ``k``: for clusters at the edge of
-    stability), ``"power"`` (k = 1, largest magnitude); ``tol`` on the relative
+    stability), ``"power"`` (k = 1; shifted when the dominant eigenvalue is
+    negative, so it too reports lambda_max, see
+    :func:`~eos_toolkit.solvers.power_iteration`); ``tol`` on the relative
     residual; ``max_iter`` products per solve; ``determinism_probe`` checks on
-    the first measurement that two products with one vector agree.
+    the first measurement that two products with one vector agree (its two
+    products are counted in that measurement's ``hessian_matvecs``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence, *, k: int = 1,
                  method: str = "forward_over_reverse", bn_mode: str = "eval", solver: str = "lanczos",
                  tol: float = 1e-3, max_iter: int = 100, precondition: bool = False, params=None,
                  dropout: str = "off", dtype: torch.dtype | None = None,
-                 determinism_probe: bool = True, seed: int = 0):
+                 determinism_probe: bool = True, seed: int = 0, chunk_weights=None):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if solver == "power" and k != 1:
@@ -73,7 +78,9 @@ class SharpnessTracker:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.hessian = hessian_operator(model, loss_fn, batches, params=params, method=method,
-                                        bn_mode=bn_mode, dropout=dropout, dtype=dtype)
+                                        bn_mode=bn_mode, dropout=dropout, dtype=dtype,
+                                        determinism_probe=False,  # probed on the first measurement instead
+                                        chunk_weights=chunk_weights)
         if k > self.hessian.dim:
             raise ValueError(f"k={k} exceeds the number of selected parameters {self.hessian.dim}")
         self.k, self.solver, self.tol, self.max_iter = k, solver, tol, max_iter
@@ -114,7 +121,7 @@ class SharpnessTracker:
         elif self.solver == "block_lanczos":
             result = block_lanczos(op.matmat, op.dim, self.k, block_size=self.k, **kwargs)
         else:
-            result = power_iteration(op.matvec, op.dim, **kwargs)
+            result = power_iteration(op.matvec, op.dim, which="LA", **kwargs)
         if op.device.type == "cuda":
             torch.cuda.synchronize(op.device)  # sync: wall time of the solve
         return result, time.perf_counter() - start
@@ -130,27 +137,39 @@ class SharpnessTracker:
         metrics[f"{prefix}_converged"] = float(result.converged)
         return metrics
 
-    def measure(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+    def measure(self, preconditioner=None) -> dict[str, float]:
         """Solve at the model's current parameters; returns plain floats (a deliberate sync point).
 
         Keys: ``sharpness``, ``hessian_eig_{i}``, ``hessian_residual_{i}``,
-        ``hessian_matvecs``, ``hessian_seconds``, ``hessian_converged``; with
-        ``precondition=True`` and an optimizer whose state has Adam's or
-        RMSprop's second moments (after its first step) also ``precond_sharpness``,
-        ``precond_eig_{i}``, ``precond_residual_{i}``, ``precond_matvecs``,
-        ``precond_seconds``, ``precond_converged``.
+        ``hessian_matvecs`` (every product this measurement used, the
+        determinism probe's included), ``hessian_seconds``,
+        ``hessian_converged``; with ``precondition=True`` also
+        ``precond_sharpness``, ``precond_eig_{i}``, ``precond_residual_{i}``,
+        ``precond_matvecs``, ``precond_seconds``, ``precond_converged`` for
+        ``P^-1/2 H P^-1/2``, where ``preconditioner`` is the diagonal of ``P``
+        (a flat tensor over the tracked parameters or a list of
+        parameter-shaped tensors). Without one (an optimizer before its first
+        step) those values are NaN, so the gap is visible in the record.
         """
+        before = self.hessian.n_matvecs
         if self._probe_pending:
             self.hessian.check_determinism(generator=self.generator)
             self._probe_pending = False
         result, seconds = self._solve(self.hessian, self.eigenvectors)
         self.eigenvectors = align_signs(result.eigenvectors, self.eigenvectors)
         metrics = self._metrics("hessian", result, seconds)
+        metrics["hessian_matvecs"] = float(self.hessian.n_matvecs - before)
         metrics["sharpness"] = metrics["hessian_eig_1"]
-        if self.precondition and optimizer is not None and has_adam_state(optimizer, self.hessian.parameters):
-            op = preconditioned_operator(self.hessian, optimizer)
-            result, seconds = self._solve(op, self.precond_eigenvectors)
-            self.precond_eigenvectors = align_signs(result.eigenvectors, self.precond_eigenvectors)
-            metrics.update(self._metrics("precond", result, seconds))
-            metrics["precond_sharpness"] = metrics["precond_eig_1"]
+        if not self.precondition:
+            return metrics
+        if preconditioner is None:
+            nan = float("nan")
+            metrics.update({f"precond_{kind}_{i + 1}": nan for kind in ("eig", "residual") for i in range(self.k)})
+            metrics.update(precond_sharpness=nan, precond_matvecs=0.0, precond_seconds=0.0, precond_converged=nan)
+            return metrics
+        op = preconditioned_operator(self.hessian, preconditioner)
+        result, seconds = self._solve(op, self.precond_eigenvectors)
+        self.precond_eigenvectors = align_signs(result.eigenvectors, self.precond_eigenvectors)
+        metrics.update(self._metrics("precond", result, seconds))
+        metrics["precond_sharpness"] = metrics["precond_eig_1"]
         return metrics

@@ -21,7 +21,6 @@ from typing import Any
 
 TASKS = ("eos-fullbatch", "image-classification")
 OPTIMIZERS = ("gd", "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "radam", "vradam")
-ADAM_FAMILY = ("adam", "adamw", "rmsprop", "radam", "vradam")
 LOSSES = ("mse", "cross-entropy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
@@ -82,9 +81,11 @@ class RunConfig:
     # tracking
     track_every: int = 10
     track_k: int = 1  # top-k eigenvalues
-    track_precond: bool | None = None  # preconditioned sharpness; default: on for Adam family
+    track_precond: bool | None = None  # preconditioned sharpness lambda_max(P^-1 H); default: on where the optimizer has a P
     track_n: int = 1000  # image-classification: examples in the fixed tracking subset
     track_density_every: int = 0  # SLQ spectral density every N steps (0 = never)
+    density_probes: int = 4  # SLQ: random probes per density (cost: probes x steps Hessian-vector products)
+    density_steps: int = 60  # SLQ: Lanczos steps per probe
     hvp_method: str = "forward_over_reverse"
     hessian_bn_mode: str = "batch_stats"
     chunk_size: int = 1000  # examples per chunk for full-batch gradients and HVPs
@@ -99,10 +100,6 @@ class RunConfig:
     label: str | None = None  # legend label; default "<Optimizer> lr=<lr>"
 
     # --- derived / resolved ------------------------------------------------
-    @property
-    def is_adam_family(self) -> bool:
-        return self.optimizer in ADAM_FAMILY
-
     def validate(self) -> "RunConfig":
         """Fill task-dependent defaults and check every value; returns self.
 
@@ -129,8 +126,6 @@ class RunConfig:
             self.epochs = 10
         if self.checkpoint_every is None:
             self.checkpoint_every = self.track_every
-        if self.track_precond is None:
-            self.track_precond = self.is_adam_family
         if self.label is None:
             self.label = f"{_DISPLAY_NAMES[self.optimizer]} lr={self.lr:g}"
 
@@ -148,7 +143,7 @@ class RunConfig:
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         for name in ("batch_size", "track_every", "track_k", "track_n", "chunk_size", "lanczos_max_iter",
-                     "checkpoint_every"):
+                     "checkpoint_every", "density_probes", "density_steps"):
             _positive_int(name, getattr(self, name))
         _non_negative_int("track_density_every", self.track_density_every)
         _non_negative_int("seed", self.seed)
@@ -161,9 +156,15 @@ class RunConfig:
             raise ConfigError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of track_every ({self.track_every}): "
                 "metrics are written at tracking steps, and a checkpoint must not be ahead of them")
-        from experiments.optim import check_schedule_name  # imports torch; config stays light until here
+        from experiments.optim import check_schedule_name, optimizer_adapter  # torch: config stays light until here
 
         check_schedule_name(self.schedule)
+        preconditioned = optimizer_adapter(self.optimizer).preconditioned
+        if self.track_precond is None:
+            self.track_precond = preconditioned
+        if self.track_precond and not preconditioned:
+            raise ConfigError(f"track_precond needs an optimizer with a preconditioner; {self.optimizer!r} has none "
+                              "(its stability is read on the raw sharpness)")
         for name in ("schedule_options", "model_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")

@@ -14,6 +14,9 @@ radam         torch.optim.RAdam
 vradam        vradam.VRAdam (beta3, alpha1, gate, power, norm_scope)
 ============  ==========================================================
 
+What the sharpness of each is compared with (preconditioner, effective rate,
+threshold) is its class's adapter in :mod:`experiments.adapters`.
+
 Schedules are stepped once per optimizer step. ``schedule`` is ``constant`` or
 the name of any class in ``torch.optim.lr_scheduler`` (options from
 ``schedule_options``); ``CosineAnnealingLR``'s ``T_max`` and ``OneCycleLR``'s
@@ -26,33 +29,46 @@ from __future__ import annotations
 
 import torch
 
-from eos_toolkit.thresholds import adam_threshold, gd_threshold, heavy_ball_threshold, nesterov_threshold
-from experiments.config import ConfigError, RunConfig
+from experiments.adapters import OptimizerAdapter, adapter_for_class
+from experiments.config import OPTIMIZERS, ConfigError, RunConfig
 from vradam import VRAdam
+
+# The torch class behind each optimizer name the CLI offers; its stability
+# adapter (preconditioner, rate, threshold) comes from experiments.adapters.
+OPTIMIZER_CLASSES: dict[str, type] = {
+    "gd": torch.optim.SGD, "sgd": torch.optim.SGD, "momentum": torch.optim.SGD, "nesterov": torch.optim.SGD,
+    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
+    "radam": torch.optim.RAdam, "vradam": VRAdam,
+}
+assert set(OPTIMIZER_CLASSES) == set(OPTIMIZERS), "every offered optimizer needs a class (and so an adapter)"
+
+
+def optimizer_adapter(name: str) -> OptimizerAdapter:
+    """The stability adapter of the optimizer called ``name`` (see :mod:`experiments.adapters`)."""
+    if name not in OPTIMIZER_CLASSES:
+        raise ConfigError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    return adapter_for_class(OPTIMIZER_CLASSES[name])
 
 
 def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.optimizer`` over ``params``."""
     name, lr, wd = cfg.optimizer, cfg.lr, cfg.weight_decay
     betas = (cfg.beta1, cfg.beta2)
+    cls = OPTIMIZER_CLASSES.get(name)
     if name in ("gd", "sgd"):
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+        return cls(params, lr=lr, weight_decay=wd)
     if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+        return cls(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
     if name == "nesterov":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=wd)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd)
+        return cls(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=wd)
+    if name in ("adam", "adamw", "radam"):
+        return cls(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd)
     if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.beta2, eps=cfg.eps, weight_decay=wd)
-    if name == "radam":
-        return torch.optim.RAdam(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd)
+        return cls(params, lr=lr, alpha=cfg.beta2, eps=cfg.eps, weight_decay=wd)
     if name == "vradam":
-        return VRAdam(params, lr=lr, betas=betas, beta3=cfg.beta3, alpha1=cfg.alpha1, eps=cfg.eps,
-                      weight_decay=wd, gate=cfg.gate, power=cfg.power, norm_scope=cfg.norm_scope)
-    raise ConfigError(f"unknown optimizer {name!r}")
+        return cls(params, lr=lr, betas=betas, beta3=cfg.beta3, alpha1=cfg.alpha1, eps=cfg.eps,
+                   weight_decay=wd, gate=cfg.gate, power=cfg.power, norm_scope=cfg.norm_scope)
+    raise ConfigError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def schedule_names() -> list[str]:
@@ -92,25 +108,3 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_step
     if main is None:
         return warmup
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup_steps])
-
-
-def stability_threshold(cfg: RunConfig, rate: float) -> float:
-    """The sharpness at which ``cfg``'s optimizer at step size ``rate`` stops being stable.
-
-    On a quadratic with curvature lambda (Cohen et al. 2021, 2022):
-
-    - gradient descent: lambda < 2 / eta;
-    - heavy ball as torch.optim.SGD writes it (buf = beta buf + g; p -= eta buf):
-      lambda < 2 (1 + beta) / eta;
-    - Nesterov as torch.optim.SGD writes it: lambda < 2 (1 + beta) / ((1 + 2 beta) eta);
-    - Adam-family (the *preconditioned* sharpness; EMA momentum with beta1):
-      2 (1 + beta1) / ((1 - beta1) eta), 38 / eta at beta1 = 0.9; RMSprop has
-      no momentum, so 2 / eta.
-    """
-    if cfg.optimizer in ("gd", "sgd", "rmsprop"):
-        return gd_threshold(rate)
-    if cfg.optimizer == "momentum":
-        return heavy_ball_threshold(rate, cfg.momentum)
-    if cfg.optimizer == "nesterov":
-        return nesterov_threshold(rate, cfg.momentum)
-    return adam_threshold(rate, cfg.beta1)

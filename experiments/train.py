@@ -49,14 +49,15 @@ from eos_toolkit.solvers import gaussian_density, slq_density
 from eos_toolkit.tracker import SharpnessTracker
 from experiments.config import RunConfig
 from experiments.data import augment_batch
-from experiments.optim import build_optimizer, build_scheduler, stability_threshold
+from experiments.adapters import adapter_for
+from experiments.optim import build_optimizer, build_scheduler
 from experiments.tasks import PreparedTask, chunks, prepare_task
 
 CHECKPOINT_NAME = "last.pt"
 # Metrics that measure wall-clock time; the only ones a resumed run may not reproduce.
 TIMING_METRICS = ("hessian_seconds", "precond_seconds", "density_seconds")
-# Stochastic Lanczos quadrature: probes x steps Hessian-vector products per density.
-DENSITY_PROBES, DENSITY_STEPS, DENSITY_GRID = 4, 60, 400
+# Points of the grid a spectral density is evaluated on (its cost is set by density_probes x density_steps).
+DENSITY_GRID = 400
 
 
 @dataclass
@@ -137,6 +138,7 @@ class Trainer:
         self.model = task.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, self.params)
+        self.adapter = adapter_for(self.optimizer)
         self.total = total_steps(cfg, len(task.train[0]))
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
         self.tracker = SharpnessTracker(
@@ -146,6 +148,10 @@ class Trainer:
         self.density_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.prev_update: torch.Tensor | None = None
+        # The scheduled and the effective rate of the last step taken (None before the first).
+        self.last_lr: float | None = None
+        self.last_rate: float | torch.Tensor | None = None
+        self.warned_precond = False
         self.initial_loss: float | None = None
         self.pending: list[tuple[int, str, torch.Tensor | float]] = []
         self.writer: record.RunWriter | None = None
@@ -196,13 +202,13 @@ class Trainer:
         update = flat(self.params) - before
         t = self.step
         rows = self.pending
-        rows += [(t, "train_loss", loss), (t, "lr", float(lr)), (t, "update_norm", update.norm())]
-        if hasattr(self.optimizer, "telemetry"):  # VRAdam: eta_t, s_t and the clamp, as device tensors
+        self.last_lr, self.last_rate = float(lr), self.adapter.effective_rate(self.optimizer, float(lr))
+        rows += [(t, "train_loss", loss), (t, "lr", float(lr)), (t, "update_norm", update.norm()),
+                 (t, "eta", self.last_rate)]
+        if hasattr(self.optimizer, "telemetry"):  # VRAdam: s_t and the clamp, as device tensors
             tel = self.optimizer.telemetry(0)
-            rows += [(t, "eta", tel["eta"].detach().clone()), (t, "vr_sq_norm", tel["sq_norm"].detach().clone()),
+            rows += [(t, "vr_sq_norm", tel["sq_norm"].detach().clone()),
                      (t, "vr_clamped", tel["clamped"].detach().clone())]
-        else:
-            rows.append((t, "eta", float(lr)))
         if self.prev_update is not None:
             cos = torch.dot(update, self.prev_update) / (update.norm() * self.prev_update.norm()).clamp_min(1e-30)
             rows.append((t, "update_cos", cos))
@@ -254,12 +260,7 @@ class Trainer:
             if split is not None:
                 l, a = evaluate(self.model, self.task.loss_fn, chunks(*split, cfg.chunk_size), train_mode=False)
                 rows += [(t, f"{name}_loss", l.item()), (t, f"{name}_acc", a.item())]
-        measured = self.tracker.measure(self.optimizer if cfg.track_precond else None)
-        rows += [(t, name, value) for name, value in measured.items()]
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        rows.append((t, "precond_threshold" if cfg.is_adam_family else "threshold", self._threshold(lr)))
-        if hasattr(self.optimizer, "telemetry"):  # VRAdam: the line at its effective rate eta_t
-            rows.append((t, "precond_threshold_eta", self._threshold(self.optimizer.telemetry(0)["eta"].item())))
+        rows += self._sharpness_and_thresholds(t)
         if cfg.track_density_every and t % cfg.track_density_every == 0:
             rows += self._density(t)
         self.writer.log_metrics(rows)
@@ -268,15 +269,45 @@ class Trainer:
             return "target"
         return None
 
+    def _sharpness_and_thresholds(self, t: int) -> list[tuple[int, str, float]]:
+        """Sharpness (raw, and preconditioned where the optimizer has a P) and the lines it is compared with.
+
+        The rates are those of step t - 1, which produced the measured
+        parameters and left P in the optimizer state. Before the first step
+        (t = 0) the threshold uses the scheduled rate of step 0, and the
+        preconditioned metrics and the gated line are not recorded (no P and
+        no eta_t exist yet). A P missing later (a parameter without optimizer
+        state) gives NaN preconditioned metrics and one ``warning`` event.
+        """
+        preconditioner = None
+        if self.cfg.track_precond:
+            preconditioner = self.adapter.preconditioner(self.optimizer, self.tracker.hessian.parameters)
+            if preconditioner is None and self.step > 0 and not self.warned_precond:
+                self.warned_precond = True
+                self.writer.event("warning", step=t, message=(
+                    "preconditioned metrics are NaN: the optimizer has no state for some tracked parameters "
+                    "(a parameter that never received a gradient?)"))
+        measured = self.tracker.measure(preconditioner)
+        if self.last_lr is None and preconditioner is None:
+            # Before the first step no preconditioner exists (not a gap): nothing to record.
+            measured = {k: v for k, v in measured.items() if not k.startswith("precond_")}
+        rows = [(t, name, value) for name, value in measured.items()]
+        lr = self.last_lr if self.last_lr is not None else float(self.optimizer.param_groups[0]["lr"])
+        name = "precond_threshold" if self.adapter.preconditioned else "threshold"
+        rows.append((t, name, self._threshold(lr)))
+        if self.adapter.gated and self.last_rate is not None:  # the line at the effective rate (VRAdam's eta_t)
+            rows.append((t, f"{name}_eta", self._threshold(float(self.last_rate))))
+        return rows
+
     def _threshold(self, rate: float) -> float:
         # A schedule may bring the rate to 0 (cosine's last step): no step, no threshold.
-        return stability_threshold(self.cfg, rate) if rate > 0 else math.inf
+        return float(self.adapter.threshold(self.optimizer, rate)) if rate > 0 else math.inf
 
     def _density(self, t: int) -> list[tuple[int, str, float]]:
         """SLQ spectral density of the Hessian, written to the record's density table."""
         op = self.tracker.hessian
         start = time.perf_counter()
-        sld = slq_density(op.matvec, op.dim, n_probes=DENSITY_PROBES, n_steps=DENSITY_STEPS,
+        sld = slq_density(op.matvec, op.dim, n_probes=self.cfg.density_probes, n_steps=self.cfg.density_steps,
                           device=op.device, generator=self.density_generator)
         lo, hi = sld.nodes.min(), sld.nodes.max()
         pad = 0.05 * (hi - lo)
@@ -295,6 +326,9 @@ class Trainer:
             "tracker": self.tracker.state_dict(),
             "density_rng": self.density_generator.get_state(),
             "prev_update": self.prev_update,
+            "last_lr": self.last_lr,
+            "last_rate": None if self.last_rate is None else float(self.last_rate),
+            "warned_precond": self.warned_precond,
             "initial_loss": self.initial_loss,
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -317,6 +351,8 @@ class Trainer:
         self.tracker.load_state_dict(state["tracker"])
         self.density_generator.set_state(state["density_rng"].cpu())
         self.prev_update = state["prev_update"]
+        self.last_lr, self.last_rate = state["last_lr"], state["last_rate"]
+        self.warned_precond = state["warned_precond"]
         self.initial_loss = state["initial_loss"]
         torch.set_rng_state(state["rng_torch"].cpu())
         if state["rng_cuda"]:
@@ -384,11 +420,24 @@ def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], 
     cfg = cfg.validate()
     run_dir = Path(run_dir)
     trainer = _build(cfg, run_dir)
+    # The record names the data set actually loaded, so a resume cannot pick another one
+    # ("auto" may resolve differently once another data set is fetched).
+    cfg.dataset = trainer.task.data_info["dataset"]
     env = environment_info(trainer.device)
     env["data"] = trainer.task.data_info
     trainer.writer = record.RunWriter.create(run_dir, cfg.to_dict(), env)
     trainer.writer.event("started", step=0, total_steps=trainer.total)
     return trainer.run(on_step)
+
+
+def _check_same_data(run_dir: Path, recorded: dict, loaded: dict) -> None:
+    """Refuse to resume on data other than the run started on (checksums of every split recorded)."""
+    for key in ("dataset", "checksum", "test_checksum"):
+        if key in recorded and recorded[key] != loaded.get(key):
+            raise ValueError(
+                f"{run_dir} started on {key} {recorded[key]!r} but resuming would use {loaded.get(key)!r} "
+                f"(from {loaded.get('source')}): restore the original data (source {recorded.get('source')!r}) "
+                "or start a new run")
 
 
 def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = None) -> RunResult:
@@ -399,6 +448,7 @@ def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = 
         raise ValueError(f"{run_dir} is already {rec.status}; nothing to resume")
     cfg = RunConfig.from_dict(rec.config).validate()
     trainer = _build(cfg, run_dir)
+    _check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
     trainer.load_checkpoint()
     trainer.writer = record.RunWriter.open(run_dir)
     # The checkpoint at step t was taken before step t's tracking: replay from t.

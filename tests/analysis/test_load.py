@@ -78,7 +78,6 @@ def test_run_label_and_flatten():
     assert analysis.run_label({"optimizer": "vradam", "lr": 0.002}) == "VRAdam lr=0.002"
     assert analysis.run_label({"optimizer": "gd", "lr": 0.1, "label": "mine"}) == "mine"
     assert analysis.flatten_config({"a": {"b": {"c": 1}}, "d": None}) == {"a.b.c": 1, "d": None}
-    assert analysis.is_adam_family("AdamW") and not analysis.is_adam_family("momentum")
 
 
 def test_density_is_tagged_with_the_run(tmp_path):

@@ -1,12 +1,15 @@
 """Sharpness tracker and stability thresholds: quadratics with closed forms, dense Hessians, live optimizers."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from eos_toolkit.hvp import NondeterministicOperatorError
 from eos_toolkit.thresholds import adam_threshold, gd_threshold, momentum_threshold
+from eos_toolkit.solvers import power_iteration
 from eos_toolkit.tracker import SharpnessTracker
 from tests.eos_toolkit.reference import DT, SmallCNN, dense_hessian, regression_data, spectrum_matrix, tanh_mlp
 
@@ -119,14 +122,15 @@ def test_tracker_preconditioned_metrics_with_adam():
     x, y = regression_data(16, 5, 3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     tracker = SharpnessTracker(model, mse, [(x, y)], k=2, precondition=True, tol=1e-8)
-    assert "precond_sharpness" not in tracker.measure(optimizer)  # no state before the first step
+    before = tracker.measure(None)  # no preconditioner yet (an optimizer before its first step): NaN, not absent
+    assert math.isnan(before["precond_sharpness"]) and math.isnan(before["precond_eig_2"])
     for _ in range(3):
         optimizer.zero_grad()
         mse(model(x), y).backward()
         optimizer.step()
-    metrics = tracker.measure(optimizer)
     v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
     P = (1 - 0.9 ** 3) * (torch.sqrt(v / (1 - 0.999 ** 3)) + 1e-8)
+    metrics = tracker.measure(P)
     H = dense_hessian(model, mse, x, y)
     exact = torch.linalg.eigvalsh(H / torch.sqrt(torch.outer(P, P))).flip(0)
     assert metrics["precond_sharpness"] == pytest.approx(float(exact[0]), rel=1e-7)
@@ -193,3 +197,43 @@ def test_state_dict_round_trip_resumes_identically():
     second.load_state_dict(torch.load(buffer, weights_only=True))
     assert first.measure()["hessian_eig_1"] == second.measure()["hessian_eig_1"]
     assert torch.equal(first.eigenvectors, second.eigenvectors)
+
+
+def test_matvec_counts_include_the_determinism_probe():
+    """Every product a measurement used is counted: the operator's own counter is the reference."""
+    model = tanh_mlp(sizes=(5, 8, 3))
+    x, y = regression_data(16, 5, 3)
+    tracker = SharpnessTracker(model, mse, [(x, y)], precondition=True, tol=1e-8)
+    P = torch.rand(tracker.hessian.dim, dtype=DT) + 0.5
+    first = tracker.measure(P)
+    assert first["hessian_matvecs"] + first["precond_matvecs"] == tracker.hessian.n_matvecs
+    counted = tracker.hessian.n_matvecs
+    second = tracker.measure(P)  # no probe the second time
+    assert second["hessian_matvecs"] + second["precond_matvecs"] == tracker.hessian.n_matvecs - counted
+
+
+def test_power_solver_reports_lambda_max_on_an_indefinite_hessian():
+    """Power iteration alone finds -86.8 (largest magnitude); the tracker's sharpness must be lambda_max = 5.3."""
+    eigenvalues = torch.tensor([-86.8, 5.3, 2.0, -1.0, 0.5], dtype=DT)
+    A, _ = spectrum_matrix(eigenvalues)
+    model = Quadratic(5)
+    data = [(torch.zeros(1), torch.zeros(1))]
+    metrics = SharpnessTracker(model, quadratic_loss(A), data, solver="power", tol=1e-10,
+                               max_iter=3000).measure()
+    assert metrics["sharpness"] == pytest.approx(5.3, rel=1e-6)
+    assert metrics["hessian_residual_1"] < 1e-2  # the eigenvector converges as the square root of the value
+
+
+def test_power_iteration_which():
+    A, _ = spectrum_matrix(torch.tensor([-86.8, 5.3, 2.0, -1.0, 0.5], dtype=DT))
+    g = torch.Generator().manual_seed(0)
+    magnitude = power_iteration(lambda v: A @ v, 5, tol=1e-12, max_iter=3000, generator=g)
+    largest = power_iteration(lambda v: A @ v, 5, tol=1e-12, max_iter=3000, generator=g, which="LA")
+    assert float(magnitude.eigenvalues[0]) == pytest.approx(-86.8, rel=1e-9)
+    assert float(largest.eigenvalues[0]) == pytest.approx(5.3, rel=1e-9)
+    assert largest.n_matvecs > magnitude.n_matvecs  # both runs counted
+    positive, _ = spectrum_matrix(torch.tensor([3.0, 1.0, -2.0], dtype=DT))
+    assert float(power_iteration(lambda v: positive @ v, 3, tol=1e-12, max_iter=3000, generator=g,
+                                 which="LA").eigenvalues[0]) == pytest.approx(3.0, rel=1e-9)
+    with pytest.raises(ValueError, match="which must be"):
+        power_iteration(lambda v: A @ v, 5, which="SA")

@@ -28,6 +28,8 @@ def test_task_defaults():
     ("gate", "momentum", "unknown gate 'momentum'; allowed: velocity, gradient"),
     ("device", "tpu", "unknown device 'tpu'"),
     ("checkpoint_every", 15, "checkpoint_every (15) must be a multiple of track_every (10)"),
+    ("track_precond", True, "track_precond needs an optimizer with a preconditioner; 'gd' has none"),
+    ("density_probes", 0, "density_probes must be an integer > 0, got 0"),
 ])
 def test_bad_values_are_named(key, value, message):
     with pytest.raises(ConfigError) as info:

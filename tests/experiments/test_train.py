@@ -75,6 +75,55 @@ def test_vradam_records_gate_and_preconditioned_sharpness(tiny_data_dir, tmp_pat
     assert metric(run, "precond_sharpness").index.tolist() == [5, 10]  # Adam state exists from step 1
 
 
+def test_thresholds_use_the_rates_of_the_step_that_produced_the_parameters(tiny_data_dir, tmp_path):
+    """With warmup the rate changes every step: a measurement at t is compared with step t - 1's lr and eta_t."""
+    lr = 0.01
+    cfg = tiny(tiny_data_dir, optimizer="vradam", lr=lr, beta3=50.0, alpha1=3.0, steps=10, warmup_steps=4)
+    train(cfg, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    lrs, eta = metric(run, "lr"), metric(run, "eta")
+    assert lrs[0] == pytest.approx(lr / 4) and lrs[4] == pytest.approx(lr)  # the warmup really moves the rate
+    line, line_eta = metric(run, "precond_threshold"), metric(run, "precond_threshold_eta")
+    assert line[0] == pytest.approx(38 / lrs[0])  # before any step: the rate step 0 will use
+    assert line[5] == pytest.approx(38 / lrs[4]) and line[10] == pytest.approx(38 / lrs[9])
+    assert line_eta.index.tolist() == [5, 10]  # no gate exists before the first step
+    assert line_eta[5] == pytest.approx(38 / eta[4], rel=1e-6) and line_eta[10] == pytest.approx(38 / eta[9], rel=1e-6)
+    assert "precond_sharpness" not in set(run.metrics[run.metrics.step == 0].metric)
+
+
+def test_rmsprop_line_is_its_own_threshold(tiny_data_dir, tmp_path):
+    cfg = tiny(tiny_data_dir, optimizer="rmsprop", lr=1e-3, steps=5)
+    train(cfg, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    assert metric(run, "precond_threshold").tolist() == pytest.approx([2 / 1e-3] * 2)  # no momentum: 2/lr
+    assert metric(run, "precond_sharpness").notna().all()
+
+
+def test_missing_optimizer_state_gives_nan_and_one_warning(tiny_data_dir, tmp_path):
+    """A tracked parameter without optimizer state: NaN preconditioned metrics and one warning event, no skip."""
+    from eos_toolkit import record
+    from experiments.train import _build
+
+    cfg = tiny(tiny_data_dir, optimizer="adam", lr=0.01, steps=12, track_every=2).validate()
+    trainer = _build(cfg, tmp_path / "run")
+    trainer.writer = record.RunWriter.create(tmp_path / "run", cfg.to_dict(), {})
+    trainer.writer.event("started", step=0)
+    first = trainer.params[0]
+
+    def forget_state(step, total):
+        if step in (4, 8):  # called with the step count after a step: the state is gone at tracking steps 4 and 8
+            trainer.optimizer.state.pop(first)
+
+    trainer.run(on_step=forget_state)
+    run = read_run(tmp_path / "run")
+    sharp = metric(run, "precond_sharpness")
+    assert sharp.index.tolist() == [2, 4, 6, 8, 10, 12]
+    assert math.isnan(sharp[4]) and math.isnan(sharp[8])
+    assert sharp.drop([4, 8]).notna().all()
+    warnings = [e for e in run.events if e["event"] == "warning"]
+    assert len(warnings) == 1 and warnings[0]["step"] == 4 and "NaN" in warnings[0]["message"]
+
+
 class SimulatedKill(BaseException):
     """Stands in for SIGKILL: the loop must not catch it or write anything on its way out."""
 
@@ -108,6 +157,29 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides
     assert a["value"].tolist() == b["value"].tolist()  # exact, NaN-free
     with pytest.raises(ValueError, match="already finished"):
         resume(tmp_path / "killed")
+
+
+def test_resume_refuses_other_data_than_the_run_started_on(tiny_data_dir, tmp_path):
+    """'auto' is resolved once and recorded; a resume on changed data files is a clear error."""
+    import gzip
+
+    from tests.experiments.idx import IDX_NAMES, idx_bytes
+
+    cfg = tiny(tiny_data_dir, dataset="auto", optimizer="gd", lr=0.1, steps=12)
+
+    def kill_at_7(step, total):
+        if step == 7:
+            raise SimulatedKill()
+
+    with pytest.raises(SimulatedKill):
+        train(cfg, tmp_path / "run", on_step=kill_at_7)
+    run = read_run(tmp_path / "run")
+    assert run.config["dataset"] == "fashion-mnist" and run.environment["data"]["dataset_requested"] == "auto"
+    images = torch.randint(0, 255, (200, 10, 10), dtype=torch.uint8).numpy()
+    path = tiny_data_dir / "fashion-mnist" / f"{IDX_NAMES['train'][0]}.gz"
+    path.write_bytes(gzip.compress(idx_bytes(images)))
+    with pytest.raises(ValueError, match=r"started on checksum '[0-9a-f]{64}' but resuming would use '[0-9a-f]{64}'"):
+        resume(tmp_path / "run")
 
 
 def test_divergence_is_a_result_with_a_complete_record(tiny_data_dir, tmp_path):
@@ -154,7 +226,8 @@ def test_gradient_descent_reaches_the_edge_of_stability_on_real_data(tmp_path):
 
 
 def test_spectral_density_is_recorded_with_unit_mass(tiny_data_dir, tmp_path):
-    cfg = tiny(tiny_data_dir, optimizer="gd", lr=0.5, steps=10, track_density_every=5, dtype="float64")
+    cfg = tiny(tiny_data_dir, optimizer="gd", lr=0.5, steps=10, track_density_every=5, dtype="float64",
+               density_probes=2, density_steps=30)
     train(cfg, tmp_path / "run")
     run = read_run(tmp_path / "run")
     assert sorted(set(run.density["step"])) == [0, 5, 10]
