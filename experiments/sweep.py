@@ -21,13 +21,14 @@ emitted as one ``eos run`` command per line for any cluster scheduler.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from eos_toolkit.record import is_run_dir, read_events, run_status, write_json_atomic
+from eos_toolkit.record import CONFIG_FILE, is_run_dir, read_events, run_status, write_json_atomic
 from experiments.config import ConfigError, RunConfig, load_config_file
 
 
@@ -98,6 +99,44 @@ def commands(runs: list[SweepRun], out: str | Path) -> list[str]:
             for r in runs]
 
 
+def config_differences(stored: dict, expected: dict) -> list[str]:
+    """Keys whose value in a run's stored config.json differs from the sweep's config for that run.
+
+    A requested ``dataset: auto`` matches the data set the run resolved and recorded.
+    """
+    expected = json.loads(json.dumps(expected))  # as it would read back from config.json
+    diffs = []
+    for key in sorted(set(stored) | set(expected)):
+        if key == "dataset" and expected.get(key) == "auto" and key in stored:
+            continue
+        if stored.get(key, "<missing>") != expected.get(key, "<missing>"):
+            diffs.append(f"{key}: recorded {stored.get(key, '<missing>')!r}, sweep {expected.get(key, '<missing>')!r}")
+    return diffs
+
+
+def check_existing_records(runs: list[SweepRun], out: str | Path) -> None:
+    """Refuse to reuse a record whose config is not the one the sweep would run under that name.
+
+    Records are found by run name; after an edit of the spec an old record
+    with the same name would otherwise count as done (or be resumed).
+    """
+    stale = []
+    for run in runs:
+        path = Path(out) / run.name
+        if is_run_dir(path):
+            try:
+                stored = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                stale.append(f"{path}: unreadable {CONFIG_FILE} ({exc})")
+                continue
+            diffs = config_differences(stored, run.config.to_dict())
+            if diffs:
+                stale.append(f"{path}: " + "; ".join(diffs))
+    if stale:
+        raise ConfigError("existing run records were made with a different config than this sweep gives them "
+                          "(move them away or use another output directory):\n  " + "\n  ".join(stale))
+
+
 def _run_one(run: SweepRun, out: str, threads: int) -> tuple[str, str]:
     """Train one run, resume it if a record was left incomplete, or skip it if it has ended."""
     import torch
@@ -120,10 +159,12 @@ def _run_one(run: SweepRun, out: str, threads: int) -> tuple[str, str]:
 def run_sweep(runs: list[SweepRun], out: str | Path, jobs: int = 1, on_done=None) -> dict[str, str]:
     """Run a sweep into ``out`` with ``jobs`` processes; finished runs are kept, incomplete ones resumed.
 
-    Each process gets ``cpu_count // jobs`` torch threads. Returns name -> status.
+    An existing record whose config differs from the sweep's is refused
+    (:func:`check_existing_records`) before anything runs. Each process gets ``cpu_count // jobs`` torch threads. Returns name -> status.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    check_existing_records(runs, out)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     statuses = {}
 

@@ -73,3 +73,20 @@ def test_parallel_runs_match_serial_ones(tiny_data_dir, tmp_path):
         a, b = (read_run(tmp_path / d / r.name).metrics for d in ("serial", "parallel"))
         keep = ~a.metric.str.endswith("_seconds")
         assert a[keep]["value"].tolist() == pytest.approx(b[keep]["value"].tolist(), rel=1e-6)
+
+
+def test_a_record_made_under_another_config_is_refused(tiny_data_dir, tmp_path):
+    """After an edit of the spec, an old record with the same run name must not count as done."""
+    from experiments.sweep import run_sweep
+
+    base = {**BASE, "data_dir": str(tiny_data_dir), "dataset": "auto"}
+    runs = expand_sweep({"base": base, "grid": [{"optimizer": "gd", "lr": 0.1}]})
+    assert run_sweep(runs, tmp_path / "s") == {"gd-lr0.1-s0": "finished"}
+    assert run_sweep(runs, tmp_path / "s") == {"gd-lr0.1-s0": "finished (already recorded)"}  # auto matches
+    edited = expand_sweep({"base": {**base, "steps": 6}, "grid": [{"optimizer": "gd", "lr": 0.1}]})
+    assert [r.name for r in edited] == [r.name for r in runs]  # base keys are not in the name
+    with pytest.raises(ConfigError, match=r"gd-lr0.1-s0: steps: recorded 4, sweep 6"):
+        run_sweep(edited, tmp_path / "s")
+    nested = expand_sweep({"base": base, "grid": [{"optimizer": "gd", "lr": 0.1, "model_options": {"hidden": [9]}}]})
+    with pytest.raises(ConfigError, match=r"model_options: recorded \{'hidden': \[8\]\}, sweep \{'hidden': \[9\]\}"):
+        run_sweep(nested, tmp_path / "s")
