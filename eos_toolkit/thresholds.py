@@ -10,7 +10,14 @@ momentum ``v <- beta1 v + g; x <- x - eta v`` is stable iff
 Adam-family optimizers that threshold applies to the *preconditioned*
 sharpness (the top eigenvalue of ``P^-1/2 H P^-1/2``, Cohen et al. 2022,
 "Adaptive gradient methods at the edge of stability"); for VRAdam pass its
-effective rate ``eta_t`` (or ``lr`` for the maximal-rate line).
+effective rate ``eta_t`` (or ``lr`` for the maximal-rate line).  torch's
+``SGD(momentum=beta)`` and ``RMSprop(momentum=beta)`` are heavy-ball form
+(:func:`heavy_ball_threshold`, 10x below the EMA form at 0.9).
+
+This module is the one home of these formulas.  Which one applies to which
+optimizer, at which rate and with which preconditioner, is decided by one
+adapter per optimizer family in ``experiments/adapters.py``, each checked
+against the optimizer's own step.
 
 Rates may be Python floats or tensors (e.g. a 0-dim ``eta_t`` on the device);
 tensors are returned as tensors and never read back to the host.
