@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-TASKS = ("eos-fullbatch", "image-classification")
+from experiments.tasks import TASKS  # the task table (light: no torch until a task is built)
+
 OPTIMIZERS = ("gd", "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "radam", "vradam")
 LOSSES = ("mse", "cross-entropy")
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,15 +49,21 @@ class RunConfig:
     """
 
     task: str = "eos-fullbatch"
-    dataset: str = "auto"  # fashion-mnist | mnist | mnist5k | cifar10 | digits | auto
+    # images: fashion-mnist | mnist | mnist5k | cifar10 | digits | auto;
+    # text: wikitext-2 | brown | gutenberg | shakespeare | text:PATH | auto
+    dataset: str = "auto"
     data_dir: str | None = None
-    model: str | None = None  # default: mlp-tanh (eos-fullbatch), cnn-small (image-classification)
-    model_options: dict = field(default_factory=dict)  # e.g. {"batchnorm": true}, {"hidden": [512]}
-    loss: str | None = None  # mse | cross-entropy; default: mse (eos-fullbatch), cross-entropy (image-classification)
-    n_train: int | None = None  # examples in the class-balanced training subset; default 5000 / all
+    model: str | None = None  # default per task: mlp-tanh, cnn-small, transformer
+    model_options: dict = field(default_factory=dict)  # e.g. {"batchnorm": true}, {"hidden": [512]}, {"n_layer": 2}
+    loss: str | None = None  # mse | cross-entropy; default per task
+    n_train: int | None = None  # training examples (images: class-balanced subset; text, full batch: windows)
+    full_batch: bool | None = None  # every step on the whole training set (default per task)
+    context: int = 64  # language-model: tokens per window
+    vocab_size: int = 10_000  # language-model, word-level corpora built here (brown): words kept, <unk> the rest
+    eval_n: int | None = None  # examples (text: windows) per val/test evaluation; default: the whole split
     # optimizer
-    optimizer: str = "gd"
-    lr: float = 0.05
+    optimizer: str | None = None  # default per task (gd for images, adamw for language-model)
+    lr: float | None = None  # default per task
     momentum: float = 0.9  # momentum / nesterov
     beta1: float = 0.9
     beta2: float = 0.999
@@ -67,13 +74,15 @@ class RunConfig:
     gate: str = "velocity"  # VRAdam: velocity | gradient
     power: float = 2.0  # VRAdam gate exponent
     norm_scope: str = "global"  # VRAdam: global | group
+    no_decay_groups: bool = False  # weight decay only on weight matrices: biases and norms, embeddings in own groups
+    clip_norm: float | None = None  # clip the gradient's global norm to this (recorded as grad_norm per step)
     schedule: str = "constant"  # constant or any torch.optim.lr_scheduler class name
     schedule_options: dict = field(default_factory=dict)
     warmup_steps: int = 0
     # budget
     steps: int | None = None  # optimizer steps; default 1000 (eos-fullbatch)
     epochs: int | None = None  # image-classification: passes over the training split (default 10)
-    batch_size: int = 128  # image-classification
+    batch_size: int | None = None  # minibatch tasks; default per task (128 images, 32 text windows)
     val_fraction: float = 0.1  # image-classification
     augment: bool = True  # image-classification
     target_loss: float | None = None  # stop when the train loss reaches it
@@ -82,7 +91,7 @@ class RunConfig:
     track_every: int = 10
     track_k: int = 1  # top-k eigenvalues
     track_precond: bool | None = None  # preconditioned sharpness lambda_max(P^-1 H); default: on where the optimizer has a P
-    track_n: int = 1000  # image-classification: examples in the fixed tracking subset
+    track_n: int | None = None  # minibatch tasks: examples (windows) in the fixed tracking subset
     track_density_every: int = 0  # SLQ spectral density every N steps (0 = never)
     density_probes: int = 4  # SLQ: random probes per density (cost: probes x steps Hessian-vector products)
     density_steps: int = 60  # SLQ: Lanczos steps per probe
@@ -105,25 +114,21 @@ class RunConfig:
 
         Raises ConfigError naming the bad value and the allowed range.
         """
-        _choice("task", self.task, TASKS)
+        _choice("task", self.task, tuple(TASKS))
+        from experiments.tasks import task_class  # imports torch; config stays light until here
+
+        for key, value in task_class(self.task).defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.steps is None and self.epochs is None:
+            self.epochs = 10
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("hessian_bn_mode", self.hessian_bn_mode, BN_MODES)
         _choice("gate", self.gate, GATES)
         _choice("norm_scope", self.norm_scope, NORM_SCOPES)
-        fullbatch = self.task == "eos-fullbatch"
-        if self.model is None:
-            self.model = "mlp-tanh" if fullbatch else "cnn-small"
-        if self.loss is None:
-            self.loss = "mse" if fullbatch else "cross-entropy"
         _choice("loss", self.loss, LOSSES)
-        if self.n_train is None and fullbatch:
-            self.n_train = 5000
-        if fullbatch and self.steps is None:
-            self.steps = 1000
-        if not fullbatch and self.steps is None and self.epochs is None:
-            self.epochs = 10
         if self.checkpoint_every is None:
             self.checkpoint_every = self.track_every
         if self.label is None:
@@ -139,12 +144,19 @@ class RunConfig:
         _non_negative("alpha1", self.alpha1)
         _positive("power", self.power)
         _non_negative_int("warmup_steps", self.warmup_steps)
-        for name in ("n_train", "steps", "epochs"):
+        for name in ("n_train", "steps", "epochs", "batch_size", "track_n", "eval_n"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name in ("batch_size", "track_every", "track_k", "track_n", "chunk_size", "lanczos_max_iter",
-                     "checkpoint_every", "density_probes", "density_steps"):
+        for name in ("track_every", "track_k", "chunk_size", "lanczos_max_iter", "checkpoint_every",
+                     "density_probes", "density_steps", "context"):
             _positive_int(name, getattr(self, name))
+        if not (isinstance(self.vocab_size, int) and not isinstance(self.vocab_size, bool) and self.vocab_size >= 3):
+            raise ConfigError(f"vocab_size must be an integer >= 3, got {self.vocab_size!r}")
+        if self.clip_norm is not None:
+            _positive("clip_norm", self.clip_norm)
+        for name in ("full_batch", "no_decay_groups", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _non_negative_int("track_density_every", self.track_density_every)
         _non_negative_int("seed", self.seed)
         _positive("lanczos_tol", self.lanczos_tol)
@@ -156,7 +168,7 @@ class RunConfig:
             raise ConfigError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of track_every ({self.track_every}): "
                 "metrics are written at tracking steps, and a checkpoint must not be ahead of them")
-        from experiments.optim import check_schedule_name, optimizer_adapter  # torch: config stays light until here
+        from experiments.optim import check_schedule_name, optimizer_adapter
 
         check_schedule_name(self.schedule)
         preconditioned = optimizer_adapter(self.optimizer).preconditioned

@@ -50,8 +50,31 @@ def optimizer_adapter(name: str) -> OptimizerAdapter:
     return adapter_for_class(OPTIMIZER_CLASSES[name])
 
 
+def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list:
+    """The trainable parameters, or with ``no_decay_groups`` three param groups.
+
+    Groups (in this order): weight matrices and kernels (decayed with
+    ``weight_decay``); biases and normalisation weights (every tensor of
+    dimension < 2; no decay); embeddings (``nn.Embedding`` weights, a tied
+    read-out included; no decay). VRAdam's global velocity norm spans all
+    groups, so its gate is the same as with one group.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.no_decay_groups:
+        return params
+    embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    groups = {"decay": [], "no_decay": [], "embeddings": []}
+    for p in params:
+        key = "embeddings" if id(p) in embedding else "no_decay" if p.dim() < 2 else "decay"
+        groups[key].append(p)
+    built = [{"params": groups["decay"]},
+             {"params": groups["no_decay"], "weight_decay": 0.0},
+             {"params": groups["embeddings"], "weight_decay": 0.0}]
+    return [g for g in built if g["params"]]  # a model without embeddings has two
+
+
 def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.optimizer`` over ``params``."""
+    """The optimizer named by ``cfg.optimizer`` over ``params`` (tensors or param groups)."""
     name, lr, wd = cfg.optimizer, cfg.lr, cfg.weight_decay
     betas = (cfg.beta1, cfg.beta2)
     cls = OPTIMIZER_CLASSES.get(name)

@@ -44,18 +44,18 @@ from typing import Callable
 import torch
 
 from eos_toolkit import record
-from eos_toolkit.hvp import module_mode
 from eos_toolkit.solvers import gaussian_density, slq_density
 from eos_toolkit.tracker import SharpnessTracker
-from experiments.config import RunConfig
-from experiments.data import augment_batch
 from experiments.adapters import adapter_for
-from experiments.optim import build_optimizer, build_scheduler
-from experiments.tasks import PreparedTask, chunks, prepare_task
+from experiments.config import RunConfig
+from experiments.optim import build_optimizer, build_scheduler, parameter_groups
+from experiments.tasks import build_task
+from experiments.tasks.base import Task, as_args
 
 CHECKPOINT_NAME = "last.pt"
 # Metrics that measure wall-clock time; the only ones a resumed run may not reproduce.
-TIMING_METRICS = ("hessian_seconds", "precond_seconds", "density_seconds")
+TIMING_METRICS = ("hessian_seconds", "precond_seconds", "density_seconds", "tokens_per_second",
+                  "examples_per_second")
 # Points of the grid a spectral density is evaluated on (its cost is set by density_probes x density_steps).
 DENSITY_GRID = 400
 
@@ -75,13 +75,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
-
-
-def total_steps(cfg: RunConfig, n_train: int) -> int:
-    """The run's length in optimizer steps (``steps``, or ``epochs`` x batches per epoch)."""
-    if cfg.steps is not None:
-        return cfg.steps
-    return cfg.epochs * max(1, n_train // cfg.batch_size)
 
 
 def environment_info(device: torch.device) -> dict:
@@ -109,23 +102,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def evaluate(model: torch.nn.Module, loss_fn, batches: list, *, train_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted mean loss and accuracy over ``batches`` (0-dim device tensors, no sync).
-
-    ``train_mode`` evaluates the training objective (BatchNorm with batch
-    statistics, running statistics untouched); otherwise in eval mode. Dropout
-    is off either way (:func:`eos_toolkit.hvp.module_mode`, as the tracker uses).
-    """
-    n = sum(len(x) for x, _ in batches)
-    loss = acc = 0.0
-    with torch.no_grad(), module_mode(model, bn_mode="batch_stats" if train_mode else "eval"):
-        for x, y in batches:
-            out = model(x)
-            loss = loss + loss_fn(out, y) * (len(x) / n)
-            acc = acc + (out.argmax(-1) == y).sum() / n
-    return loss, acc
-
-
 def flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
@@ -133,18 +109,19 @@ def flat(tensors) -> torch.Tensor:
 class Trainer:
     """Holds one run's state; :meth:`run` is the loop. Build with :func:`train`."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, task: PreparedTask, device: torch.device):
+    def __init__(self, cfg: RunConfig, run_dir: Path, task: Task, device: torch.device):
         self.cfg, self.run_dir, self.task, self.device = cfg, run_dir, task, device
         self.model = task.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, self.params)
+        self.optimizer = build_optimizer(cfg, parameter_groups(self.model, cfg))
         self.adapter = adapter_for(self.optimizer)
-        self.total = total_steps(cfg, len(task.train[0]))
+        self.total = task.total_steps
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
         self.tracker = SharpnessTracker(
             self.model, task.loss_fn, task.track_batches, k=cfg.track_k, method=cfg.hvp_method,
             bn_mode=cfg.hessian_bn_mode, tol=cfg.lanczos_tol, max_iter=cfg.lanczos_max_iter,
-            precondition=cfg.track_precond, seed=cfg.seed)
+            precondition=cfg.track_precond, seed=cfg.seed, chunk_weights=task.track_chunk_weights)
+        self.interval_start: tuple[int, float] | None = None  # (step, time) where throughput counting began
         self.density_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.prev_update: torch.Tensor | None = None
@@ -157,46 +134,29 @@ class Trainer:
         self.writer: record.RunWriter | None = None
         self.final: dict[str, float] = {}
 
-    # ---- the full-batch gradient / a minibatch gradient -------------------
+    # ---- the step's gradient ---------------------------------------------------
     def _gradient(self) -> torch.Tensor:
-        """Accumulate this step's gradient into ``.grad``; returns the (device) loss."""
-        cfg, model, loss_fn = self.cfg, self.model, self.task.loss_fn
-        model.train()
-        if cfg.task == "eos-fullbatch":
-            x, y = self.task.train
-            n = len(x)
-            total = torch.zeros((), device=self.device, dtype=x.dtype)
-            for xc, yc in chunks(x, y, cfg.chunk_size):
-                loss = loss_fn(model(xc), yc) * (len(xc) / n)
-                loss.backward()
-                total = total + loss.detach()
-            return total
-        x, y = self._minibatch(self.step)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss.detach()
+        """Accumulate this step's gradient into ``.grad``; returns the (device) loss.
 
-    def _minibatch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The minibatch of ``step``: a seeded permutation per epoch, seeded augmentation per step.
-
-        Both depend only on (seed, step), so a resumed run sees the same batches.
+        The task gives the step's batch as weighted chunks (one for a
+        minibatch, several for a full batch): the objective is sum_c w_c loss_c.
         """
-        x, y = self.task.train
-        per_epoch = max(1, len(x) // self.cfg.batch_size)
-        epoch, i = divmod(step, per_epoch)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch))
-        idx = perm[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size].to(x.device)
-        xb, yb = x[idx], y[idx]
-        if self.cfg.augment:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-            xb = augment_batch(xb, g, **self.task.augmentation)
-        return xb, yb
+        self.model.train()
+        total = None
+        for inputs, targets, weight in self.task.train_chunks(self.step):
+            loss = self.task.loss_fn(self.model(*as_args(inputs)), targets) * weight
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
 
     # ---- one optimizer step ----------------------------------------------
     def _train_step(self) -> None:
         before = flat(self.params)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._gradient()
+        grad_norm = None
+        if self.cfg.clip_norm is not None:  # the global norm before clipping, a device tensor (no sync)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         update = flat(self.params) - before
@@ -205,6 +165,8 @@ class Trainer:
         self.last_lr, self.last_rate = float(lr), self.adapter.effective_rate(self.optimizer, float(lr))
         rows += [(t, "train_loss", loss), (t, "lr", float(lr)), (t, "update_norm", update.norm()),
                  (t, "eta", self.last_rate)]
+        if grad_norm is not None:
+            rows.append((t, "grad_norm", grad_norm.detach()))
         if hasattr(self.optimizer, "telemetry"):  # VRAdam: s_t and the clamp, as device tensors
             tel = self.optimizer.telemetry(0)
             rows += [(t, "vr_sq_norm", tel["sq_norm"].detach().clone()),
@@ -254,20 +216,34 @@ class Trainer:
     def _track(self) -> str | None:
         """Tracking measurements at the current step; returns 'target' when target_acc is reached."""
         t, cfg = self.step, self.cfg
-        loss, acc = evaluate(self.model, self.task.loss_fn, self.task.track_batches, train_mode=True)
-        rows: list[tuple[int, str, float]] = [(t, "track_loss", loss.item()), (t, "track_acc", acc.item())]
-        for name, split in (("val", self.task.val), ("test", self.task.test if t == self.total else None)):
-            if split is not None:
-                l, a = evaluate(self.model, self.task.loss_fn, chunks(*split, cfg.chunk_size), train_mode=False)
-                rows += [(t, f"{name}_loss", l.item()), (t, f"{name}_acc", a.item())]
+        rows: list[tuple[int, str, float]] = self._throughput(t)
+        evaluated = {}
+        for split in self.task.splits:
+            if split != "test" or t == self.total:  # the test split only at the end
+                evaluated.update(self.task.evaluate(split))
+        if evaluated:  # sync: one transfer for every evaluation metric
+            names = list(evaluated)
+            values = torch.stack([evaluated[n].detach().double().reshape(()) for n in names]).tolist()
+            evaluated = dict(zip(names, values))
+        rows += [(t, name, value) for name, value in evaluated.items()]
         rows += self._sharpness_and_thresholds(t)
         if cfg.track_density_every and t % cfg.track_density_every == 0:
             rows += self._density(t)
         self.writer.log_metrics(rows)
         self.final.update({m: v for _, m, v in rows})
-        if cfg.target_acc is not None and acc.item() >= cfg.target_acc:
+        if cfg.target_acc is not None and evaluated.get("track_acc", -math.inf) >= cfg.target_acc:
             return "target"
         return None
+
+    def _throughput(self, t: int) -> list[tuple[int, str, float]]:
+        """``<unit>_per_second`` over the training steps since the last tracking step (tracking time excluded)."""
+        unit, start, self.interval_start = self.task.throughput_unit, self.interval_start, None
+        if unit is None or start is None or t <= start[0]:
+            return []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # sync: wall time of the steps
+        seconds = time.perf_counter() - start[1]
+        return [(t, f"{unit}_per_second", (t - start[0]) * self.task.items_per_step / max(seconds, 1e-9))]
 
     def _sharpness_and_thresholds(self, t: int) -> list[tuple[int, str, float]]:
         """Sharpness (raw, and preconditioned where the optimizer has a P) and the lines it is compared with.
@@ -376,6 +352,7 @@ class Trainer:
                     if self._track() == "target" or outcome == "target":
                         self.writer.event("target_reached", step=self.step)
                         break
+                    self.interval_start = (self.step, time.perf_counter())
                 if at_end:
                     break
                 self._train_step()
@@ -397,7 +374,7 @@ def _build(cfg: RunConfig, run_dir: Path) -> Trainer:
     device = resolve_device(cfg.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     _set_seeds(cfg.seed)
-    task = prepare_task(cfg, device, dtype)
+    task = build_task(cfg, device, dtype)
     return Trainer(cfg, run_dir, task, device)
 
 

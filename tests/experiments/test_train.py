@@ -8,7 +8,7 @@ from torch.func import functional_call, hessian
 
 from eos_toolkit.record import read_run
 from experiments.config import RunConfig
-from experiments.tasks import prepare_task
+from experiments.tasks import build_task
 from experiments.train import TIMING_METRICS, resume, train
 
 TINY = dict(task="eos-fullbatch", dataset="fashion-mnist", n_train=100, model_options={"hidden": [12]},
@@ -38,7 +38,7 @@ def test_gd_record_and_sharpness_equal_dense_hessian(tiny_data_dir, tmp_path):
     assert len(run.environment["data"]["checksum"]) == 64
 
     # Independent answer: the dense Hessian of the full-batch loss at the initial parameters.
-    task = prepare_task(cfg.validate(), torch.device("cpu"), torch.float64)
+    task = build_task(cfg.validate(), torch.device("cpu"), torch.float64)
     model, (x, y) = task.model, task.train
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
@@ -241,8 +241,7 @@ def test_spectral_density_is_recorded_with_unit_mass(tiny_data_dir, tmp_path):
 
 def test_evaluation_leaves_batchnorm_statistics_and_mode_alone():
     from experiments.models import build_model
-    from experiments.tasks import cross_entropy
-    from experiments.train import evaluate
+    from experiments.tasks.images import cross_entropy, evaluate
 
     model = build_model("cnn-small", (1, 10, 10), 10, batchnorm=True, seed=0).train()
     before = [b.clone() for b in model.buffers()]

@@ -1,0 +1,47 @@
+"""Tasks: one interface the training loop calls, one module per family.
+
+A task is a :class:`~experiments.tasks.base.Task`: it builds the model, gives
+the chunks of each step's training batch as a pure function of (seed, step),
+the loss on a batch, the fixed tracking batches the Hessian is measured on,
+and its evaluation metrics per split. The loop (:mod:`experiments.train`)
+knows no task by name; this table is where names meet classes.
+
+==========================  ======================================================
+``eos-fullbatch``           full-batch images: the classic edge-of-stability study
+``image-classification``    minibatch images with train / val / test splits
+==========================  ======================================================
+
+The names and one-line summaries below are read without importing torch (the
+CLI's help); :func:`task_class` imports the family's module.
+
+Example:
+    >>> sorted(TASKS)
+    ['eos-fullbatch', 'image-classification']
+    >>> task_class("image-classification").__name__
+    'ImageClassificationTask'
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (module, class, one-line summary)
+TASKS: dict[str, tuple[str, str, str]] = {
+    "eos-fullbatch": ("experiments.tasks.images", "EosFullBatchTask",
+                      "full-batch images (n_train balanced examples, MSE): sharpness vs 2/eta, Cohen et al. 2021"),
+    "image-classification": ("experiments.tasks.images", "ImageClassificationTask",
+                             "minibatch CNN image classification with augmentation, val and test splits"),
+}
+
+
+def task_class(name: str):
+    """The class of task ``name``; ValueError naming the known tasks otherwise."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; allowed: {', '.join(TASKS)}")
+    module, cls, _ = TASKS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_task(cfg, device, dtype):
+    """Build ``cfg.task`` for a validated config on ``device`` in ``dtype``."""
+    return task_class(cfg.task)(cfg, device, dtype)
