@@ -1,32 +1,59 @@
-"""Figure files and the markdown report are written, non-empty, and say what they skipped."""
+"""Figure files and the markdown report: decoded PNGs show the data, tables hold the recorded numbers."""
 
 import logging
 import re
-import struct
 
+import matplotlib.colors
+import matplotlib.image
+import numpy as np
+import pandas as pd
 import pytest
 
 import analysis
 from tests.analysis.conftest import make_run
 from tests.analysis.test_summary import gd_rows
 
+OKABE_ITO_BLUE = "#0072B2"  # the first colour of Okabe & Ito's palette: the first run label's lines
 
-def png_size(path):
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n"
-    return struct.unpack(">II", head[16:24])
+
+def pixels(path):
+    """A PNG decoded with matplotlib: (height, width, 3) RGB as integers 0..255."""
+    return np.round(matplotlib.image.imread(path)[..., :3] * 255).astype(int)
+
+
+def coloured(img):
+    """Pixels of a clear colour (not white, grey or black): data, not frame, ticks or text."""
+    return (img.max(axis=-1) - img.min(axis=-1)) > 60
+
+
+def near(img, colour, tol=8):
+    rgb = np.array(matplotlib.colors.to_rgb(colour)) * 255
+    return np.abs(img - rgb).max(axis=-1) <= tol
+
+
+def markdown_rows(text, section):
+    """The first markdown table under ``## section`` as a list of {column: cell} dicts."""
+    body = text.split(f"## {section}\n", 1)[1]
+    lines = [line for line in body.split("\n## ", 1)[0].splitlines() if line.startswith("|")]
+    header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(header, row)) for row in rows]
 
 
 def test_save_figures_writes_png_and_pdf_and_skips_what_is_missing(tmp_path, caplog):
+    """The PNGs decode to 6.4 x 4.0 in at the documented 200 dpi with the run's line in its palette colour
+    across the axes; the PDFs are PDFs; the kinds without data are named in the log."""
     make_run(tmp_path / "runs", "gd", {"optimizer": "gd", "lr": 0.05, "seed": 0}, gd_rows())
     with caplog.at_level(logging.WARNING, logger="analysis"):
         paths = analysis.save_figures(tmp_path / "runs", tmp_path / "out")
     assert sorted(p.name for p in paths) == ["loss.pdf", "loss.png", "sharpness.pdf", "sharpness.png"]
-    assert all(p.stat().st_size > 1000 for p in paths)
-    assert open(tmp_path / "out" / "sharpness.pdf", "rb").read(5) == b"%PDF-"
-    width, height = png_size(tmp_path / "out" / "sharpness.png")
-    assert width >= 6.4 * 150 and height >= 4.0 * 150  # at least 150 dpi at the paper size
+    for kind in ("sharpness", "loss"):
+        assert open(tmp_path / "out" / f"{kind}.pdf", "rb").read(5) == b"%PDF-"
+        img = pixels(tmp_path / "out" / f"{kind}.png")
+        assert img.shape == (4.0 * 200, 6.4 * 200, 3)
+        blue = near(img, OKABE_ITO_BLUE)
+        assert blue.sum() > 500, kind  # the run's line (and the dashed threshold) were drawn
+        columns = np.flatnonzero(blue.any(axis=0))
+        assert columns.max() - columns.min() > 0.6 * img.shape[1], kind  # from the first step to the last
     skipped = " ".join(r.getMessage() for r in caplog.records)
     assert "damping" in skipped and "spectrum" in skipped
     with pytest.raises(ValueError, match="unknown figure kinds"):
@@ -39,7 +66,10 @@ def test_save_figures_all_kinds_on_the_synthetic_set(synthetic_runs, tmp_path):
     names = {p.name for p in paths}
     assert {"sharpness.png", "loss.png", "damping.png", "comparison.png", "spectrum_gd_lr0.05_s0.png",
             "density_gd_lr0.05_s0.png"} <= names
-    assert all(p.stat().st_size > 1000 for p in paths)
+    for path in paths:  # each decodes to 6.4 x 4.0 in at 100 dpi with data drawn in colour
+        img = pixels(path)
+        assert img.shape == (400, 640, 3), path.name
+        assert coloured(img).sum() > 300, path.name
 
 
 def test_write_report_one_run(tmp_path):
@@ -52,9 +82,19 @@ def test_write_report_one_run(tmp_path):
         assert section in text
     assert "## Comparison" not in text
     assert "**finished**" in text and "| model.width | 200 |" in text and '"python": "3.11"' in text
-    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
-        assert (tmp_path / "report" / link).stat().st_size > 1000
-    assert "figures/sharpness.png" in text
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert links == ["figures/sharpness.png", "figures/loss.png"]
+    for link in links:
+        assert near(pixels(tmp_path / "report" / link), OKABE_ITO_BLUE).sum() > 500, link
+    # The stability row against the rows themselves: first step with sharpness >= threshold, and the steps
+    # from each measurement at or above it to the next measurement.
+    rows = pd.DataFrame(gd_rows(), columns=["step", "metric", "value"]).pivot(index="step", columns="metric",
+                                                                             values="value")
+    above = rows["sharpness"] >= rows["threshold"]
+    gaps = pd.Series(rows.index, index=rows.index).diff().shift(-1)
+    (stability,) = markdown_rows(text, "Stability")
+    assert float(stability["first_crossing_step"]) == above.idxmax()
+    assert float(stability["steps_above_threshold"]) == gaps[above].sum()
 
 
 def test_write_report_several_runs_has_the_comparison(synthetic_runs, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -22,8 +24,55 @@ def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_model_names():
-    assert MODEL_NAMES == ("mlp-tanh", "mlp-relu", "cnn-small", "cnn-deep")
+# The layer stack the module docstring describes for each model, with default options.
+DOCUMENTED_STACKS = {
+    "mlp-tanh": [nn.Flatten, nn.Linear, nn.Tanh, nn.Linear, nn.Tanh, nn.Linear],
+    "mlp-relu": [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear],
+    "cnn-small": [nn.Conv2d, nn.ReLU, nn.MaxPool2d] * 2 + [nn.Flatten, nn.Linear],
+    "cnn-deep": ([nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * 2 + [nn.MaxPool2d]) * 3 + [nn.Flatten, nn.Linear],
+}
+
+
+def test_every_model_name_builds_its_documented_layer_stack():
+    """Each name in MODEL_NAMES builds the layer types, in order, that the module docstring lists for it."""
+    assert sorted(MODEL_NAMES) == sorted(DOCUMENTED_STACKS)
+    for name in MODEL_NAMES:
+        model = build_model(name, (1, 8, 8), 10, seed=0)
+        assert [type(layer) for layer in model] == DOCUMENTED_STACKS[name], name
+        assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10), name
+
+
+@pytest.mark.parametrize(("name", "act"), [("mlp-tanh", math.tanh), ("mlp-relu", lambda v: max(v, 0.0))])
+def test_mlp_output_on_a_known_input_equals_the_hand_computation(name, act):
+    """With weights set by hand, the output is w2 . act(W1 x + b1) + b2 worked out with the math module."""
+    model = build_model(name, (1, 1, 2), 1, hidden=(2,))
+    first, second = [m for m in model if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0, 0.0], [0.5, 1.0]]))
+        first.bias.copy_(torch.tensor([0.0, 0.5]))
+        second.weight.copy_(torch.tensor([[2.0, -1.0]]))
+        second.bias.copy_(torch.tensor([0.25]))
+    out = model(torch.tensor([[[[1.0, -2.0]]]]))
+    # pre-activations: (1 * 1 + 0 * -2 + 0, 0.5 * 1 + 1 * -2 + 0.5) = (1, -1)
+    assert out.item() == pytest.approx(2.0 * act(1.0) - act(-1.0) + 0.25, rel=1e-6)
+
+
+def test_cnn_small_output_on_a_known_input_equals_the_hand_computation():
+    """All-ones 4 x 4 image, one channel, unit 3 x 3 kernels: the logits follow from counting pixels by hand."""
+    model = build_model("cnn-small", (1, 4, 4), 2, width=1)
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    (head,) = [m for m in model if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.fill_(1.0)
+            conv.bias.zero_()
+        head.weight.copy_(torch.tensor([[1.0], [2.0]]))
+        head.bias.copy_(torch.tensor([0.0, 0.5]))
+    out = model(torch.ones(1, 1, 4, 4))
+    # conv 1 (padding 1) sums each pixel's in-image 3 x 3 neighbours: 4 at corners, 6 on edges, 9 inside;
+    # every 2 x 2 pooling window holds one inner pixel, so the max is 9 everywhere (2 x 2 map).
+    # conv 2 on that 2 x 2 map sees all four pixels from each position: 36; pooling: one value, 36.
+    assert out.tolist() == [[36.0, 2 * 36.0 + 0.5]]
 
 
 @pytest.mark.parametrize("name", ["mlp-tanh", "mlp-relu"])
