@@ -1,6 +1,7 @@
 """The ``eos`` command line: thin typer commands over the library.
 
     eos demo                         GD, Adam and VRAdam at the edge of stability, with plots
+    eos tasks                        the tasks and the options each reads
     eos run TASK [options]           one training run with sharpness tracking
     eos resume RUN_DIR               continue a killed run from its last checkpoint
     eos sweep SPEC [--jobs N]        a grid of runs with equal tuning budgets (or print commands)
@@ -92,7 +93,8 @@ def _parse_set(assignments: list[str]) -> dict:
 @app.command()
 @clear_errors
 def run(
-    task: str = typer.Argument(..., help="eos-fullbatch | image-classification"),
+    task: str = typer.Argument(..., help="eos-fullbatch | image-classification | language-model ('eos tasks' says "
+                                         "what each is and which options it reads)"),
     optimizer: Optional[str] = typer.Option(None, help="gd, sgd, momentum, nesterov, adam, adamw, rmsprop, radam, vradam"),
     lr: Optional[float] = typer.Option(None, help="Maximal learning rate (VRAdam's alpha_0)."),
     momentum: Optional[float] = typer.Option(None, help="Momentum for momentum / nesterov."),
@@ -105,9 +107,10 @@ def run(
     norm_scope: Optional[str] = typer.Option(None, help="VRAdam: global | group."),
     schedule: Optional[str] = typer.Option(None, help="constant or a torch.optim.lr_scheduler class name."),
     warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps before the schedule."),
-    model: Optional[str] = typer.Option(None, help="mlp-tanh, mlp-relu, cnn-small, cnn-deep."),
+    model: Optional[str] = typer.Option(None, help="mlp-tanh, mlp-relu, cnn-small, cnn-deep (images); transformer."),
     loss: Optional[str] = typer.Option(None, help="mse | cross-entropy."),
-    data: Optional[str] = typer.Option(None, help="fashion-mnist, mnist, mnist5k, cifar10, digits or auto."),
+    data: Optional[str] = typer.Option(None, help="Images: fashion-mnist, mnist, mnist5k, cifar10, digits; text: "
+                                                  "shakespeare, gutenberg, brown, wikitext-2, text:PATH; or auto."),
     data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR", help="Data directory."),
     n_train: Optional[int] = typer.Option(None, help="Class-balanced training subset size."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
@@ -126,8 +129,11 @@ def run(
 ):
     """Train one model while tracking sharpness against the optimizer's stability threshold.
 
-    Defaults (from experiments.config.RunConfig) work offline on the data
-    found by --data auto. Precedence: defaults < --config FILE < options.
+    Tasks: eos-fullbatch (full-batch images, the classic edge-of-stability
+    study), image-classification (minibatch CNN), language-model (causal
+    Transformer on real text). Defaults (from experiments.config.RunConfig
+    and each task) work offline on the data found by --data auto.
+    Precedence: defaults < --config FILE < options.
     """
     from experiments.config import resolve_config
     from experiments.train import default_run_dir, train
@@ -144,6 +150,19 @@ def run(
     with progress_bar(cfg.label) as on_step:
         result = train(cfg, run_dir, on_step=on_step)
     _print_result(result)
+
+
+@app.command()
+def tasks():
+    """The tasks, one line each, and the RunConfig keys each reads beyond the common ones."""
+    from experiments.tasks import TASKS, task_class
+
+    for name, (_, _, summary) in TASKS.items():
+        cls = task_class(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items())
+        typer.echo(f"{name}\n  {summary}\n  reads: {', '.join(cls.options)}\n  defaults: {defaults}")
+    typer.echo("Common to every task: optimizer and its hyperparameters, schedule, steps, tracking (track_*), seed, "
+               "device, dtype; see experiments/config.py.")
 
 
 @app.command()
@@ -273,16 +292,20 @@ def data_list(data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR"
 
     from experiments.data import available_datasets
 
-    table = Table("name", "available", "where / how to get")
+    from experiments.data.text import available_corpora
+
+    table = Table("name", "kind", "available", "where / how to get")
     for entry in available_datasets(data_dir):
-        table.add_row(entry.name, "yes" if entry.available else "no",
+        table.add_row(entry.name, "images", "yes" if entry.available else "no",
                       entry.where if entry.available else entry.how_to_get)
+    for name, available, where, how in available_corpora(data_dir):
+        table.add_row(name, "text", "yes" if available else "no", where if available else how)
     Console(width=160).print(table)
 
 
 @data_app.command("fetch")
 @clear_errors
-def data_fetch(name: str = typer.Argument(..., help="fashion-mnist | mnist5k | cifar10"),
+def data_fetch(name: str = typer.Argument(..., help="fashion-mnist | mnist5k | cifar10 | brown | gutenberg"),
                data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR")):
     """Get a data set (explicitly; nothing is ever downloaded silently)."""
     from experiments.data import fetch_dataset

@@ -88,7 +88,7 @@ class RunConfig:
     target_loss: float | None = None  # stop when the train loss reaches it
     target_acc: float | None = None  # stop when the tracked accuracy reaches it
     # tracking
-    track_every: int = 10
+    track_every: int | None = None  # measure every N steps; default per task (10 images, 50 text)
     track_k: int = 1  # top-k eigenvalues
     track_precond: bool | None = None  # preconditioned sharpness lambda_max(P^-1 H); default: on where the optimizer has a P
     track_n: int | None = None  # minibatch tasks: examples (windows) in the fixed tracking subset
@@ -97,7 +97,7 @@ class RunConfig:
     density_steps: int = 60  # SLQ: Lanczos steps per probe
     hvp_method: str = "forward_over_reverse"
     hessian_bn_mode: str = "batch_stats"
-    chunk_size: int = 1000  # examples per chunk for full-batch gradients and HVPs
+    chunk_size: int | None = None  # examples per chunk for full-batch gradients and HVPs (1000 images, 32 windows)
     lanczos_tol: float = 1e-3
     lanczos_max_iter: int = 60
     # run

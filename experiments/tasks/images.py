@@ -169,7 +169,8 @@ class EosFullBatchTask(ImageTask):
     held_out = False
     options = ("dataset", "data_dir", "model", "model_options", "loss", "n_train", "chunk_size")
     defaults = {"model": "mlp-tanh", "loss": "mse", "n_train": 5000, "steps": 1000, "full_batch": True,
-                "optimizer": "gd", "lr": 0.05}
+                "optimizer": "gd", "lr": 0.05, "chunk_size": 1000, "batch_size": 128,
+                "track_every": 10}
 
 
 class ImageClassificationTask(ImageTask):
@@ -177,4 +178,5 @@ class ImageClassificationTask(ImageTask):
 
     options = ImageTask.options + ("batch_size", "epochs", "augment", "val_fraction", "track_n")
     defaults = {"model": "cnn-small", "loss": "cross-entropy", "full_batch": False, "optimizer": "gd", "lr": 0.05,
-                "track_n": 1000}
+                "track_n": 1000, "chunk_size": 1000, "batch_size": 128,
+                "track_every": 10}

@@ -1,4 +1,4 @@
-"""The model zoo: small image classifiers for edge-of-stability experiments.
+"""Image classifiers for edge-of-stability experiments.
 
 ``build_model(name, input_shape, num_classes, **options)`` with ``name`` one of
 :data:`MODEL_NAMES`:
