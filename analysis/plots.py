@@ -110,7 +110,8 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
     Hessian) with ``threshold`` dashed; runs of optimizers with a
     preconditioner (Adam, AdamW, RAdam, RMSprop, VRAdam) show
     ``precond_sharpness`` (lambda_1 of the preconditioned Hessian) with
-    ``precond_threshold`` (38/lr) dashed and, for VRAdam, ``precond_threshold_eta``
+    ``precond_threshold`` (the recorded threshold: 38/lr for Adam at beta1 = 0.9,
+    2/lr for RMSprop) dashed and, for VRAdam, ``precond_threshold_eta``
     (38/eta_t) dotted with the band between shaded. This is the picture of Cohen
     et al. (2021, 2022) and figure 2c of the VRAdam paper.
 
@@ -190,7 +191,7 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
     if normalized:
         threshold_name = "threshold (ratio 1)"
     else:
-        threshold_name = "threshold (38/lr for Adam-family)" if True in preconditioned else "threshold"
+        threshold_name = "threshold"
     keys = [_style_key("-", "sharpness"), _style_key("--", threshold_name)]
     if has_eta:
         keys.append(_style_key(":", r"38/$\eta_t$ (VRAdam)"))

@@ -11,9 +11,8 @@ optimizer's name: a run that logged ``precond_sharpness`` and
 lambda_max(P^-1 H) against that threshold, and VRAdam also against
 ``precond_threshold_eta`` (its effective rate eta_t); the others by
 ``sharpness`` against ``threshold``. The training loop wrote each threshold
-from its optimizer's formula (``eos_toolkit/thresholds.py``: 2/lr for
-gradient descent, 2(1+beta)/lr for torch's heavy ball and RMSprop's momentum,
-2(1+beta1)/((1-beta1) lr) = 38/lr for Adam's preconditioned sharpness). See
+from its optimizer's formula, whose one home is ``eos_toolkit/thresholds.py``
+(the optimizer-to-formula table is ``experiments/adapters.py``). See
 :func:`stability_metrics`.
 """
 

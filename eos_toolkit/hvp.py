@@ -108,6 +108,15 @@ def _as_args(inputs) -> tuple:
     return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
+def _first(inputs):
+    """The first example of a chunk's inputs (a tensor or a tuple of them), keeping the batch dimension."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1]
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_first(i) for i in inputs)
+    return inputs
+
+
 def _to_device(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -236,44 +245,55 @@ class HessianOperator:
         if chunk_weights is None and len(self.batches) > 1:
             self._check_mean_reduction()
 
-    def _check_mean_reduction(self, max_chunks: int = 4) -> None:
+    def _check_mean_reduction(self) -> None:
         """Refuse a loss that is not an unweighted mean over the targets' leading dimension.
 
-        On the model outputs of the first ``max_chunks`` chunks (computed once,
-        no gradients, so BatchNorm and dropout play no part): the loss of their
-        concatenation must equal the size-weighted mean of their losses, and so
-        must the halves of each chunk (a front/back and an even/odd split).
-        One forward pass per checked chunk, at construction.
+        Checked on random outputs (shaped like the model's output for one
+        example; one forward pass of one example), so the answer does not
+        depend on the current parameters (at a zero read-out every example's
+        loss is equal and any weighting would pass): in every chunk the loss
+        must equal the mean of its examples' losses, and one example from each
+        chunk, taken together, must give the mean of their losses (a normaliser
+        that differs between chunks). Raises when the outputs are not indexed
+        by example, since then nothing can be checked: pass ``chunk_weights``.
         """
-        outs, targets = [], []
+        x0, y0 = self.batches[0]
         with torch.no_grad(), module_mode(self.model, self.bn_mode, "off"):
-            for x, y in self.batches[:max_chunks]:
-                out = self.model(*_as_args(x))
-                if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != _chunk_size(y):
-                    return  # outputs not indexed by example: nothing to split
-                outs.append(out)
-                targets.append(y)
-            groups = []
-            for out, y in zip(outs, targets):
-                n, h = len(y), len(y) // 2
-                if n >= 2:
-                    groups += [[(out[:h], y[:h]), (out[h:], y[h:])], [(out[0::2], y[0::2]), (out[1::2], y[1::2])]]
-            if len(outs) > 1 and len({o.shape[1:] for o in outs}) == 1 and len({y.shape[1:] for y in targets}) == 1:
-                groups.append(list(zip(outs, targets)))
-            for parts in groups:
-                sizes = [len(y) for _, y in parts]
-                whole = self.loss_fn(torch.cat([o for o, _ in parts]), torch.cat([y for _, y in parts])).double()
-                mean = sum(n * self.loss_fn(o, y).double() for n, (o, y) in zip(sizes, parts)) / sum(sizes)
-                # sync: a few comparisons, once, at construction
-                gap, scale = float((whole - mean).abs()), float(whole.abs()) + 1e-30
-                if not gap <= 1e3 * torch.finfo(outs[0].dtype).eps * scale:
+            out = self.model(*_as_args(_first(x0)))
+        if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 1:
+            raise ValueError("cannot check that loss_fn is a mean over examples: the model's output is not a tensor "
+                             "indexed by example; pass chunk_weights (each chunk's share of the loss's normaliser)")
+        g = torch.Generator(device="cpu").manual_seed(0)
+        eps = torch.finfo(out.dtype).eps
+
+        def random_outputs(n: int) -> torch.Tensor:
+            return (3 * torch.randn((n, *out.shape[1:]), generator=g, dtype=torch.float64)).to(out)
+
+        def losses(o, y) -> tuple[torch.Tensor, torch.Tensor]:
+            each = torch.stack([self.loss_fn(o[i:i + 1], y[i:i + 1]).double() for i in range(len(y))])
+            return self.loss_fn(o, y).double(), each
+
+        picked_out, picked_y, picked_losses = [], [], []
+        for c, (_, y) in enumerate(self.batches):
+            o = random_outputs(_chunk_size(y))
+            whole, each = losses(o, y)
+            checks = [(whole, each.mean(), f"chunk {c}")]
+            picked_out.append(o[:1])
+            picked_y.append(y[:1])
+            picked_losses.append(each[0])
+            if c == len(self.batches) - 1:
+                together = self.loss_fn(torch.cat(picked_out), torch.cat(picked_y)).double()
+                checks.append((together, torch.stack(picked_losses).mean(), "one example of each chunk"))
+            for got, mean, where in checks:
+                gap, scale = float((got - mean).abs()), float(mean.abs()) + 1e-30  # sync: once, at construction
+                if not gap <= 1e3 * eps * scale:
                     raise ValueError(
-                        f"loss_fn is not an unweighted mean over the targets' leading dimension (the loss of "
-                        f"{sum(sizes)} examples is {float(whole):.6g} but the size-weighted mean of its parts is "
-                        f"{float(mean):.6g}): a class-weighted loss, ignore_index or masked targets divide by a "
-                        "chunk-dependent normaliser, so weighting chunks by their size gives a wrong Hessian. "
-                        "Pass chunk_weights (each chunk's normaliser, e.g. its sum of class weights or its count "
-                        "of non-ignored targets), or one chunk.")
+                        f"loss_fn is not an unweighted mean over the targets' leading dimension ({where}: the loss "
+                        f"is {float(got):.6g} but its examples' losses average to {float(mean):.6g}): a "
+                        "class-weighted loss, ignore_index or masked targets divide by a chunk-dependent "
+                        "normaliser, so weighting chunks by their size gives a wrong Hessian. Pass chunk_weights "
+                        "(each chunk's normaliser, e.g. its sum of class weights or its count of non-ignored "
+                        "targets), or one chunk.")
 
     # -- flat <-> parameter-shaped -------------------------------------------------
     @property

@@ -72,7 +72,11 @@ the rates of step t - 1, the step that produced those parameters and left P
 in the optimizer state (``lr`` and ``eta`` as recorded at step t - 1). At
 t = 0 the threshold uses the scheduled rate of step 0; the preconditioned
 metrics and ``precond_threshold_eta`` start at the first tracking step after
-a step has been taken.
+a step has been taken. Weight decay is left out of the thresholds: decoupled
+decay (AdamW, VRAdam) shrinks the parameters by ``1 - eta wd`` per step, and
+coupled L2 (SGD, Adam, RMSprop, RAdam with ``weight_decay``) adds ``wd I`` to
+the objective's Hessian while ``sharpness`` is the loss's; both are small
+next to the curvature at the edge for the usual ``wd``.
 
 This module imports only the standard library (and pandas inside
 :func:`read_metrics`), so the analysis can use it without torch.

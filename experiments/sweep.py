@@ -99,18 +99,29 @@ def commands(runs: list[SweepRun], out: str | Path) -> list[str]:
             for r in runs]
 
 
-def config_differences(stored: dict, expected: dict) -> list[str]:
+def config_differences(stored: dict, expected: RunConfig) -> list[str]:
     """Keys whose value in a run's stored config.json differs from the sweep's config for that run.
 
-    A requested ``dataset: auto`` matches the data set the run resolved and recorded.
+    The stored config is validated first, so a key added to RunConfig after
+    the record was written counts as its default. A requested
+    ``dataset: auto`` must match the data set ``auto`` resolves to here now.
     """
-    expected = json.loads(json.dumps(expected))  # as it would read back from config.json
+    try:
+        stored = RunConfig.from_dict(dict(stored)).validate().to_dict()
+    except ConfigError:
+        pass  # compared as written; the differences name what no longer validates
+    wanted = json.loads(json.dumps(expected.to_dict()))  # as it would read back from config.json
+    if wanted.get("dataset") == "auto":
+        from experiments.tasks import task_class
+
+        try:
+            wanted["dataset"] = task_class(expected.task).resolve_data(expected)
+        except ValueError as exc:
+            wanted["dataset"] = f"auto (resolves to nothing here: {exc})"
     diffs = []
-    for key in sorted(set(stored) | set(expected)):
-        if key == "dataset" and expected.get(key) == "auto" and key in stored:
-            continue
-        if stored.get(key, "<missing>") != expected.get(key, "<missing>"):
-            diffs.append(f"{key}: recorded {stored.get(key, '<missing>')!r}, sweep {expected.get(key, '<missing>')!r}")
+    for key in sorted(set(stored) | set(wanted)):
+        if stored.get(key, "<missing>") != wanted.get(key, "<missing>"):
+            diffs.append(f"{key}: recorded {stored.get(key, '<missing>')!r}, sweep {wanted.get(key, '<missing>')!r}")
     return diffs
 
 
@@ -129,7 +140,7 @@ def check_existing_records(runs: list[SweepRun], out: str | Path) -> None:
             except (OSError, ValueError) as exc:
                 stale.append(f"{path}: unreadable {CONFIG_FILE} ({exc})")
                 continue
-            diffs = config_differences(stored, run.config.to_dict())
+            diffs = config_differences(stored, run.config)
             if diffs:
                 stale.append(f"{path}: " + "; ".join(diffs))
     if stale:

@@ -30,6 +30,7 @@ stays complete. Diverging is a result, not a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import platform
@@ -327,8 +328,9 @@ class Trainer:
         self.tracker.load_state_dict(state["tracker"])
         self.density_generator.set_state(state["density_rng"].cpu())
         self.prev_update = state["prev_update"]
-        self.last_lr, self.last_rate = state["last_lr"], state["last_rate"]
-        self.warned_precond = state["warned_precond"]
+        # .get: checkpoints written before these were kept resume with the step-0 convention
+        self.last_lr, self.last_rate = state.get("last_lr"), state.get("last_rate")
+        self.warned_precond = state.get("warned_precond", False)
         self.initial_loss = state["initial_loss"]
         torch.set_rng_state(state["rng_torch"].cpu())
         if state["rng_cuda"]:
@@ -394,7 +396,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], 
     ``on_step(step, total)`` is called after every optimizer step (progress bars;
     tests use it to simulate a kill).
     """
-    cfg = cfg.validate()
+    cfg = dataclasses.replace(cfg).validate()  # a copy: the caller's config keeps what it asked for
     run_dir = Path(run_dir)
     trainer = _build(cfg, run_dir)
     # The record names the data set actually loaded, so a resume cannot pick another one

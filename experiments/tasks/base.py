@@ -69,6 +69,11 @@ class Task:
     data_info: dict
     items_per_step: int = 0
 
+    @classmethod
+    def resolve_data(cls, cfg) -> str:
+        """The data set ``cfg.dataset`` names here (``auto`` resolved), without loading it."""
+        raise NotImplementedError
+
     def loss_fn(self, outputs, targets) -> torch.Tensor:
         raise NotImplementedError
 

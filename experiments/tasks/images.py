@@ -75,7 +75,7 @@ class ImageTask(Task):
 
     def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
         self.cfg = cfg
-        name = datasets.resolve_dataset(cfg.dataset, data_dir=cfg.data_dir)
+        name = self.resolve_data(cfg)
         full = datasets.load_dataset(name, split="train", data_dir=cfg.data_dir)
         info = {"dataset": name, "dataset_requested": cfg.dataset, "source": full.source,
                 "checksum": full.checksum, "num_classes": full.num_classes}
@@ -119,6 +119,10 @@ class ImageTask(Task):
         else:
             self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * max(1, n_train // cfg.batch_size)
             self.items_per_step = cfg.batch_size
+
+    @classmethod
+    def resolve_data(cls, cfg) -> str:
+        return datasets.resolve_dataset(cfg.dataset, data_dir=cfg.data_dir)
 
     held_out = True  # train / val / test splits (image-classification); eos-fullbatch trains on a subset only
 

@@ -80,7 +80,7 @@ class LanguageModelTask(Task):
         if cfg.loss != "cross-entropy":
             raise ConfigError(f"language-model uses loss 'cross-entropy', got loss {cfg.loss!r}")
         self.cfg, context = cfg, cfg.context
-        name = resolve_corpus(cfg.dataset, cfg.data_dir)
+        name = self.resolve_data(cfg)
         corpus = load_corpus(name, cfg.data_dir, cfg.vocab_size)
         for split in SPLITS:
             if len(corpus.tokens(split)) < context + 1:
@@ -111,6 +111,10 @@ class LanguageModelTask(Task):
         self.data_info = {**corpus.record, "dataset_requested": cfg.dataset, "context": context,
                           "n_track_windows": n_fixed, "eval_windows": {s: len(w[0]) for s, w in self.eval_windows.items()},
                           "unigram_val_ppl": self.unigram_val_ppl}
+
+    @classmethod
+    def resolve_data(cls, cfg) -> str:
+        return resolve_corpus(cfg.dataset, cfg.data_dir)
 
     def loss_fn(self, logits, targets):
         return token_cross_entropy(logits, targets)

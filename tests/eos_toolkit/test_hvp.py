@@ -175,6 +175,30 @@ def test_loss_with_its_own_normaliser(kind):
     assert_products_match(op, dense_hessian(model, loss, x, labels))  # the full-batch loss, one chunk
 
 
+def test_weighting_is_caught_whatever_the_parameters_and_in_any_chunk():
+    """A zero read-out makes every example's loss equal, and padding may sit in the last of many chunks."""
+    model = tanh_mlp()
+    nn.init.zeros_(model[-1].weight)
+    nn.init.zeros_(model[-1].bias)
+    x, labels = _classifier_data()
+    weight = torch.tensor([0.2, 1.0, 3.0], dtype=DT)
+
+    def weighted(out, y):
+        return nn.functional.cross_entropy(out, y, weight=weight)
+
+    with pytest.raises(ValueError, match="not an unweighted mean"):
+        hessian_operator(model, weighted, [(x[:5], labels[:5]), (x[5:], labels[5:])])
+    padded = labels.clone()
+    padded[-1] = -100  # one ignored target, in the last of six chunks
+
+    def ignoring(out, y):
+        return nn.functional.cross_entropy(out, y, ignore_index=-100)
+
+    chunks = [(x[i:i + 2], padded[i:i + 2]) for i in range(0, 12, 2)]
+    with pytest.raises(ValueError, match="chunk 5"):
+        hessian_operator(tanh_mlp(), ignoring, chunks)
+
+
 def test_chunk_weights_are_checked():
     model = tanh_mlp()
     x, y = regression_data(10, 5, 3)

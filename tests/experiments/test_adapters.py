@@ -70,6 +70,21 @@ def test_adapter_reproduces_the_optimizers_next_step(case):
         assert float(optimizer.telemetry()["eta"]) < 0.9 * kwargs["lr"]
 
 
+def test_rmsprop_momentum_buffer_accumulates_the_preconditioned_gradient():
+    """The direction P * buf alone would hold for any P: check P itself, buf_t - beta buf_{t-1} = g_t / P_t."""
+    model = tanh_mlp()
+    x, y = regression_data(12, 5, 3)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, momentum=0.9, eps=1e-6)
+    steps(model, optimizer, x, y, 3)
+    params = list(model.parameters())
+    previous = torch.cat([optimizer.state[p]["momentum_buffer"].reshape(-1).clone() for p in params])
+    steps(model, optimizer, x, y, 1)
+    buf = torch.cat([optimizer.state[p]["momentum_buffer"].reshape(-1) for p in params])
+    grad = torch.cat([p.grad.reshape(-1) for p in params])
+    P = adapter_for(optimizer).preconditioner(optimizer, params)
+    assert torch.allclose(buf - 0.9 * previous, grad / P, rtol=1e-10, atol=1e-14)
+
+
 @pytest.mark.parametrize("t", [2, 5, 6, 8, 30])
 def test_radam_through_its_untractable_and_rectified_phases(t):
     """RAdam steps with plain momentum while rho_t <= 5 (t <= 5 at beta2 = 0.999) and rectified after."""
@@ -196,8 +211,34 @@ def test_dampened_heavy_ball_threshold_against_sgd_itself():
     assert final_distance(make, 1.02 * threshold) > 1e6
 
 
-def test_adam_family_threshold_is_the_ema_form():
-    model = tanh_mlp()
-    for name in ("adam", "adamw", "radam", "vradam"):
-        optimizer = OPTIMIZER_CLASSES[name](model.parameters(), lr=1e-3, betas=(0.8, 0.999))
-        assert adapter_for(optimizer).threshold(optimizer, 1e-3) == pytest.approx(adam_threshold(1e-3, 0.8))
+@pytest.mark.parametrize("name", ["adam", "adamw", "radam", "vradam"])
+def test_adam_family_threshold_against_the_optimizer_on_a_quadratic(name):
+    """The optimizer itself, on 0.5 lambda x^2, is stable just below the adapter's threshold and grows above it.
+
+    With eps far above sqrt(v) (a start of 1e-40 keeps |g| << eps), beta2 = 0.9 (so RAdam's
+    rectification and the bias corrections settle early) P is eps, the preconditioned curvature
+    lambda / eps, and the edge sits at lambda = threshold * eps.
+    """
+    lr, eps, beta1 = 0.1, 1e3, 0.8
+
+    def make(params):
+        kwargs = dict(lr=lr, betas=(beta1, 0.9), eps=eps, weight_decay=0.0)
+        if name == "vradam":
+            kwargs.update(beta3=0.0)  # the gate off: eta_t = lr
+        return OPTIMIZER_CLASSES[name](params, **kwargs)
+
+    probe = make([nn.Parameter(torch.ones(1))])
+    threshold = adapter_for(probe).threshold(probe, lr)
+    assert threshold == pytest.approx(2 * (1 + beta1) / ((1 - beta1) * lr))
+
+    def distance(curvature: float) -> float:
+        x = nn.Parameter(torch.tensor([1e-40], dtype=DT))
+        optimizer = make([x])
+        for _ in range(1500):
+            optimizer.zero_grad()
+            (0.5 * curvature * x.pow(2)).sum().backward()
+            optimizer.step()
+        return x.detach().abs().item()
+
+    assert distance(0.97 * threshold * eps) < 1e-60
+    assert distance(1.03 * threshold * eps) > 1e-10

@@ -82,7 +82,14 @@ def test_a_record_made_under_another_config_is_refused(tiny_data_dir, tmp_path):
     base = {**BASE, "data_dir": str(tiny_data_dir), "dataset": "auto"}
     runs = expand_sweep({"base": base, "grid": [{"optimizer": "gd", "lr": 0.1}]})
     assert run_sweep(runs, tmp_path / "s") == {"gd-lr0.1-s0": "finished"}
-    assert run_sweep(runs, tmp_path / "s") == {"gd-lr0.1-s0": "finished (already recorded)"}  # auto matches
+    assert runs[0].config.dataset == "auto"  # the run recorded its resolved data set, the sweep's config is untouched
+    again = expand_sweep({"base": base, "grid": [{"optimizer": "gd", "lr": 0.1}]})
+    assert run_sweep(again, tmp_path / "s") == {"gd-lr0.1-s0": "finished (already recorded)"}  # auto -> the same
+    # Fashion-MNIST goes and MNIST comes: auto now means MNIST, so the record is stale.
+    (tiny_data_dir / "fashion-mnist").rename(tiny_data_dir / "mnist")
+    with pytest.raises(ConfigError, match="dataset: recorded 'fashion-mnist', sweep 'mnist'"):
+        run_sweep(again, tmp_path / "s")
+    (tiny_data_dir / "mnist").rename(tiny_data_dir / "fashion-mnist")
     edited = expand_sweep({"base": {**base, "steps": 6}, "grid": [{"optimizer": "gd", "lr": 0.1}]})
     assert [r.name for r in edited] == [r.name for r in runs]  # base keys are not in the name
     with pytest.raises(ConfigError, match=r"gd-lr0.1-s0: steps: recorded 4, sweep 6"):

@@ -76,18 +76,21 @@ def test_vradam_records_gate_and_preconditioned_sharpness(tiny_data_dir, tmp_pat
 
 
 def test_thresholds_use_the_rates_of_the_step_that_produced_the_parameters(tiny_data_dir, tmp_path):
-    """With warmup the rate changes every step: a measurement at t is compared with step t - 1's lr and eta_t."""
+    """The warmup changes the rate at every step: a measurement at t is compared with step t - 1's lr and eta_t."""
     lr = 0.01
-    cfg = tiny(tiny_data_dir, optimizer="vradam", lr=lr, beta3=50.0, alpha1=3.0, steps=10, warmup_steps=4)
+    cfg = tiny(tiny_data_dir, optimizer="vradam", lr=lr, beta3=50.0, alpha1=3.0, steps=8, warmup_steps=20,
+               track_every=2)
     train(cfg, tmp_path / "run")
     run = read_run(tmp_path / "run")
     lrs, eta = metric(run, "lr"), metric(run, "eta")
-    assert lrs[0] == pytest.approx(lr / 4) and lrs[4] == pytest.approx(lr)  # the warmup really moves the rate
+    assert lrs[0] == pytest.approx(lr / 20) and (lrs.diff().dropna() > 0).all()  # a new rate every step
     line, line_eta = metric(run, "precond_threshold"), metric(run, "precond_threshold_eta")
     assert line[0] == pytest.approx(38 / lrs[0])  # before any step: the rate step 0 will use
-    assert line[5] == pytest.approx(38 / lrs[4]) and line[10] == pytest.approx(38 / lrs[9])
-    assert line_eta.index.tolist() == [5, 10]  # no gate exists before the first step
-    assert line_eta[5] == pytest.approx(38 / eta[4], rel=1e-6) and line_eta[10] == pytest.approx(38 / eta[9], rel=1e-6)
+    for t in (2, 4, 6):
+        assert line[t] == pytest.approx(38 / lrs[t - 1]) and line[t] != pytest.approx(38 / lrs[t])
+        assert line_eta[t] == pytest.approx(38 / eta[t - 1], rel=1e-6)
+    assert line[8] == pytest.approx(38 / lrs[7])
+    assert line_eta.index.tolist() == [2, 4, 6, 8]  # no gate exists before the first step
     assert "precond_sharpness" not in set(run.metrics[run.metrics.step == 0].metric)
 
 
