@@ -9,7 +9,7 @@
     eos plot RUN_OR_DIR... [--kind]  stability figures
     eos report RUN_OR_DIR...         a self-contained report
     eos data list | fetch NAME       data sets here, and getting them
-    eos bench optimizer | sharpness  benchmarks
+    eos bench optimizer | sharpness | lm  benchmarks
 
 Every command's help is its docstring; ``eos COMMAND --help`` shows it.
 """
@@ -329,6 +329,12 @@ def bench_optimizer(ctx: typer.Context):
 def bench_sharpness(ctx: typer.Context):
     """HVP cost and eigensolver matvecs vs scipy eigsh (extra arguments go to the benchmark; try --help)."""
     _bench("experiments.benchmarks.sharpness", ctx)
+
+
+@bench_app.command("lm", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_lm(ctx: typer.Context):
+    """Language model: tokens/s of a training step and HVP / gradient ratios (extra arguments go to the benchmark)."""
+    _bench("experiments.benchmarks.language_model", ctx)
 
 
 def main() -> None:
