@@ -128,3 +128,26 @@ def test_demo_runs_and_writes_figures(tmp_path):
     assert result.exit_code == 0, result.output
     figures = [line.strip() for line in result.output.splitlines() if line.strip().endswith(".png")]
     assert any("sharpness" in f for f in figures) and any("damping" in f for f in figures)
+
+
+def test_tasks_lists_every_task_with_the_options_it_reads():
+    from experiments.tasks import TASKS, task_class
+
+    result = eos("tasks")
+    assert result.exit_code == 0, result.output
+    for name, (_, _, summary) in TASKS.items():
+        assert f"{name}\n  {summary}\n  reads: {', '.join(task_class(name).options)}" in result.output
+    assert "language-model" in eos("run", "--help").output
+
+
+def test_a_language_model_runs_from_the_command_line(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 30)
+    result = eos("run", "language-model", "--data", f"text:{text}", "--steps", "6", "--track-every", "3",
+                 "--device", "cpu", "--set", "context=16", "--set", "batch_size=4", "--set", "track_n=4",
+                 "--set", "eval_n=4", "--set", 'model_options={"n_layer": 1, "n_head": 1, "d_model": 8}',
+                 "--set", "hvp_method=double_backward", "--out", tmp_path, "--name", "lm")
+    assert result.exit_code == 0, result.output
+    run = read_run(tmp_path / "lm")
+    assert run.config["optimizer"] == "adamw" and run.config["lr"] == 3e-3  # the task's defaults
+    assert {"val_ppl", "val_ppl_unigram", "test_ppl", "precond_sharpness"} <= set(run.metrics.metric)
