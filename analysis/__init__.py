@@ -48,6 +48,7 @@ from analysis.plots import (
     plot_comparison,
     plot_damping,
     plot_density,
+    plot_distribution_error,
     plot_loss,
     plot_sharpness,
     plot_spectrum,
@@ -67,7 +68,7 @@ __all__ = [
     "clamp_fraction", "damping_ratio", "damping_runs", "first_crossing_step", "flatten_config",
     "format_summary", "load_run", "load_runs", "loss_rise_fraction", "markdown_table",
     "mean_ci", "mean_update_cos", "metric_series", "plot_comparison", "plot_damping", "plot_density",
-    "plot_loss", "plot_sharpness", "plot_spectrum", "run_label", "run_summary", "save_figures",
+    "plot_distribution_error", "plot_loss", "plot_sharpness", "plot_spectrum", "run_label", "run_summary", "save_figures",
     "sharpness_ratio", "sign_flip_rate", "smooth", "stability_metrics", "stability_summary",
     "steps_above_threshold", "steps_to_target", "summary_table", "wide", "write_report",
 ]

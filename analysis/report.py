@@ -25,6 +25,7 @@ import pandas as pd
 from analysis.load import Run, Runs, flatten_config, load_runs
 from analysis.plots import (
     damping_runs,
+    plot_distribution_error,
     plot_comparison,
     plot_damping,
     plot_density,
@@ -44,8 +45,8 @@ from analysis.summary import (
 log = logging.getLogger("analysis")
 
 #: The kinds :func:`save_figures` knows; the kind "all" means these.
-FIGURE_KINDS = ("sharpness", "loss", "damping", "spectrum", "density", "comparison")
-DEFAULT_KINDS = ("sharpness", "loss", "damping", "spectrum")
+FIGURE_KINDS = ("sharpness", "loss", "damping", "spectrum", "density", "comparison", "gflownet")
+DEFAULT_KINDS = ("sharpness", "loss", "damping", "spectrum", "gflownet")
 
 
 def _as_runs(runs) -> Runs:
@@ -144,6 +145,13 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
             fig, ax = _figure()
             plot_damping(df, ax=ax)
             written += _save(fig, out_dir, "damping", formats, dpi)
+        elif kind == "gflownet":
+            if not df["metric"].isin(["l1_exact", "l1_empirical"]).any():
+                skip(kind, "no GFlowNet run (no l1_exact or l1_empirical logged)")
+                continue
+            fig, ax = _figure()
+            plot_distribution_error(df, ax=ax)
+            written += _save(fig, out_dir, "gflownet", formats, dpi)
         elif kind == "comparison":
             if "train_loss" not in set(df["metric"]):
                 skip(kind, "no run logged train_loss")

@@ -257,17 +257,17 @@ def runs_list(directory: Path = typer.Argument(Path("runs"), help="Directory to 
 @clear_errors
 def plot(
     runs: list[Path] = typer.Argument(..., help="Run directories or parents of them."),
-    kind: str = typer.Option("all", help="sharpness | loss | damping | spectrum | all"),
+    kind: str = typer.Option("all", help="sharpness | loss | damping | spectrum | density | comparison | gflownet "
+                                         "(analysis.FIGURE_KINDS), or all (the default set)"),
     out: Path = typer.Option(Path("figures"), help="Output directory."),
 ):
     """Write stability figures (PNG and PDF) and print their paths."""
     import analysis
 
-    kinds = ("sharpness", "loss", "damping", "spectrum")
-    if kind != "all" and kind not in kinds:
-        raise ValueError(f"unknown --kind {kind!r}; allowed: {', '.join(kinds)}, all")
+    if kind != "all" and kind not in analysis.FIGURE_KINDS:
+        raise ValueError(f"unknown --kind {kind!r}; allowed: {', '.join(analysis.FIGURE_KINDS)}, all")
     loaded = analysis.load_runs([str(r) for r in runs])
-    for path in analysis.save_figures(loaded, out, kinds=kinds if kind == "all" else (kind,)):
+    for path in analysis.save_figures(loaded, out, kinds=analysis.DEFAULT_KINDS if kind == "all" else (kind,)):
         typer.echo(str(path))
 
 

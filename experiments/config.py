@@ -22,7 +22,6 @@ from typing import Any
 from experiments.tasks import TASKS  # the task table (light: no torch until a task is built)
 
 OPTIMIZERS = ("gd", "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "radam", "vradam")
-LOSSES = ("mse", "cross-entropy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 BN_MODES = ("eval", "batch_stats")
@@ -53,14 +52,23 @@ class RunConfig:
     # text: wikitext-2 | brown | gutenberg | shakespeare | text:PATH | auto
     dataset: str = "auto"
     data_dir: str | None = None
-    model: str | None = None  # default per task: mlp-tanh, cnn-small, transformer
+    model: str | None = None  # default per task: mlp-tanh, cnn-small, transformer, mlp (gflownet)
     model_options: dict = field(default_factory=dict)  # e.g. {"batchnorm": true}, {"hidden": [512]}, {"n_layer": 2}
-    loss: str | None = None  # mse | cross-entropy; default per task
+    loss: str | None = None  # images: mse | cross-entropy; default per task (text: cross-entropy, gflownet: objective)
     n_train: int | None = None  # training examples (images: class-balanced subset; text, full batch: windows)
     full_batch: bool | None = None  # every step on the whole training set (default per task)
     context: int = 64  # language-model: tokens per window
     vocab_size: int = 10_000  # language-model, word-level corpora built here (brown): words kept, <unk> the rest
-    eval_n: int | None = None  # examples (text: windows) per val/test evaluation; default: the whole split
+    eval_n: int | None = None  # examples (text: windows) per val/test evaluation (gflownet: recent samples)
+    # gflownet: the hypergrid {0..height-1}^ndim, reward R0 + R1 [outer band] + R2 [inner band]
+    ndim: int = 4
+    height: int = 8
+    R0: float = 0.1
+    R1: float = 0.5
+    R2: float = 2.0
+    objective: str = "tb"  # gflownet: tb (trajectory balance) | db (detailed balance) | fm (flow matching)
+    backward_policy: str = "uniform"  # gflownet: uniform over parents | learned
+    epsilon: float = 0.0  # gflownet: epsilon-uniform exploration mixed into the sampling policy
     # optimizer
     optimizer: str | None = None  # default per task (gd for images, adamw for language-model)
     lr: float | None = None  # default per task
@@ -128,7 +136,6 @@ class RunConfig:
         _choice("hessian_bn_mode", self.hessian_bn_mode, BN_MODES)
         _choice("gate", self.gate, GATES)
         _choice("norm_scope", self.norm_scope, NORM_SCOPES)
-        _choice("loss", self.loss, LOSSES)
         if self.checkpoint_every is None:
             self.checkpoint_every = self.track_every
         if self.label is None:

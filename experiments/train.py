@@ -56,7 +56,7 @@ from experiments.tasks.base import Task, as_args
 CHECKPOINT_NAME = "last.pt"
 # Metrics that measure wall-clock time; the only ones a resumed run may not reproduce.
 TIMING_METRICS = ("hessian_seconds", "precond_seconds", "density_seconds", "tokens_per_second",
-                  "examples_per_second")
+                  "examples_per_second", "trajectories_per_second")
 # Points of the grid a spectral density is evaluated on (its cost is set by density_probes x density_steps).
 DENSITY_GRID = 400
 
@@ -301,6 +301,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "tracker": self.tracker.state_dict(),
+            "task": self.task.state_dict(),
             "density_rng": self.density_generator.get_state(),
             "prev_update": self.prev_update,
             "last_lr": self.last_lr,
@@ -326,6 +327,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.tracker.load_state_dict(state["tracker"])
+        self.task.load_state_dict(state.get("task", {}))
         self.density_generator.set_state(state["density_rng"].cpu())
         self.prev_update = state["prev_update"]
         # .get: checkpoints written before these were kept resume with the step-0 convention

@@ -10,6 +10,7 @@ knows no task by name; this table is where names meet classes.
 ``eos-fullbatch``           full-batch images: the classic edge-of-stability study
 ``image-classification``    minibatch images with train / val / test splits
 ``language-model``          causal Transformer on real text (word or character level)
+``gflownet``                GFlowNet on the hypergrid, against its exact target distribution
 ==========================  ======================================================
 
 The names and one-line summaries below are read without importing torch (the
@@ -17,7 +18,7 @@ CLI's help); :func:`task_class` imports the family's module.
 
 Example:
     >>> sorted(TASKS)
-    ['eos-fullbatch', 'image-classification', 'language-model']
+    ['eos-fullbatch', 'gflownet', 'image-classification', 'language-model']
     >>> task_class("language-model").__name__
     'LanguageModelTask'
 """
@@ -34,6 +35,8 @@ TASKS: dict[str, tuple[str, str, str]] = {
                              "minibatch CNN image classification with augmentation, val and test splits"),
     "language-model": ("experiments.tasks.language", "LanguageModelTask",
                        "causal Transformer language model on Brown, Gutenberg, WikiText-2 or any text file"),
+    "gflownet": ("experiments.tasks.gflownet", "GFlowNetTask",
+                 "GFlowNet on the hypergrid (trajectory balance, detailed balance or flow matching), exact metrics"),
 }
 
 

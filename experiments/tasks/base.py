@@ -21,6 +21,7 @@ device in a dtype, provides:
 ``data_info``             what was read, from where, with checksums (environment.json)
 ``throughput_unit``       e.g. ``"tokens"``: the loop records ``tokens_per_second``
                           from ``items_per_step``; None records nothing
+``state_dict()``          history the task keeps across steps (saved in checkpoints)
 
 Class attributes (read before a task is built): ``options``, the RunConfig
 keys the task reads beyond the common ones (``eos tasks`` lists them), and
@@ -82,3 +83,10 @@ class Task:
 
     def evaluate(self, split: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Training history the task keeps (e.g. a GFlowNet's recent samples), saved with each checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""

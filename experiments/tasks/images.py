@@ -74,6 +74,8 @@ class ImageTask(Task):
     options = ("dataset", "data_dir", "model", "model_options", "loss", "n_train", "chunk_size", "full_batch")
 
     def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
+        if cfg.loss not in LOSS_FUNCTIONS:
+            raise ConfigError(f"unknown loss {cfg.loss!r}; allowed: {', '.join(LOSS_FUNCTIONS)}")
         self.cfg = cfg
         name = self.resolve_data(cfg)
         full = datasets.load_dataset(name, split="train", data_dir=cfg.data_dir)

@@ -228,3 +228,21 @@ def test_adam_tracked_without_preconditioner_shows_raw_sharpness_and_no_threshol
     assert gids(ax) == {"sharpness": 1}
     assert drawn(ax, "sharpness") == [([0, 10], [5.0, 7.0])]
     assert ax.get_ylabel() == r"sharpness $\lambda_1(H)$"
+
+
+def test_distribution_error_draws_the_recorded_l1_per_run():
+    import pandas as pd
+
+    rows = pd.DataFrame({"run_id": ["a"] * 4 + ["b"] * 2, "optimizer": ["adam"] * 4 + ["vradam"] * 2,
+                         "lr": 1e-3, "label": ["Adam"] * 4 + ["VRAdam"] * 2,
+                         "step": [0, 0, 100, 100, 0, 100],
+                         "metric": ["l1_exact", "l1_empirical"] * 2 + ["l1_exact"] * 2,
+                         "value": [1.2, 1.5, 0.3, 0.6, 1.1, 0.2]})
+    ax = analysis.plot_distribution_error(rows)
+    drawn = {(line.get_label(), line.get_gid()): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines
+             if line.get_gid() in ("l1_exact", "l1_empirical")}
+    assert drawn == {("Adam", "l1_exact"): ([0, 100], [1.2, 0.3]), ("Adam", "l1_empirical"): ([0, 100], [1.5, 0.6]),
+                     ("VRAdam", "l1_exact"): ([0, 100], [1.1, 0.2])}
+    assert ax.get_yscale() == "log"
+    with pytest.raises(ValueError, match="none of the metrics"):
+        analysis.plot_distribution_error(rows[rows.metric == "nothing"].assign(metric="train_loss"))
