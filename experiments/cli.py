@@ -25,6 +25,8 @@ from typing import Optional
 
 import typer
 
+from experiments.tasks import TASKS  # names and one-line summaries; imports no torch
+
 app = typer.Typer(help="Edge-of-stability experiments: VRAdam and baselines with live sharpness tracking.",
                   no_args_is_help=True, add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 runs_app = typer.Typer(help="Inspect run records.", no_args_is_help=True)
@@ -93,8 +95,8 @@ def _parse_set(assignments: list[str]) -> dict:
 @app.command()
 @clear_errors
 def run(
-    task: str = typer.Argument(..., help="eos-fullbatch | image-classification | language-model ('eos tasks' says "
-                                         "what each is and which options it reads)"),
+    task: str = typer.Argument(..., help=" | ".join(TASKS) + " ('eos tasks' says what each is and which options "
+                                         "it reads)"),
     optimizer: Optional[str] = typer.Option(None, help="gd, sgd, momentum, nesterov, adam, adamw, rmsprop, radam, vradam"),
     lr: Optional[float] = typer.Option(None, help="Maximal learning rate (VRAdam's alpha_0)."),
     momentum: Optional[float] = typer.Option(None, help="Momentum for momentum / nesterov."),
@@ -112,9 +114,10 @@ def run(
     data: Optional[str] = typer.Option(None, help="Images: fashion-mnist, mnist, mnist5k, cifar10, digits; text: "
                                                   "shakespeare, gutenberg, brown, wikitext-2, text:PATH; or auto."),
     data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR", help="Data directory."),
-    n_train: Optional[int] = typer.Option(None, help="Class-balanced training subset size."),
+    n_train: Optional[int] = typer.Option(None, help="Training examples (images: class-balanced subset; text, "
+                                                     "full batch: windows)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (image-classification)."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training split (instead of --steps)."),
     batch_size: Optional[int] = typer.Option(None),
     track_every: Optional[int] = typer.Option(None, help="Measure sharpness every N steps."),
     track_k: Optional[int] = typer.Option(None, help="Top-k Hessian eigenvalues."),
@@ -129,11 +132,10 @@ def run(
 ):
     """Train one model while tracking sharpness against the optimizer's stability threshold.
 
-    Tasks: eos-fullbatch (full-batch images, the classic edge-of-stability
-    study), image-classification (minibatch CNN), language-model (causal
-    Transformer on real text). Defaults (from experiments.config.RunConfig
-    and each task) work offline on the data found by --data auto.
-    Precedence: defaults < --config FILE < options.
+    TASK is one of the tasks 'eos tasks' lists (images full batch or
+    minibatch, a causal Transformer language model, a GFlowNet). Defaults
+    (from experiments.config.RunConfig and each task) work offline on the
+    data found by --data auto. Precedence: defaults < --config FILE < options.
     """
     from experiments.config import resolve_config
     from experiments.train import default_run_dir, train
@@ -161,6 +163,8 @@ def tasks():
         cls = task_class(name)
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items())
         typer.echo(f"{name}\n  {summary}\n  reads: {', '.join(cls.options)}\n  defaults: {defaults}")
+        if getattr(cls, "model_options", None):
+            typer.echo(f"  model_options: {cls.model_options}")
     typer.echo("Common to every task: optimizer and its hyperparameters, schedule, steps, tracking (track_*), seed, "
                "device, dtype; see experiments/config.py.")
 

@@ -61,7 +61,7 @@ class RunConfig:
     vocab_size: int = 10_000  # language-model, word-level corpora built here (brown): words kept, <unk> the rest
     eval_n: int | None = None  # examples (text: windows) per val/test evaluation (gflownet: recent samples)
     # gflownet: the hypergrid {0..height-1}^ndim, reward R0 + R1 [outer band] + R2 [inner band]
-    ndim: int = 4
+    ndim: int = 2  # the VRAdam paper's 8 x 8 grid world; ndim=4 is the literature's harder standard
     height: int = 8
     R0: float = 0.1
     R1: float = 0.5
@@ -69,6 +69,7 @@ class RunConfig:
     objective: str = "tb"  # gflownet: tb (trajectory balance) | db (detailed balance) | fm (flow matching)
     backward_policy: str = "uniform"  # gflownet: uniform over parents | learned
     epsilon: float = 0.0  # gflownet: epsilon-uniform exploration mixed into the sampling policy
+    log_z_lr_factor: float = 100.0  # gflownet, trajectory balance: log Z's rate / lr (0.1 vs 1e-3, Malkin et al.)
     # optimizer
     optimizer: str | None = None  # default per task (gd for images, adamw for language-model)
     lr: float | None = None  # default per task
@@ -126,6 +127,8 @@ class RunConfig:
         from experiments.tasks import task_class  # imports torch; config stays light until here
 
         for key, value in task_class(self.task).defaults.items():
+            if key == "steps" and self.epochs is not None:
+                continue  # the run's length was given in epochs
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.steps is None and self.epochs is None:

@@ -54,9 +54,14 @@ from experiments.tasks import build_task
 from experiments.tasks.base import Task, as_args
 
 CHECKPOINT_NAME = "last.pt"
-# Metrics that measure wall-clock time; the only ones a resumed run may not reproduce.
-TIMING_METRICS = ("hessian_seconds", "precond_seconds", "density_seconds", "tokens_per_second",
-                  "examples_per_second", "trajectories_per_second")
+# Metrics that measure wall-clock time (named *_seconds or *_per_second); the only ones a resumed
+# run may not reproduce.
+TIMING_SUFFIXES = ("_seconds", "_per_second")
+
+
+def is_timing_metric(name: str) -> bool:
+    """Whether ``name`` measures wall-clock time (``hessian_seconds``, ``tokens_per_second``, ...)."""
+    return name.endswith(TIMING_SUFFIXES)
 # Points of the grid a spectral density is evaluated on (its cost is set by density_probes x density_steps).
 DENSITY_GRID = 400
 
@@ -114,7 +119,7 @@ class Trainer:
         self.cfg, self.run_dir, self.task, self.device = cfg, run_dir, task, device
         self.model = task.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, parameter_groups(self.model, cfg))
+        self.optimizer = build_optimizer(cfg, task.param_groups(parameter_groups(self.model, cfg)))
         self.adapter = adapter_for(self.optimizer)
         self.total = task.total_steps
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
@@ -123,6 +128,7 @@ class Trainer:
             bn_mode=cfg.hessian_bn_mode, tol=cfg.lanczos_tol, max_iter=cfg.lanczos_max_iter,
             precondition=cfg.track_precond, seed=cfg.seed, chunk_weights=task.track_chunk_weights)
         self.interval_start: tuple[int, float] | None = None  # (step, time) where throughput counting began
+        self.throughput_rows: list = []
         self.density_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.prev_update: torch.Tensor | None = None
@@ -217,7 +223,8 @@ class Trainer:
     def _track(self) -> str | None:
         """Tracking measurements at the current step; returns 'target' when target_acc is reached."""
         t, cfg = self.step, self.cfg
-        rows: list[tuple[int, str, float]] = self._throughput(t)
+        rows: list[tuple[int, str, float]] = self.throughput_rows
+        self.throughput_rows = []
         evaluated = {}
         for split in self.task.splits:
             if split != "test" or t == self.total:  # the test split only at the end
@@ -232,8 +239,11 @@ class Trainer:
             rows += self._density(t)
         self.writer.log_metrics(rows)
         self.final.update({m: v for _, m, v in rows})
-        if cfg.target_acc is not None and evaluated.get("track_acc", -math.inf) >= cfg.target_acc:
-            return "target"
+        if cfg.target_acc is not None:
+            if "track_acc" not in evaluated:
+                raise ValueError(f"target_acc is set but task {cfg.task!r} records no track_acc; use target_loss")
+            if evaluated["track_acc"] >= cfg.target_acc:
+                return "target"
         return None
 
     def _throughput(self, t: int) -> list[tuple[int, str, float]]:
@@ -346,6 +356,7 @@ class Trainer:
             while True:
                 at_end = self.step >= self.total
                 if self.step % cfg.track_every == 0 or at_end:
+                    self.throughput_rows = self._throughput(self.step)  # before writing and checkpointing
                     outcome, at = self._flush()
                     if outcome == "diverged":
                         self.writer.event("diverged", step=at,

@@ -51,8 +51,23 @@ def size_weighted(batches: Sequence[Batch]) -> list[tuple[Any, torch.Tensor, flo
 
 
 def as_args(inputs) -> tuple:
-    """The model's positional arguments: a tuple of inputs as is, anything else as one argument."""
-    return tuple(inputs) if isinstance(inputs, tuple) else (inputs,)
+    """The model's positional arguments: a tuple or list of inputs as is, anything else as one argument.
+
+    (The same rule as the curvature engine's, so training and HVPs call the model alike.)
+    """
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def seeded_generator(seed: int, stream: int, step: int = 0) -> torch.Generator:
+    """A CPU generator for (run seed, stream, step): streams never share a seed, whatever the step.
+
+    Stream 0 is the per-step training batches, stream 1 the fixed tracking set
+    (tasks add their own), so no step's batch can coincide with the tracking set.
+    """
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, stream, step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 class Task:
@@ -83,6 +98,10 @@ class Task:
 
     def evaluate(self, split: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def param_groups(self, groups: list) -> list:
+        """Adjust the optimizer's param groups (from :func:`experiments.optim.parameter_groups`); default: as given."""
+        return groups
 
     def state_dict(self) -> dict:
         """Training history the task keeps (e.g. a GFlowNet's recent samples), saved with each checkpoint."""

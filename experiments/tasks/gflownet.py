@@ -67,12 +67,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.config import ConfigError, RunConfig
-from experiments.tasks.base import Task
+from experiments.tasks.base import Task, seeded_generator
 
 OBJECTIVES = ("tb", "db", "fm")
 BACKWARD_POLICIES = ("uniform", "learned")
 _MASKED = -1e9  # a logit that no valid action has; exp() of it is 0 in float32 and float64
-_TRACK_TAG = 104_729  # separates the tracking trajectories' generator from the per-step ones
 
 
 class HyperGrid:
@@ -286,12 +285,13 @@ def distribution_distances(p: torch.Tensor, target: torch.Tensor) -> tuple[float
 class GFlowNetTask(Task):
     """The hypergrid GFlowNet (module docstring)."""
 
-    options = ("ndim", "height", "R0", "R1", "R2", "objective", "backward_policy", "epsilon", "model_options",
-               "batch_size", "track_n", "eval_n", "chunk_size", "steps")
-    defaults = {"model": "mlp", "loss": "objective", "optimizer": "adam", "lr": 1e-3, "steps": 2000,
+    options = ("ndim", "height", "R0", "R1", "R2", "objective", "backward_policy", "epsilon", "log_z_lr_factor",
+               "model_options", "batch_size", "track_n", "eval_n", "chunk_size", "steps")
+    defaults = {"model": "mlp", "loss": "objective", "optimizer": "adam", "lr": 1e-3, "steps": 1000,
                 "batch_size": 16, "track_n": 64, "eval_n": 2000, "chunk_size": 64, "track_every": 100,
                 "full_batch": False}
     throughput_unit = "trajectories"
+    model_options = "hidden ([256, 256])"
 
     def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
         if cfg.objective not in OBJECTIVES:
@@ -305,6 +305,8 @@ class GFlowNetTask(Task):
         if cfg.height ** cfg.ndim > 200_000:
             raise ConfigError(f"height^ndim = {cfg.height ** cfg.ndim} states is too many to enumerate for the "
                               "exact metrics (at most 200,000)")
+        if not (isinstance(cfg.log_z_lr_factor, (int, float)) and cfg.log_z_lr_factor > 0):
+            raise ConfigError(f"log_z_lr_factor must be > 0, got {cfg.log_z_lr_factor!r}")
         if not 0 <= cfg.epsilon < 1:
             raise ConfigError(f"epsilon must be in [0, 1), got {cfg.epsilon!r}")
         if cfg.model != "mlp" or cfg.loss != "objective" or cfg.full_batch:
@@ -325,8 +327,7 @@ class GFlowNetTask(Task):
             torch.manual_seed(cfg.seed)
             model = TrajectoryObjective(self.env, cfg.objective, cfg.backward_policy, tuple(hidden))
         self.model = model.to(device=device, dtype=dtype)
-        track_seed = cfg.seed * 1_000_003 + _TRACK_TAG
-        states, actions = sample_trajectories(self.model, cfg.track_n, torch.Generator().manual_seed(track_seed))
+        states, actions = sample_trajectories(self.model, cfg.track_n, seeded_generator(cfg.seed, stream=1))
         self.track_batches = [((states[i:i + cfg.chunk_size], actions[i:i + cfg.chunk_size]),
                                torch.zeros(actions[i:i + cfg.chunk_size].shape, dtype=dtype, device=device))
                               for i in range(0, cfg.track_n, cfg.chunk_size)]
@@ -344,8 +345,9 @@ class GFlowNetTask(Task):
                           "source": "generated: the hypergrid environment (no data files)",
                           "n_states": self.env.n_states, "log_z_true": self.log_z_true,
                           "modes_total": int(self.is_mode.sum()),
+                          "log_z_lr": cfg.lr * cfg.log_z_lr_factor if cfg.objective == "tb" else None,
                           "tracking_trajectories": {"n": cfg.track_n, "sampler": "initial forward policy",
-                                                    "generator_seed": track_seed}}
+                                                    "generator": f"seeded_generator({cfg.seed}, stream=1)"}}
 
     @classmethod
     def resolve_data(cls, cfg) -> str:
@@ -354,11 +356,33 @@ class GFlowNetTask(Task):
     def loss_fn(self, residuals, targets):
         return objective_loss(residuals, targets)
 
+    def param_groups(self, groups: list) -> list:
+        """Trajectory balance: log Z in a group of its own at ``log_z_lr_factor`` times the rate.
+
+        The usual practice (Malkin et al. 2022: 0.1 for log Z, 1e-3 for the
+        policy): a single scalar that must travel to log of the partition
+        function learns too slowly at the policy's rate. The stability adapter
+        folds the ratio of the rates into the preconditioner (Adam family);
+        optimizers without one need a factor of 1.
+        """
+        factor = self.cfg.log_z_lr_factor
+        if self.model.log_z is None or factor == 1:
+            return groups
+        log_z = self.model.log_z
+        if not all(isinstance(g, dict) for g in groups):  # a plain list of tensors is one group
+            groups = [{"params": list(groups)}]
+        out = []
+        for g in groups:
+            kept = [p for p in g["params"] if p is not log_z]
+            if kept:
+                out.append({**g, "params": kept})
+        return out + [{"params": [log_z], "lr": self.cfg.lr * factor, "weight_decay": 0.0}]
+
     def train_chunks(self, step: int):
         """This step's on-policy trajectories; their terminal states enter the empirical distribution."""
         cfg = self.cfg
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        states, actions = sample_trajectories(self.model, cfg.batch_size, g, cfg.epsilon)
+        states, actions = sample_trajectories(self.model, cfg.batch_size, seeded_generator(cfg.seed, 0, step),
+                                              cfg.epsilon)
         done = self.env.index(terminal_states(states, actions))
         slots = (self.n_seen + torch.arange(len(done), device=done.device)) % len(self.recent)
         self.recent[slots] = done

@@ -17,8 +17,9 @@ character level; a window is ``context + 1`` consecutive tokens of a split
   tracked operator is a fixed function of the parameters.
 - Loss: mean cross-entropy over every position of every window (an unweighted
   mean over tokens, so chunking by windows is exact).
-- Evaluation: ``val`` / ``test`` on the first ``eval_n`` non-overlapping
-  windows of the split (all of them when ``eval_n`` is unset); metrics
+- Evaluation: ``val`` / ``test`` on the split's non-overlapping windows
+  (all of them by default; ``eval_n`` of them spread evenly over the split
+  when set, for speed); metrics
   ``{split}_loss`` and ``{split}_ppl`` = exp(mean token loss), for ``track``
   too. ``val_ppl_unigram`` is the perplexity of an add-one-smoothed unigram
   model of the training tokens on the same validation targets: a model that
@@ -40,9 +41,7 @@ from eos_toolkit.hvp import module_mode
 from experiments.config import ConfigError, RunConfig
 from experiments.data.text import SPLITS, load_corpus, resolve_corpus
 from experiments.models import build_transformer
-from experiments.tasks.base import Task, chunks, size_weighted
-
-_FIXED_WINDOWS_TAG = 7_919  # separates the fixed windows' generator from the per-step ones
+from experiments.tasks.base import Task, chunks, seeded_generator, size_weighted
 
 
 def windows(tokens: torch.Tensor, starts: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +69,10 @@ class LanguageModelTask(Task):
     options = ("dataset", "data_dir", "vocab_size", "context", "model_options", "batch_size", "full_batch",
                "n_train", "track_n", "eval_n", "chunk_size", "steps", "epochs")
     defaults = {"model": "transformer", "loss": "cross-entropy", "optimizer": "adamw", "lr": 3e-3, "steps": 600,
-                "batch_size": 32, "track_n": 32, "full_batch": False, "eval_n": 128, "n_train": 256,
+                "batch_size": 32, "track_n": 32, "full_batch": False, "n_train": 256,
                 "chunk_size": 32, "track_every": 50}
     throughput_unit = "tokens"
+    model_options = "n_layer (2), n_head (4), d_model (128), dropout (0), tie_weights (true)"
 
     def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype):
         if cfg.model != "transformer":
@@ -88,7 +88,7 @@ class LanguageModelTask(Task):
                                   f"context + 1 = {context + 1}; lower context")
         self.tokens = {split: corpus.tokens(split).to(device) for split in SPLITS}
         self.vocab_size = corpus.vocab_size
-        fixed = torch.Generator().manual_seed(cfg.seed * 1_000_003 + _FIXED_WINDOWS_TAG)
+        fixed = seeded_generator(cfg.seed, stream=1)
         last_start = len(self.tokens["train"]) - context - 1
         n_fixed = cfg.n_train if cfg.full_batch else cfg.track_n
         self.fixed = windows(self.tokens["train"], torch.randint(0, last_start + 1, (n_fixed,), generator=fixed),
@@ -97,9 +97,9 @@ class LanguageModelTask(Task):
         self.eval_windows = {}
         for split in ("val", "test"):
             ids = self.tokens["valid" if split == "val" else "test"]
-            starts = torch.arange(0, len(ids) - context, context)
-            if cfg.eval_n is not None:
-                starts = starts[:cfg.eval_n]
+            starts = torch.arange(0, len(ids) - context, context)  # non-overlapping windows
+            if cfg.eval_n is not None and cfg.eval_n < len(starts):  # spread over the whole split
+                starts = starts[torch.linspace(0, len(starts) - 1, cfg.eval_n).round().long()]
             self.eval_windows[split] = windows(ids, starts, context)
         self.splits = ("track", "val", "test")
         self.unigram_val_ppl = unigram_perplexity(self.tokens["train"], self.eval_windows["val"][1], self.vocab_size)
@@ -123,7 +123,7 @@ class LanguageModelTask(Task):
         cfg = self.cfg
         if cfg.full_batch:
             return size_weighted(self.track_batches)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        g = seeded_generator(cfg.seed, stream=0, step=step)
         last_start = len(self.tokens["train"]) - cfg.context - 1
         x, y = windows(self.tokens["train"], torch.randint(0, last_start + 1, (cfg.batch_size,), generator=g),
                        cfg.context)

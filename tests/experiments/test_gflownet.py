@@ -18,7 +18,7 @@ from experiments.tasks.gflownet import (
     sample_trajectories,
     terminal_states,
 )
-from experiments.train import TIMING_METRICS, resume, train
+from experiments.train import is_timing_metric, resume, train
 
 DT = torch.float64
 
@@ -200,7 +200,7 @@ def test_kill_and_resume_a_gflownet_run(tmp_path):
         train(cfg, tmp_path / "killed", on_step=kill)
     resume(tmp_path / "killed")
     whole, resumed = read_run(tmp_path / "whole"), read_run(tmp_path / "killed")
-    a, b = (r.metrics[~r.metrics.metric.isin(TIMING_METRICS)].sort_values(["step", "metric"]).reset_index(drop=True)
+    a, b = (r.metrics[~r.metrics.metric.map(is_timing_metric)].sort_values(["step", "metric"]).reset_index(drop=True)
             for r in (whole, resumed))
     assert (a[["step", "metric"]] == b[["step", "metric"]]).all().all()
     assert a["value"].tolist() == b["value"].tolist()  # the empirical metrics too: the sample buffer resumed
@@ -215,3 +215,18 @@ def test_bad_gflownet_settings_are_named():
                                (dict(epsilon=1.0), r"epsilon must be in \[0, 1\), got 1.0")):
         with pytest.raises(ValueError, match=message):
             build_task(tiny_gfn(**overrides).validate(), torch.device("cpu"), torch.float32)
+
+
+def test_trajectory_balance_puts_log_z_in_its_own_faster_group():
+    from experiments.optim import build_optimizer, parameter_groups
+    from experiments.tasks import build_task
+
+    cfg = tiny_gfn(objective="tb", lr=1e-3, log_z_lr_factor=100.0).validate()
+    task = build_task(cfg, torch.device("cpu"), torch.float32)
+    optimizer = build_optimizer(cfg, task.param_groups(parameter_groups(task.model, cfg)))
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 0.1])
+    assert optimizer.param_groups[1]["params"] == [task.model.log_z]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(task.model.parameters()))
+    db = tiny_gfn(objective="db").validate()
+    assert len(build_optimizer(db, build_task(db, torch.device("cpu"), torch.float32).param_groups(
+        parameter_groups(build_task(db, torch.device("cpu"), torch.float32).model, db))).param_groups) == 1

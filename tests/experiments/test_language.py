@@ -16,7 +16,7 @@ from experiments.data import text
 from experiments.models import build_transformer
 from experiments.tasks import build_task
 from experiments.tasks.language import token_cross_entropy, unigram_perplexity, windows
-from experiments.train import TIMING_METRICS, resume, train
+from experiments.train import is_timing_metric, resume, train
 from vradam import VRAdam
 
 DT = torch.float64
@@ -259,18 +259,18 @@ def test_kill_and_resume_a_language_model_run(hamlet_file, tmp_path, full_batch)
     class Kill(BaseException):
         pass
 
-    def kill_at_13(step, total):
+    def kill_at_10(step, total):
         if step == 10:  # after the checkpoint at 8
             raise Kill()
 
     with pytest.warns(RuntimeWarning):
         train(cfg, tmp_path / "whole")
         with pytest.raises(Kill):
-            train(cfg, tmp_path / "killed", on_step=kill_at_13)
+            train(cfg, tmp_path / "killed", on_step=kill_at_10)
         resume(tmp_path / "killed")
     whole, resumed = read_run(tmp_path / "whole"), read_run(tmp_path / "killed")
     assert [e["event"] for e in resumed.events] == ["started", "resumed", "finished"]
-    a, b = (r.metrics[~r.metrics.metric.isin(TIMING_METRICS)].sort_values(["step", "metric"]).reset_index(drop=True)
+    a, b = (r.metrics[~r.metrics.metric.map(is_timing_metric)].sort_values(["step", "metric"]).reset_index(drop=True)
             for r in (whole, resumed))
     assert (a[["step", "metric"]] == b[["step", "metric"]]).all().all()
     assert a["value"].tolist() == b["value"].tolist()
@@ -305,3 +305,33 @@ def test_a_latin1_text_file_is_read(tmp_path):
     corpus = text.load_corpus(f"text:{path}")
     assert "\r" not in corpus.vocab and "\xe9" in corpus.vocab
     assert corpus.checksum == text.sha256_of([path.read_bytes()])
+
+
+def test_validation_perplexity_by_hand_over_uneven_chunks(hamlet_file):
+    """exp of the mean token loss over every evaluated window, the windows spread over the whole split."""
+    cfg = tiny_lm(hamlet_file, eval_n=7, chunk_size=3, dtype="float64").validate()
+    task = build_task(cfg, torch.device("cpu"), DT)
+    valid = task.tokens["valid"]
+    n_windows = (len(valid) - 16 + 15) // 16  # starts 0, 16, ... below len - context
+    expected_starts = [round(i * (n_windows - 1) / 6) * 16 for i in range(7)]
+    x, y = task.eval_windows["val"]
+    assert [int(row[0]) for row in x] == [int(valid[s]) for s in expected_starts]
+    assert expected_starts[-1] >= len(valid) - 2 * 16  # the last window sits at the end of the split
+    nll = []
+    with torch.no_grad():
+        for s in expected_starts:
+            logits = task.model(valid[s:s + 16].unsqueeze(0))[0]
+            for t in range(16):
+                nll.append(float(torch.logsumexp(logits[t], 0) - logits[t, valid[s + t + 1]]))
+    got = task.evaluate("val")
+    assert float(got["val_ppl"]) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-10)
+    whole = build_task(tiny_lm(hamlet_file, eval_n=None).validate(), torch.device("cpu"), torch.float32)
+    assert len(whole.eval_windows["val"][0]) == n_windows  # by default every window of the split
+
+
+def test_tracking_windows_are_no_step_batch():
+    from experiments.tasks.base import seeded_generator
+
+    draws = {int(torch.randint(0, 2**62, (1,), generator=seeded_generator(0, 0, step))) for step in range(5000)}
+    assert int(torch.randint(0, 2**62, (1,), generator=seeded_generator(0, 1))) not in draws
+    assert len(draws) == 5000

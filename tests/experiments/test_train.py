@@ -9,7 +9,7 @@ from torch.func import functional_call, hessian
 from eos_toolkit.record import read_run
 from experiments.config import RunConfig
 from experiments.tasks import build_task
-from experiments.train import TIMING_METRICS, resume, train
+from experiments.train import is_timing_metric, resume, train
 
 TINY = dict(task="eos-fullbatch", dataset="fashion-mnist", n_train=100, model_options={"hidden": [12]},
             track_every=5, chunk_size=64, device="cpu")
@@ -154,7 +154,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides
     whole, resumed = read_run(tmp_path / "whole"), read_run(tmp_path / "killed")
     assert [e["event"] for e in resumed.events] == ["started", "resumed", "finished"]
     assert resumed.events[1]["step"] == 10
-    a, b = (r.metrics[~r.metrics.metric.isin(TIMING_METRICS)].sort_values(["step", "metric"]).reset_index(drop=True)
+    a, b = (r.metrics[~r.metrics.metric.map(is_timing_metric)].sort_values(["step", "metric"]).reset_index(drop=True)
             for r in (whole, resumed))
     assert len(a) == len(b) and (a[["step", "metric"]] == b[["step", "metric"]]).all().all()
     assert a["value"].tolist() == b["value"].tolist()  # exact, NaN-free
