@@ -5,6 +5,7 @@
     eos run TASK [options]           one training run with sharpness tracking
     eos resume RUN_DIR               continue a killed run from its last checkpoint
     eos sweep SPEC [--jobs N]        a grid of runs with equal tuning budgets (or print commands)
+    eos compare SPEC | --preset NAME the fair comparison: tune, select, confirm over seeds, report
     eos runs list [DIR]              the runs under DIR
     eos plot RUN_OR_DIR... [--kind]  stability figures
     eos report RUN_OR_DIR...         a self-contained report
@@ -208,6 +209,55 @@ def sweep(
     failed = [n for n, s in statuses.items() if s.startswith("failed")]
     if failed:
         raise fail(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}", code=1)
+
+
+@app.command(context_settings={"help_option_names": ["--help", "-h"]})
+@clear_errors
+def compare(
+    spec: Optional[str] = typer.Argument(None, help="A spec file (YAML/JSON), or 'report DIR', or 'worker SPEC'."),
+    target: Optional[str] = typer.Argument(None, help="With report: the comparison directory; with worker: the spec."),
+    preset: Optional[str] = typer.Option(None, help="A shipped spec: cnn-fashion, lm-brown, gfn-hypergrid, "
+                                                    "vradam-vs-clip (see experiments/presets/)."),
+    out: Path = typer.Option(Path("runs/compare"), help="Parent directory; the comparison goes to OUT/<name>."),
+    workers: int = typer.Option(1, help="Processes running trials (and confirmation runs) on this machine."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in the comparison "
+                                                     "directory); workers on other machines name the same URL."),
+    scale: float = typer.Option(1.0, help="Multiply the spec's steps and n_train (bigger machines)."),
+    allow_unequal_budget: bool = typer.Option(False, help="Allow optimizers different numbers of trials or steps."),
+):
+    """Compare optimizers fairly: equal tuning budgets, selection on validation, several seeds, CIs, conclusions.
+
+    eos compare SPEC | --preset NAME   tune, select, confirm, report (resumes what is done)
+    eos compare worker SPEC            only tune, as one more worker on the same --storage
+    eos compare report DIR             rebuild DIR/report.md from the records alone
+
+    The spec's keys are documented in experiments/compare.py.
+    """
+    from experiments import compare as cmp
+
+    if spec == "report":
+        if target is None:
+            raise ValueError("eos compare report needs the comparison directory")
+        from analysis.compare import write_compare_report
+
+        typer.echo(str(write_compare_report(Path(target))))
+        return
+    if spec == "worker":
+        if target is None:
+            raise ValueError("eos compare worker needs the spec (file or preset name)")
+        loaded = cmp.load_spec(target, allow_unequal_budget, scale)
+        for entry in loaded.entries:
+            cmp.tune_entry(loaded, entry, out / loaded.name, storage, echo=typer.echo)
+        typer.echo(f"tuning of {loaded.name} is complete")
+        return
+    source = preset or spec
+    if source is None or (preset and spec):
+        raise ValueError("give a spec file or --preset NAME (one of them)")
+    report = cmp.run_compare(source, out, workers=workers, storage=storage,
+                             allow_unequal_budget=allow_unequal_budget, scale=scale, echo=typer.echo)
+    typer.echo(f"report: {report}")
+    for line in (report.read_text().split("## Conclusions")[1].split("## Figures")[0].strip().splitlines()):
+        typer.echo(line)
 
 
 @app.command()

@@ -114,6 +114,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "float32"
     checkpoint_every: int | None = None  # default: track_every
+    evaluate_test: bool = True  # evaluate the test split at the end (off for tuning runs: selection never sees it)
     diverge_factor: float = 1e3  # diverged when loss > factor * initial loss (or NaN/Inf)
     label: str | None = None  # legend label; default "<Optimizer> lr=<lr>"
 
@@ -164,7 +165,7 @@ class RunConfig:
             raise ConfigError(f"vocab_size must be an integer >= 3, got {self.vocab_size!r}")
         if self.clip_norm is not None:
             _positive("clip_norm", self.clip_norm)
-        for name in ("full_batch", "no_decay_groups", "augment"):
+        for name in ("full_batch", "no_decay_groups", "augment", "evaluate_test"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _non_negative_int("track_density_every", self.track_density_every)

@@ -227,7 +227,7 @@ class Trainer:
         self.throughput_rows = []
         evaluated = {}
         for split in self.task.splits:
-            if split != "test" or t == self.total:  # the test split only at the end
+            if split != "test" or (t == self.total and cfg.evaluate_test):  # the test split only at the end
                 evaluated.update(self.task.evaluate(split))
         if evaluated:  # sync: one transfer for every evaluation metric
             names = list(evaluated)

@@ -1,0 +1,286 @@
+"""A comparison directory (``eos compare``) -> tables, paired statistics, figures and conclusions.
+
+Reads only what the comparison wrote: ``spec.json`` and the run records under
+``tune/<entry>/trial-NNN`` and ``confirm/<entry>/seed-S``. Nothing here
+imports torch or the experiments package, so a report rebuilds on a laptop.
+
+Statistics, per entry and report metric (the confirmation runs' final
+values, one per seed):
+
+- mean +- the half-width of the 95% Student-t interval, ``t_{0.975, n-1} s / sqrt(n)``;
+- against the reference entry, per seed: the paired difference
+  ``d_s = x_s - ref_s`` (the same seeds), its mean and t-interval, and the
+  paired t-test's two-sided p-value (``scipy.stats.ttest_rel``).
+
+A conclusion is a sentence computed from those numbers: "lower than ... by X
+(95% CI [a, b])" when the interval excludes 0, "no difference at the 95%
+level" when it does not. Whether lower is better follows the metric's name
+(accuracy is maximised; losses, perplexities, distances and step counts are
+minimised).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from eos_toolkit.record import CONFIG_FILE, is_run_dir, read_events, read_metrics, run_status
+
+NAMED_METRICS = {  # tuning metric -> (recorded metric, reduction, direction)
+    "val_loss": ("val_loss", "last", "minimize"),
+    "min_val_loss": ("val_loss", "min", "minimize"),
+    "val_acc": ("val_acc", "last", "maximize"),
+}
+CONFIDENCE = 0.95
+
+
+def metric_direction(metric: str) -> str:
+    """``"maximize"`` for accuracies, ``"minimize"`` for everything else (losses, perplexities, distances)."""
+    if metric in NAMED_METRICS:
+        return NAMED_METRICS[metric][2]
+    return "maximize" if metric.endswith("_acc") or metric == "modes_found" else "minimize"
+
+
+def tuning_score(metrics: pd.DataFrame, metric: str, status: str, *, target: float | None = None,
+                 target_metric: str = "val_loss") -> float:
+    """A run's tuning score: its ``metric`` (module docstring of experiments.compare); worst when it diverged."""
+    direction = metric_direction(metric)
+    worst = math.inf if direction == "minimize" else -math.inf
+    if status == "diverged":
+        return worst
+    if metric == "steps_to_target":
+        series = metrics[metrics.metric == target_metric].set_index("step")["value"]
+        reached = series[series <= target]
+        return float(reached.index[0]) if len(reached) else worst
+    name, reduce, _ = NAMED_METRICS.get(metric, (metric, "last", direction))
+    series = metrics[metrics.metric == name].sort_values("step")["value"]
+    if not len(series):
+        raise ValueError(f"the run logged no {name!r}, which the comparison's metric {metric!r} needs")
+    value = float(series.min() if reduce == "min" else series.iloc[-1])
+    return value if math.isfinite(value) else worst
+
+
+def t_interval(values) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval); half-width NaN for fewer than two values."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return (float(x.mean()) if len(x) else math.nan), math.nan
+    return float(x.mean()), float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def _status(run_dir: Path) -> str:
+    return run_status(read_events(run_dir)) if is_run_dir(run_dir) else "empty"
+
+
+def load_comparison(out_dir: str | Path) -> dict:
+    """``{"spec", "tuning": DataFrame, "confirm": DataFrame}`` read from a comparison directory.
+
+    tuning: entry, trial, status, lr, params (json), score. confirm: entry,
+    seed, status, and the last value of every metric (wide).
+    """
+    out_dir = Path(out_dir)
+    saved = json.loads((out_dir / "spec.json").read_text())
+    spec = saved["spec"]
+    metric = spec.get("metric", "val_loss")
+    tuning, confirm = [], []
+    for entry, body in spec["optimizers"].items():
+        space = list((body or {}).get("space", {}))
+        for run_dir in sorted((out_dir / "tune" / entry).glob("trial-*")):
+            status = _status(run_dir)
+            if status not in ("finished", "diverged"):
+                continue
+            config = json.loads((run_dir / CONFIG_FILE).read_text())
+            score = tuning_score(read_metrics(run_dir), metric, status, target=spec.get("target"),
+                                 target_metric=spec.get("target_metric", "val_loss"))
+            tuning.append({"entry": entry, "trial": int(run_dir.name.split("-")[1]), "status": status,
+                           "lr": config.get("lr"), "params": json.dumps({k: config.get(k) for k in space}),
+                           "score": score})
+        for run_dir in sorted((out_dir / "confirm" / entry).glob("seed-*")):
+            status = _status(run_dir)
+            if status not in ("finished", "diverged"):
+                continue
+            m = read_metrics(run_dir).sort_values("step")
+            row = {"entry": entry, "seed": int(run_dir.name.split("-")[1]), "status": status,
+                   "steps": int(m["step"].max()) if len(m) else 0}
+            row.update(m.groupby("metric")["value"].last().to_dict())
+            if "hessian_seconds" in row:
+                row.pop("hessian_seconds")
+            confirm.append(row)
+    return {"saved": saved, "spec": spec, "tuning": pd.DataFrame(tuning), "confirm": pd.DataFrame(confirm)}
+
+
+def report_metrics(comparison: dict) -> list[str]:
+    spec, confirm = comparison["spec"], comparison["confirm"]
+    if spec.get("report_metrics"):
+        return list(spec["report_metrics"])
+    tests = sorted(c for c in confirm.columns if str(c).startswith("test_"))
+    if tests:
+        return tests
+    name = NAMED_METRICS.get(spec.get("metric", "val_loss"), (spec.get("metric", "val_loss"),))[0]
+    return [name]
+
+
+def summary(comparison: dict) -> pd.DataFrame:
+    """Per entry and metric: n, mean, 95% half-width; diverged confirmation runs counted, not averaged."""
+    confirm, rows = comparison["confirm"], []
+    for entry in comparison["spec"]["optimizers"]:
+        runs = confirm[confirm.entry == entry] if len(confirm) else confirm
+        ok = runs[runs.status == "finished"] if len(runs) else runs
+        for metric in report_metrics(comparison):
+            values = ok[metric].dropna().to_numpy(float) if metric in ok else np.array([])
+            mean, half = t_interval(values)
+            rows.append({"entry": entry, "metric": metric, "n": len(values), "mean": mean, "ci95": half,
+                         "diverged": int((runs.status == "diverged").sum()) if len(runs) else 0})
+    return pd.DataFrame(rows)
+
+
+def paired_differences(comparison: dict) -> pd.DataFrame:
+    """Per entry (reference aside) and metric: paired per-seed differences to the reference, CI and p-value."""
+    from scipy import stats
+
+    spec, confirm = comparison["spec"], comparison["confirm"]
+    reference = spec.get("reference", next(iter(spec["optimizers"])))
+    rows = []
+    if not len(confirm):
+        return pd.DataFrame(rows)
+    ok = confirm[confirm.status == "finished"]
+    for entry in spec["optimizers"]:
+        if entry == reference:
+            continue
+        for metric in report_metrics(comparison):
+            if metric not in ok:
+                continue
+            a = ok[ok.entry == entry].set_index("seed")[metric]
+            b = ok[ok.entry == reference].set_index("seed")[metric]
+            seeds = sorted(set(a.dropna().index) & set(b.dropna().index))
+            d = (a.loc[seeds] - b.loc[seeds]).to_numpy(float)
+            mean, half = t_interval(d)
+            p = float(stats.ttest_rel(a.loc[seeds], b.loc[seeds]).pvalue) if len(seeds) >= 2 else math.nan
+            rows.append({"entry": entry, "reference": reference, "metric": metric, "seeds": len(seeds),
+                         "difference": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p})
+    return pd.DataFrame(rows)
+
+
+def conclusions(comparison: dict) -> list[str]:
+    """Sentences from the paired differences; which way they go is read from the numbers."""
+    sentences = []
+    for row in paired_differences(comparison).itertuples():
+        if row.seeds < 2 or not math.isfinite(row.ci_low):
+            sentences.append(f"{row.entry} vs {row.reference} on {row.metric}: too few paired seeds ({row.seeds}) "
+                             "for a conclusion.")
+            continue
+        where = f"(95% CI [{row.ci_low:.4g}, {row.ci_high:.4g}]) over {row.seeds} seeds (paired t-test p = " \
+                f"{row.p_value:.3g})"
+        if row.ci_low > 0 or row.ci_high < 0:
+            word = "higher" if row.difference > 0 else "lower"
+            better = (row.difference > 0) == (metric_direction(row.metric) == "maximize")
+            sentences.append(f"{row.entry}'s {row.metric} is {word} than {row.reference}'s by "
+                             f"{abs(row.difference):.4g} {where}: {row.entry} is "
+                             f"{'better' if better else 'worse'} on this metric.")
+        else:
+            sentences.append(f"No difference at the 95% level between {row.entry} and {row.reference} on "
+                             f"{row.metric}: the difference is {row.difference:.4g} {where}.")
+    return sentences
+
+
+def tuning_curves(comparison: dict, ax=None):
+    """Best validation score against trials spent, one line per entry (the tuning budget's payoff)."""
+    from analysis.plots import _finish, _new_axes
+
+    tuning = comparison["tuning"]
+    metric = comparison["spec"].get("metric", "val_loss")
+    ax = ax if ax is not None else _new_axes()
+    best = np.minimum.accumulate if metric_direction(metric) == "minimize" else np.maximum.accumulate
+    for entry in comparison["spec"]["optimizers"]:
+        rows = tuning[tuning.entry == entry].sort_values("trial") if len(tuning) else tuning
+        if len(rows):
+            scores = rows["score"].to_numpy(float)
+            ax.plot(np.arange(1, len(scores) + 1), best(scores), marker="o", label=entry, gid="tuning")
+    _finish(ax, "trials spent", f"best {metric} so far", "Tuning curve")
+    ax.legend()
+    return ax
+
+
+def sensitivity_curves(comparison: dict, ax=None):
+    """Validation score against lr for every tuning trial, one colour per entry (diverged trials left out)."""
+    from analysis.plots import _finish, _new_axes
+
+    tuning = comparison["tuning"]
+    ax = ax if ax is not None else _new_axes()
+    for entry in comparison["spec"]["optimizers"]:
+        rows = tuning[(tuning.entry == entry) & np.isfinite(tuning.score.astype(float))] if len(tuning) else tuning
+        if len(rows):
+            ax.scatter(rows["lr"], rows["score"], label=entry, gid="sensitivity")
+    ax.set_xscale("log")
+    _finish(ax, "lr", comparison["spec"].get("metric", "val_loss"), "Sensitivity to the learning rate")
+    ax.legend()
+    return ax
+
+
+def _table(df: pd.DataFrame) -> str:
+    from analysis.summary import markdown_table
+
+    return markdown_table(df) if len(df) else "_nothing yet_"
+
+
+def write_compare_report(out_dir: str | Path) -> Path:
+    """``report.md`` with figures under ``figures/`` in the comparison directory; returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.load import load_runs
+    from analysis.report import save_figures
+
+    out_dir = Path(out_dir)
+    comparison = load_comparison(out_dir)
+    spec, tuning = comparison["spec"], comparison["tuning"]
+    figures = out_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    written = []
+    for name, draw in (("tuning_curve", tuning_curves), ("sensitivity", sensitivity_curves)):
+        if len(tuning):
+            fig, ax = plt.subplots(figsize=(6.4, 4.0))
+            draw(comparison, ax=ax)
+            fig.tight_layout()
+            fig.savefig(figures / f"{name}.png", dpi=150)
+            plt.close(fig)
+            written.append(f"figures/{name}.png")
+    confirm_dirs = sorted((out_dir / "confirm").glob("*/seed-*")) if (out_dir / "confirm").is_dir() else []
+    if confirm_dirs:
+        for path in save_figures(load_runs([str(p) for p in confirm_dirs]), figures, kinds=("sharpness", "damping"),
+                                 formats=("png",), dpi=150):
+            written.append(f"figures/{path.name}")
+    budgets = []
+    for entry, body in spec["optimizers"].items():
+        n = int((tuning.entry == entry).sum()) if len(tuning) else 0
+        budgets.append({"entry": entry, "trials": (body or {}).get("trials", spec.get("trials", 8)),
+                        "trials done": n, "search space": json.dumps((body or {}).get("space", {}))})
+    chosen = []
+    for entry in spec["optimizers"]:
+        rows = tuning[tuning.entry == entry] if len(tuning) else tuning
+        if len(rows):
+            best = rows.loc[rows.score.astype(float).idxmin() if metric_direction(spec.get("metric", "val_loss"))
+                            == "minimize" else rows.score.astype(float).idxmax()]
+            chosen.append({"entry": entry, "trial": int(best.trial), "params": best.params, "score": best.score})
+    lines = [f"# Comparison: {comparison['saved']['name']}", "",
+             f"Tuning metric: `{spec.get('metric', 'val_loss')}` on validation (the tuning runs never evaluated "
+             f"the test split); sampler `{spec.get('sampler', 'sobol')}`; tune seed {spec.get('tune_seed', 0)}; "
+             f"confirmation seeds {spec.get('seeds', [1, 2, 3, 4, 5])}; reference `{spec.get('reference')}`.", "",
+             "## Budgets", "", _table(pd.DataFrame(budgets)), "",
+             "## Selected configurations (best validation score)", "", _table(pd.DataFrame(chosen)), "",
+             "## Test metrics over seeds (mean, 95% t-interval half-width)", "", _table(summary(comparison)), "",
+             "## Paired differences to the reference (per seed)", "", _table(paired_differences(comparison)), "",
+             "## Conclusions", ""]
+    lines += [f"- {s}" for s in conclusions(comparison)] or ["- _no confirmation runs yet_"]
+    lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in written]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,493 @@
+"""``eos compare``: the fair optimizer comparison, from tuning to a table with confidence intervals.
+
+One spec (YAML or JSON; every key below) runs four phases into one
+directory, each phase resuming whatever is already done:
+
+1. **Tune**: for each entry of ``optimizers``, ``trials`` configurations from
+   its search space, trained with ``tune_seed`` and scored on validation by
+   ``metric``. One Optuna study per (comparison, entry) in a database
+   (``<dir>/studies.db``, SQLite, by default; any database URL Optuna accepts
+   lets workers on other machines join with ``eos compare worker SPEC
+   --storage URL``). Every entry gets the same number of trials and the same
+   step budget by construction (refused otherwise, unless
+   ``allow_unequal_budget``). The tuning runs do not evaluate the test split.
+   Diverged trials are results, scored as the worst value; a trial whose
+   process died is replaced (a heartbeat says which are dead).
+2. **Select**: per entry, the trial with the best validation score. Nothing
+   of the test split exists yet: it is asserted that no tuning record holds a
+   test metric.
+3. **Confirm**: each selected configuration re-run on ``seeds`` fresh seeds,
+   evaluating the test split at the end.
+4. **Report** (``eos compare report DIR`` rebuilds it from the records alone):
+   per entry, the test metrics as mean +- 95% t-interval over seeds; the
+   paired difference to the ``reference`` entry per seed with its interval
+   and a paired t-test p-value; the budgets; the tuning curve (best
+   validation value against trials spent) and the sensitivity curve
+   (validation metric against lr); the edge-of-stability picture and
+   VRAdam's damping for the confirmation runs; and conclusions written from
+   those numbers, whichever way they come out.
+
+Spec keys::
+
+    name: cnn-fashion                 # default: the file's stem
+    base: {task: ..., steps: ...}     # RunConfig keys shared by every run
+    optimizers:                       # entries: a label -> its fixed keys and search space
+      adamw:
+        base: {optimizer: adamw}      # RunConfig keys of this entry (optimizer defaults to the label)
+        space:                        # key: {log_uniform: [lo, hi]} | {uniform: [lo, hi]} | {int: [lo, hi]}
+          lr: {log_uniform: [1.0e-4, 1.0e-1]}  # | [v1, v2, ...] (categorical; the grid sampler's points)
+      vradam:
+        space: {lr: {log_uniform: [1.0e-4, 1.0e-1]}, beta3: {log_uniform: [0.01, 10]}, alpha1: [5, 10, 19]}
+    trials: 8                         # per entry (an entry may say trials: N; then all must agree)
+    sampler: sobol                    # grid | random | sobol | tpe
+    metric: val_loss                  # val_loss (last) | min_val_loss | val_acc (last, maximised) |
+                                      # steps_to_target | any other non-test metric (last value, minimised)
+    target: null                      # steps_to_target: the value of target_metric to reach
+    target_metric: val_loss
+    tune_seed: 0
+    seeds: [1, 2, 3, 4, 5]            # confirmation seeds
+    reference: adamw                  # the entry differences are taken against
+    report_metrics: null              # default: the confirmation runs' test_* metrics (else metric's)
+    allow_unequal_budget: false
+
+Example (the protocol on two optimizers, tiny)::
+
+    eos compare my-spec.yaml --out runs/compare --workers 2
+    eos compare report runs/compare/my-spec
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from analysis.compare import NAMED_METRICS, metric_direction, tuning_score
+from eos_toolkit.record import CONFIG_FILE, is_run_dir, read_events, read_metrics, run_status, write_json_atomic
+from experiments.config import ConfigError, RunConfig, load_config_file
+
+SAMPLERS = ("grid", "random", "sobol", "tpe")
+SPEC_KEYS = {"name", "base", "optimizers", "trials", "sampler", "metric", "target", "target_metric", "tune_seed",
+             "seeds", "reference", "report_metrics", "allow_unequal_budget"}
+ENTRY_KEYS = {"base", "space", "trials"}
+HEARTBEAT_S, GRACE_S = 10, 40
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+# ---------------------------------------------------------------- the spec
+
+@dataclass
+class Entry:
+    label: str
+    base: dict
+    space: dict
+    trials: int
+
+
+@dataclass
+class CompareSpec:
+    name: str
+    base: dict
+    entries: list[Entry]
+    trials: int
+    sampler: str = "sobol"
+    metric: str = "val_loss"
+    target: float | None = None
+    target_metric: str = "val_loss"
+    tune_seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    reference: str | None = None
+    report_metrics: list[str] | None = None
+    raw: dict = field(default_factory=dict)
+
+    def entry(self, label: str) -> Entry:
+        return next(e for e in self.entries if e.label == label)
+
+    @property
+    def direction(self) -> str:
+        return metric_direction(self.metric)
+
+
+def _check_space(label: str, key: str, value) -> None:
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"optimizers.{label}.space.{key} is an empty list")
+        return
+    if not (isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("log_uniform", "uniform", "int")):
+        raise ConfigError(f"optimizers.{label}.space.{key} must be {{log_uniform: [lo, hi]}}, {{uniform: [lo, hi]}}, "
+                          f"{{int: [lo, hi]}} or a list of values, got {value!r}")
+    (kind, bounds), = value.items()
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
+            and bounds[0] < bounds[1] and (kind != "log_uniform" or bounds[0] > 0)):
+        raise ConfigError(f"optimizers.{label}.space.{key}: {kind} needs [lo, hi] with lo < hi"
+                          f"{' and lo > 0' if kind == 'log_uniform' else ''}, got {bounds!r}")
+
+
+def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = False, scale: float = 1.0) -> CompareSpec:
+    """Validate a spec dict (module docstring) into a :class:`CompareSpec`; ConfigError names what is wrong."""
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown compare key(s) {unknown}; allowed: {sorted(SPEC_KEYS)}")
+    optimizers = raw.get("optimizers")
+    if not isinstance(optimizers, dict) or len(optimizers) < 2:
+        raise ConfigError("a comparison needs 'optimizers': a mapping of at least two entries (label: {base, space})")
+    base = dict(raw.get("base", {}))
+    if scale != 1.0:
+        if not scale > 0:
+            raise ConfigError(f"scale must be > 0, got {scale!r}")
+        for key in ("steps", "n_train"):
+            if key in base:
+                base[key] = max(1, int(round(base[key] * scale)))
+    default_trials = raw.get("trials", 8)
+    entries = []
+    for label, body in optimizers.items():
+        body = body or {}
+        if not isinstance(body, dict) or set(body) - ENTRY_KEYS:
+            raise ConfigError(f"optimizers.{label} must be a mapping with keys {sorted(ENTRY_KEYS)}, got {body!r}")
+        space = body.get("space", {})
+        for key, value in space.items():
+            _check_space(label, key, value)
+        entry_base = {"optimizer": label, **body.get("base", {})}
+        trials = body.get("trials", default_trials)
+        if not (isinstance(trials, int) and trials >= 1):
+            raise ConfigError(f"optimizers.{label}.trials must be an integer >= 1, got {trials!r}")
+        entries.append(Entry(label, entry_base, dict(space), trials))
+        RunConfig.from_dict({**base, **entry_base}).validate()  # every key and value checked now
+    budgets = {e.label: e.trials for e in entries}
+    if len(set(budgets.values())) > 1 and not (allow_unequal_budget or raw.get("allow_unequal_budget")):
+        raise ConfigError(f"unequal tuning budgets {budgets}: every optimizer must get the same number of trials "
+                          "(or pass --allow-unequal-budget to say the comparison is not fair)")
+    steps = {e.label: RunConfig.from_dict({**base, **e.base}).validate().steps for e in entries}
+    if len(set(steps.values())) > 1 and not (allow_unequal_budget or raw.get("allow_unequal_budget")):
+        raise ConfigError(f"unequal step budgets {steps}: every optimizer must train for the same number of steps")
+    sampler = raw.get("sampler", "sobol")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    if sampler == "grid":
+        for e in entries:
+            bad = [k for k, v in e.space.items() if not isinstance(v, list)]
+            if bad:
+                raise ConfigError(f"the grid sampler needs lists of values; optimizers.{e.label}.space has ranges {bad}")
+            points = math.prod(len(v) for v in e.space.values()) if e.space else 1
+            if points != e.trials:
+                raise ConfigError(f"optimizers.{e.label}: the grid has {points} points but trials is {e.trials}")
+    metric = raw.get("metric", "val_loss")
+    if not isinstance(metric, str) or metric.startswith("test_"):
+        raise ConfigError(f"metric {metric!r} is not allowed: tuning is scored on validation, never on test_*")
+    if metric == "steps_to_target" and raw.get("target") is None:
+        raise ConfigError("metric steps_to_target needs 'target'")
+    seeds = raw.get("seeds", [1, 2, 3, 4, 5])
+    if not (isinstance(seeds, list) and len(seeds) >= 2 and len(set(seeds)) == len(seeds)):
+        raise ConfigError(f"seeds must be a list of at least two distinct seeds, got {seeds!r}")
+    tune_seed = raw.get("tune_seed", 0)
+    if tune_seed in seeds:
+        raise ConfigError(f"tune_seed {tune_seed} is also a confirmation seed: confirmation needs fresh seeds")
+    reference = raw.get("reference", entries[0].label)
+    if reference not in budgets:
+        raise ConfigError(f"reference {reference!r} is not an entry; entries: {', '.join(budgets)}")
+    return CompareSpec(name=raw.get("name", name), base=base, entries=entries, trials=entries[0].trials,
+                       sampler=sampler, metric=metric, target=raw.get("target"),
+                       target_metric=raw.get("target_metric", "val_loss"), tune_seed=tune_seed, seeds=list(seeds),
+                       reference=reference, report_metrics=raw.get("report_metrics"), raw=raw)
+
+
+def load_spec(path_or_preset: str, allow_unequal_budget: bool = False, scale: float = 1.0) -> CompareSpec:
+    """A spec from a file, or a shipped preset by name (``presets/<name>.yaml``)."""
+    path = Path(path_or_preset)
+    if not path.exists() and (PRESETS_DIR / f"{path_or_preset}.yaml").exists():
+        path = PRESETS_DIR / f"{path_or_preset}.yaml"
+    elif not path.exists():
+        raise ConfigError(f"no spec file {path_or_preset!r} and no preset of that name; presets: "
+                          f"{', '.join(preset_names())}")
+    return parse_spec(load_config_file(path), name=path.stem, allow_unequal_budget=allow_unequal_budget, scale=scale)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+# ---------------------------------------------------------------- scores from records
+
+def score_of(metrics, spec: CompareSpec, status: str) -> float:
+    """The tuning score of one run's metrics table (worst for a diverged run); see analysis.compare."""
+    return tuning_score(metrics, spec.metric, status, target=spec.target, target_metric=spec.target_metric)
+
+
+def _assert_no_test_metrics(run_dir: Path) -> None:
+    logged = set(read_metrics(run_dir)["metric"])
+    leaked = sorted(m for m in logged if m.startswith("test_"))
+    if leaked:
+        raise AssertionError(f"tuning run {run_dir} evaluated the test split ({leaked}); selection must not see it")
+
+
+# ---------------------------------------------------------------- tuning (Optuna)
+
+def _distributions(space: dict) -> dict:
+    import optuna
+
+    out = {}
+    for key, value in space.items():
+        if isinstance(value, list):
+            out[key] = optuna.distributions.CategoricalDistribution(value)
+        else:
+            (kind, (lo, hi)), = value.items()
+            out[key] = (optuna.distributions.IntDistribution(int(lo), int(hi)) if kind == "int" else
+                        optuna.distributions.FloatDistribution(float(lo), float(hi), log=kind == "log_uniform"))
+    return out
+
+
+def _sampler(spec: CompareSpec, label: str):
+    import warnings
+
+    import optuna
+
+    seed = spec.tune_seed * 7919 + sum(map(ord, label))
+    if spec.sampler == "sobol":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, spec.trials // 3))
+    return optuna.samplers.RandomSampler(seed=seed)  # grid: the points are enqueued; random for none
+
+
+def storage_url(out_dir: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{(out_dir / 'studies.db').resolve()}"
+
+
+def _study(spec: CompareSpec, entry: Entry, url: str):
+    import itertools
+
+    import optuna
+
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", message="Argument ``heartbeat_interval`` is an experimental feature")
+    warnings.filterwarnings("ignore", message="Argument ``grace_period`` is an experimental feature")
+    for attempt in range(10):  # workers starting together race to create the schema and the study: retry
+        try:
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+            study = optuna.create_study(study_name=f"{spec.name}:{entry.label}", storage=storage,
+                                        load_if_exists=True, direction=spec.direction,
+                                        sampler=_sampler(spec, entry.label))
+            break
+        except Exception as exc:  # sqlalchemy IntegrityError / OperationalError from the race
+            if attempt == 9 or "sqlalchemy" not in type(exc).__module__:
+                raise
+            time.sleep(0.5 + attempt)
+    if spec.sampler == "grid" and not study.get_trials(deepcopy=False) and study.user_attrs.get("grid") is None:
+        study.set_user_attr("grid", True)
+        keys = list(entry.space)
+        for combo in itertools.product(*(entry.space[k] for k in keys)):
+            study.enqueue_trial(dict(zip(keys, combo)))
+    return study
+
+
+def _claim_trial(study, entry: Entry, distributions: dict):
+    """A new trial if the budget has room, else None. Trial numbers come from the storage atomically:
+    a trial with ``budget`` live or complete trials numbered before it is surplus and is failed at once."""
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        # Heartbeats are recorded by this module's own thread (ask/tell, not Study.optimize).
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    counted = (TrialState.COMPLETE, TrialState.RUNNING)
+    if sum(t.state in counted for t in study.get_trials(deepcopy=False)) >= entry.trials:
+        return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask(distributions)
+    ahead = sum(t.state in counted and t.number < trial.number for t in study.get_trials(deepcopy=False))
+    if ahead >= entry.trials:
+        study.tell(trial, state=TrialState.FAIL)
+        study._storage.set_trial_user_attr(trial._trial_id, "surplus", True)
+        return None
+    return trial
+
+
+def trial_config(spec: CompareSpec, entry: Entry, params: dict, seed: int, evaluate_test: bool) -> RunConfig:
+    return RunConfig.from_dict({**spec.base, **entry.base, **params, "seed": seed, "evaluate_test": evaluate_test,
+                                "label": None}).validate()
+
+
+def _run_trial(study, trial, spec: CompareSpec, entry: Entry, out_dir: Path) -> None:
+    from optuna.trial import TrialState
+
+    from experiments.train import train
+
+    run_dir = out_dir / "tune" / entry.label / f"trial-{trial.number:03d}"
+    study._storage.set_trial_user_attr(trial._trial_id, "run_dir", str(run_dir))
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S / 2):
+            study._storage.record_heartbeat(trial._trial_id)
+
+    study._storage.record_heartbeat(trial._trial_id)
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        cfg = trial_config(spec, entry, trial.params, spec.tune_seed, evaluate_test=False)
+        result = train(cfg, run_dir)
+        _assert_no_test_metrics(run_dir)
+        value = score_of(read_metrics(run_dir), spec, result.status)
+    except AssertionError:
+        raise
+    except Exception as exc:  # a failed run is not a result: the trial fails and another takes its place
+        stop.set()
+        study.tell(trial, state=TrialState.FAIL)
+        study._storage.set_trial_user_attr(trial._trial_id, "error", f"{type(exc).__name__}: {exc}")
+        return
+    stop.set()
+    study._storage.set_trial_user_attr(trial._trial_id, "status", result.status)
+    study.tell(trial, value)
+
+
+def tune_entry(spec: CompareSpec, entry: Entry, out_dir: Path, storage: str | None = None,
+               echo: Callable[[str], object] = print) -> None:
+    """Run trials of one entry until its budget is complete (safe to run in several processes at once)."""
+    from optuna.trial import TrialState
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study = _study(spec, entry, storage_url(out_dir, storage))
+    distributions = _distributions(entry.space)
+    while True:
+        trial = _claim_trial(study, entry, distributions)
+        if trial is None:
+            trials = study.get_trials(deepcopy=False)
+            if sum(t.state == TrialState.COMPLETE for t in trials) >= entry.trials:
+                return
+            time.sleep(2)  # others are running the rest (or died: their heartbeat will expire)
+            continue
+        echo(f"tune {entry.label} trial {trial.number}: {trial.params}")
+        _run_trial(study, trial, spec, entry, out_dir)
+
+
+def _worker(spec_path: str, out_dir: str, storage: str | None, threads: int, allow_unequal_budget: bool,
+            scale: float) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    spec = load_spec(spec_path, allow_unequal_budget, scale)
+    for entry in spec.entries:
+        tune_entry(spec, entry, Path(out_dir), storage, echo=lambda line: None)
+
+
+# ---------------------------------------------------------------- selection and confirmation
+
+def completed_trials(spec: CompareSpec, entry: Entry, out_dir: Path) -> list[dict]:
+    """The entry's scored tuning trials in order, read from their records (no database needed)."""
+    rows = []
+    directory = out_dir / "tune" / entry.label
+    for run_dir in sorted(directory.glob("trial-*")) if directory.is_dir() else []:
+        status = run_status(read_events(run_dir)) if is_run_dir(run_dir) else "empty"
+        if status not in ("finished", "diverged"):
+            continue
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
+        rows.append({"trial": int(run_dir.name.split("-")[1]), "run_dir": run_dir, "status": status,
+                     "params": {k: config[k] for k in entry.space}, "lr": config.get("lr"),
+                     "score": score_of(read_metrics(run_dir), spec, status)})
+    return rows[:entry.trials]
+
+
+def select(spec: CompareSpec, out_dir: Path) -> dict[str, dict]:
+    """The best validation trial per entry (its params), from tuning records that hold no test metric."""
+    chosen = {}
+    for entry in spec.entries:
+        trials = completed_trials(spec, entry, out_dir)
+        if len(trials) < entry.trials:
+            raise ValueError(f"{entry.label} has {len(trials)} of {entry.trials} tuning trials done; tune first")
+        for t in trials:
+            _assert_no_test_metrics(t["run_dir"])
+        key = (lambda t: t["score"]) if spec.direction == "minimize" else (lambda t: -t["score"])
+        chosen[entry.label] = min(trials, key=key)
+    return chosen
+
+
+def confirm_dir(out_dir: Path, label: str, seed: int) -> Path:
+    return out_dir / "confirm" / label / f"seed-{seed}"
+
+
+def _confirm_one(cfg_dict: dict, run_dir: str, threads: int) -> str:
+    import torch
+
+    from experiments.train import resume, train
+
+    torch.set_num_threads(threads)
+    path = Path(run_dir)
+    if is_run_dir(path):
+        status = run_status(read_events(path))
+        if status in ("finished", "diverged"):
+            return status
+        return resume(path).status
+    return train(RunConfig.from_dict(cfg_dict), path).status
+
+
+def confirm(spec: CompareSpec, out_dir: Path, chosen: dict, workers: int = 1,
+            echo: Callable[[str], object] = print) -> None:
+    jobs = []
+    for entry in spec.entries:
+        for seed in spec.seeds:
+            cfg = trial_config(spec, entry, chosen[entry.label]["params"], seed, evaluate_test=True)
+            jobs.append((cfg.to_dict(), str(confirm_dir(out_dir, entry.label, seed))))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if workers == 1:
+        for cfg, run_dir in jobs:
+            echo(f"confirm {Path(run_dir).parent.name} {Path(run_dir).name}: {_confirm_one(cfg, run_dir, threads)}")
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for (cfg, run_dir), status in zip(jobs, pool.map(_confirm_one, *zip(*jobs), [threads] * len(jobs))):
+            echo(f"confirm {Path(run_dir).parent.name} {Path(run_dir).name}: {status}")
+
+
+def run_compare(spec_path: str, out: str | Path, *, workers: int = 1, storage: str | None = None,
+                allow_unequal_budget: bool = False, scale: float = 1.0,
+                echo: Callable[[str], object] = print) -> Path:
+    """All four phases into ``out/<name>``; whatever is done already is kept."""
+    spec = load_spec(spec_path, allow_unequal_budget, scale)
+    out_dir = Path(out) / spec.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = {"spec": spec.raw, "name": spec.name, "scale": scale, "allow_unequal_budget": allow_unequal_budget}
+    spec_file = out_dir / "spec.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) != json.loads(json.dumps(saved)):
+        raise ConfigError(f"{out_dir} holds a comparison with another spec ({spec_file}); use another --out")
+    write_json_atomic(spec_file, saved)
+    echo(f"{spec.name}: {len(spec.entries)} optimizers x {spec.trials} trials x "
+         f"{trial_config(spec, spec.entries[0], {}, 0, False).steps} steps; then {len(spec.seeds)} seeds each")
+    if workers > 1:
+        for entry in spec.entries:  # the studies (and the grid's queue) exist before any worker starts
+            _study(spec, entry, storage_url(out_dir, storage))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            futures = [pool.submit(_worker, spec_path, str(out_dir), storage, threads, allow_unequal_budget, scale)
+                       for _ in range(workers)]
+            for f in futures:
+                f.result()
+    else:
+        for entry in spec.entries:
+            tune_entry(spec, entry, out_dir, storage, echo)
+    chosen = select(spec, out_dir)
+    for label, t in chosen.items():
+        echo(f"selected {label}: trial {t['trial']} {t['params']} ({spec.metric} {t['score']:.4g})")
+    confirm(spec, out_dir, chosen, workers, echo)
+    from analysis.compare import write_compare_report
+
+    return write_compare_report(out_dir)
+
+
+def spec_from_dir(out_dir: Path) -> CompareSpec:
+    saved = json.loads((Path(out_dir) / "spec.json").read_text())
+    return parse_spec(saved["spec"], name=saved["name"], allow_unequal_budget=saved["allow_unequal_budget"],
+                      scale=saved["scale"])
