@@ -129,6 +129,17 @@ def _check_space(label: str, key: str, value) -> None:
                           f"{' and lo > 0' if kind == 'log_uniform' else ''}, got {bounds!r}")
 
 
+def check_equal_budgets(budgets: dict, unit: str, allow: bool) -> None:
+    """Refuse budgets that differ between optimizers (configurations, trials or steps) unless ``allow``.
+
+    The one budget check of the toolkit: ``eos sweep`` and ``eos compare`` both call it.
+    """
+    if len(set(budgets.values())) > 1 and not allow:
+        kind = "tuning" if unit in ("trials", "configurations") else "step"
+        raise ConfigError(f"unequal {kind} budgets {budgets}: every optimizer must get the same number of {unit} "
+                          "(or pass --allow-unequal-budget to say the comparison is not fair)")
+
+
 def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = False, scale: float = 1.0) -> CompareSpec:
     """Validate a spec dict (module docstring) into a :class:`CompareSpec`; ConfigError names what is wrong."""
     unknown = sorted(set(raw) - SPEC_KEYS)
@@ -159,13 +170,11 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
             raise ConfigError(f"optimizers.{label}.trials must be an integer >= 1, got {trials!r}")
         entries.append(Entry(label, entry_base, dict(space), trials))
         RunConfig.from_dict({**base, **entry_base}).validate()  # every key and value checked now
+    allow = bool(allow_unequal_budget or raw.get("allow_unequal_budget"))
     budgets = {e.label: e.trials for e in entries}
-    if len(set(budgets.values())) > 1 and not (allow_unequal_budget or raw.get("allow_unequal_budget")):
-        raise ConfigError(f"unequal tuning budgets {budgets}: every optimizer must get the same number of trials "
-                          "(or pass --allow-unequal-budget to say the comparison is not fair)")
-    steps = {e.label: RunConfig.from_dict({**base, **e.base}).validate().steps for e in entries}
-    if len(set(steps.values())) > 1 and not (allow_unequal_budget or raw.get("allow_unequal_budget")):
-        raise ConfigError(f"unequal step budgets {steps}: every optimizer must train for the same number of steps")
+    check_equal_budgets(budgets, "trials", allow)
+    check_equal_budgets({e.label: RunConfig.from_dict({**base, **e.base}).validate().steps for e in entries},
+                        "steps", allow)
     sampler = raw.get("sampler", "sobol")
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")

@@ -1,5 +1,10 @@
 """Sweeps: a grid of runs over optimizers, rates and seeds, with equal tuning budgets by construction.
 
+A sweep runs every point of a grid (the sharpness of GD against its rate, say);
+it selects nothing. A tuned comparison (select on validation, confirm over
+fresh seeds, confidence intervals) is ``eos compare``
+(:mod:`experiments.compare`); both refuse unequal budgets with the same check.
+
 A sweep file (JSON or YAML) holds a ``base`` config, a ``grid`` (a list of
 entries; each maps keys to a value or a list of values, expanded as a
 cartesian product) and ``seeds``::
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eos_toolkit.record import CONFIG_FILE, is_run_dir, read_events, run_status, write_json_atomic
+from experiments.compare import check_equal_budgets
 from experiments.config import ConfigError, RunConfig, load_config_file
 
 
@@ -63,9 +69,7 @@ def expand_sweep(spec: dict, allow_unequal_budget: bool = False) -> list[SweepRu
         raise ConfigError(f"sweep 'seeds' must be a non-empty list, got {seeds!r}")
     points = [values for entry in grid for values in _expand(entry)]
     budget = Counter(values.get("optimizer", base.get("optimizer", "gd")) for values in points)
-    if len(set(budget.values())) > 1 and not allow_unequal_budget:
-        raise ConfigError(f"unequal tuning budgets {dict(budget)}: give every optimizer the same number of "
-                          "configurations, or pass allow_unequal_budget to say the comparison is not fair")
+    check_equal_budgets(dict(budget), "configurations", allow_unequal_budget)
     runs, names = [], set()
     for values in points:
         for seed in seeds:
