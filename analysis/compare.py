@@ -36,10 +36,12 @@ NAMED_METRICS = {  # tuning metric -> (recorded metric, reduction, direction)
     "val_acc": ("val_acc", "last", "maximize"),
 }
 CONFIDENCE = 0.95
+MARKER = "trial.json"  # in a tuning trial's record once the study holds its result: only those count
+SELECTION = "selection.json"  # the configuration selected per entry (written before confirmation)
 
 
 def metric_direction(metric: str) -> str:
-    """``"maximize"`` for accuracies, ``"minimize"`` for everything else (losses, perplexities, distances)."""
+    """``"maximize"`` for accuracies, ``"minimize"`` for everything else (losses, perplexities, distances, steps)."""
     if metric in NAMED_METRICS:
         return NAMED_METRICS[metric][2]
     return "maximize" if metric.endswith("_acc") or metric == "modes_found" else "minimize"
@@ -52,10 +54,11 @@ def tuning_score(metrics: pd.DataFrame, metric: str, status: str, *, target: flo
     worst = math.inf if direction == "minimize" else -math.inf
     if status == "diverged":
         return worst
-    if metric == "steps_to_target":
+    if metric == "steps_to_target":  # the first step at which target_metric reached target, from its side
         series = metrics[metrics.metric == target_metric].set_index("step")["value"]
-        reached = series[series <= target]
-        return float(reached.index[0]) if len(reached) else worst
+        reached = series[series >= target] if metric_direction(target_metric) == "maximize" else \
+            series[series <= target]
+        return float(reached.index[0]) if len(reached) else math.inf
     name, reduce, _ = NAMED_METRICS.get(metric, (metric, "last", direction))
     series = metrics[metrics.metric == name].sort_values("step")["value"]
     if not len(series):
@@ -92,9 +95,9 @@ def load_comparison(out_dir: str | Path) -> dict:
     for entry, body in spec["optimizers"].items():
         space = list((body or {}).get("space", {}))
         for run_dir in sorted((out_dir / "tune" / entry).glob("trial-*")):
+            if not (run_dir / MARKER).is_file():
+                continue  # abandoned: its worker died or it was declared dead, and another trial replaced it
             status = _status(run_dir)
-            if status not in ("finished", "diverged"):
-                continue
             config = json.loads((run_dir / CONFIG_FILE).read_text())
             score = tuning_score(read_metrics(run_dir), metric, status, target=spec.get("target"),
                                  target_metric=spec.get("target_metric", "val_loss"))
@@ -112,13 +115,16 @@ def load_comparison(out_dir: str | Path) -> dict:
             if "hessian_seconds" in row:
                 row.pop("hessian_seconds")
             confirm.append(row)
-    return {"saved": saved, "spec": spec, "tuning": pd.DataFrame(tuning), "confirm": pd.DataFrame(confirm)}
+    selection = out_dir / SELECTION
+    return {"saved": saved, "spec": spec, "tuning": pd.DataFrame(tuning), "confirm": pd.DataFrame(confirm),
+            "selection": json.loads(selection.read_text()) if selection.is_file() else {}}
 
 
 def report_metrics(comparison: dict) -> list[str]:
     spec, confirm = comparison["spec"], comparison["confirm"]
     if spec.get("report_metrics"):
-        return list(spec["report_metrics"])
+        chosen = spec["report_metrics"]
+        return [chosen] if isinstance(chosen, str) else list(chosen)
     tests = sorted(c for c in confirm.columns if str(c).startswith("test_"))
     if tests:
         return tests
@@ -162,8 +168,10 @@ def paired_differences(comparison: dict) -> pd.DataFrame:
             d = (a.loc[seeds] - b.loc[seeds]).to_numpy(float)
             mean, half = t_interval(d)
             p = float(stats.ttest_rel(a.loc[seeds], b.loc[seeds]).pvalue) if len(seeds) >= 2 else math.nan
+            lost = {name: int((confirm.entry == name).sum()) - int((ok.entry == name).sum()) for name in (entry, reference)}
             rows.append({"entry": entry, "reference": reference, "metric": metric, "seeds": len(seeds),
-                         "difference": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p})
+                         "difference": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p,
+                         "diverged": lost[entry], "reference_diverged": lost[reference]})
     return pd.DataFrame(rows)
 
 
@@ -171,6 +179,10 @@ def conclusions(comparison: dict) -> list[str]:
     """Sentences from the paired differences; which way they go is read from the numbers."""
     sentences = []
     for row in paired_differences(comparison).itertuples():
+        lost = ""
+        if row.diverged or row.reference_diverged:
+            lost = (f" Left out: {row.diverged} diverged seed(s) of {row.entry} and {row.reference_diverged} of "
+                    f"{row.reference}; a divergence is a failure, not a number, so count it against the optimizer.")
         if row.seeds < 2 or not math.isfinite(row.ci_low):
             sentences.append(f"{row.entry} vs {row.reference} on {row.metric}: too few paired seeds ({row.seeds}) "
                              "for a conclusion.")
@@ -180,12 +192,14 @@ def conclusions(comparison: dict) -> list[str]:
         if row.ci_low > 0 or row.ci_high < 0:
             word = "higher" if row.difference > 0 else "lower"
             better = (row.difference > 0) == (metric_direction(row.metric) == "maximize")
+            verdict = "better" if better else "worse"
+            if better and row.diverged > row.reference_diverged:
+                verdict = "better on the seeds that did not diverge, but it diverged more often"
             sentences.append(f"{row.entry}'s {row.metric} is {word} than {row.reference}'s by "
-                             f"{abs(row.difference):.4g} {where}: {row.entry} is "
-                             f"{'better' if better else 'worse'} on this metric.")
+                             f"{abs(row.difference):.4g} {where}: {row.entry} is {verdict} on this metric.{lost}")
         else:
             sentences.append(f"No difference at the 95% level between {row.entry} and {row.reference} on "
-                             f"{row.metric}: the difference is {row.difference:.4g} {where}.")
+                             f"{row.metric}: the difference is {row.difference:.4g} {where}.{lost}")
     return sentences
 
 
@@ -197,26 +211,35 @@ def tuning_curves(comparison: dict, ax=None):
     metric = comparison["spec"].get("metric", "val_loss")
     ax = ax if ax is not None else _new_axes()
     best = np.minimum.accumulate if metric_direction(metric) == "minimize" else np.maximum.accumulate
-    for entry in comparison["spec"]["optimizers"]:
+    from analysis.plots import OKABE_ITO
+
+    for i, entry in enumerate(comparison["spec"]["optimizers"]):
         rows = tuning[tuning.entry == entry].sort_values("trial") if len(tuning) else tuning
         if len(rows):
             scores = rows["score"].to_numpy(float)
-            ax.plot(np.arange(1, len(scores) + 1), best(scores), marker="o", label=entry, gid="tuning")
+            ax.plot(np.arange(1, len(scores) + 1), best(scores), marker="o", label=entry, gid="tuning",
+                    color=OKABE_ITO[i % len(OKABE_ITO)])
     _finish(ax, "trials spent", f"best {metric} so far", "Tuning curve")
     ax.legend()
     return ax
 
 
 def sensitivity_curves(comparison: dict, ax=None):
-    """Validation score against lr for every tuning trial, one colour per entry (diverged trials left out)."""
-    from analysis.plots import _finish, _new_axes
+    """Validation score against lr for every tuning trial, one colour per entry; diverged trials as x on the top."""
+    from analysis.plots import OKABE_ITO, _finish, _new_axes
 
     tuning = comparison["tuning"]
     ax = ax if ax is not None else _new_axes()
-    for entry in comparison["spec"]["optimizers"]:
-        rows = tuning[(tuning.entry == entry) & np.isfinite(tuning.score.astype(float))] if len(tuning) else tuning
-        if len(rows):
-            ax.scatter(rows["lr"], rows["score"], label=entry, gid="sensitivity")
+    for i, entry in enumerate(comparison["spec"]["optimizers"]):
+        rows = tuning[tuning.entry == entry] if len(tuning) else tuning
+        finite = rows[np.isfinite(rows.score.astype(float))] if len(rows) else rows
+        colour = OKABE_ITO[i % len(OKABE_ITO)]
+        if len(finite):
+            ax.scatter(finite["lr"], finite["score"], label=entry, color=colour, gid="sensitivity")
+        failed = rows[~np.isfinite(rows.score.astype(float))] if len(rows) else rows
+        if len(failed):
+            ax.scatter(failed["lr"], [0.97] * len(failed), marker="x", color=colour, clip_on=False,
+                       transform=ax.get_xaxis_transform(), gid="diverged")
     ax.set_xscale("log")
     _finish(ax, "lr", comparison["spec"].get("metric", "val_loss"), "Sensitivity to the learning rate")
     ax.legend()
@@ -261,15 +284,16 @@ def write_compare_report(out_dir: str | Path) -> Path:
     budgets = []
     for entry, body in spec["optimizers"].items():
         n = int((tuning.entry == entry).sum()) if len(tuning) else 0
-        budgets.append({"entry": entry, "trials": (body or {}).get("trials", spec.get("trials", 8)),
-                        "trials done": n, "search space": json.dumps((body or {}).get("space", {}))})
-    chosen = []
-    for entry in spec["optimizers"]:
-        rows = tuning[tuning.entry == entry] if len(tuning) else tuning
-        if len(rows):
-            best = rows.loc[rows.score.astype(float).idxmin() if metric_direction(spec.get("metric", "val_loss"))
-                            == "minimize" else rows.score.astype(float).idxmax()]
-            chosen.append({"entry": entry, "trial": int(best.trial), "params": best.params, "score": best.score})
+        steps = {**spec.get("base", {}), **(body or {}).get("base", {})}.get("steps")
+        trials = (body or {}).get("trials", spec.get("trials", 8))
+        if (body or {}).get("lr_from_eta"):
+            trials = f"none: lr = mean eta_t of {body['lr_from_eta']}"
+        budgets.append({"entry": entry, "trials": trials,
+                        "trials done": n, "steps per run": steps if steps is not None else "task default",
+                        "search space": json.dumps((body or {}).get("space", {}))})
+    chosen = [{"entry": entry, "trial": t["trial"] if t["trial"] is not None else t.get("derived"),
+               "params": json.dumps(t["params"]), "score": t["score"]}
+              for entry, t in comparison["selection"].items()]
     lines = [f"# Comparison: {comparison['saved']['name']}", "",
              f"Tuning metric: `{spec.get('metric', 'val_loss')}` on validation (the tuning runs never evaluated "
              f"the test split); sampler `{spec.get('sampler', 'sobol')}`; tune seed {spec.get('tune_seed', 0)}; "

@@ -217,7 +217,7 @@ def compare(
     spec: Optional[str] = typer.Argument(None, help="A spec file (YAML/JSON), or 'report DIR', or 'worker SPEC'."),
     target: Optional[str] = typer.Argument(None, help="With report: the comparison directory; with worker: the spec."),
     preset: Optional[str] = typer.Option(None, help="A shipped spec: cnn-fashion, lm-brown, gfn-hypergrid, "
-                                                    "vradam-vs-clip (see experiments/presets/)."),
+                                                    "vradam-vs-clip, vradam-vs-eta-avg (experiments/presets/)."),
     out: Path = typer.Option(Path("runs/compare"), help="Parent directory; the comparison goes to OUT/<name>."),
     workers: int = typer.Option(1, help="Processes running trials (and confirmation runs) on this machine."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in the comparison "
@@ -247,7 +247,8 @@ def compare(
             raise ValueError("eos compare worker needs the spec (file or preset name)")
         loaded = cmp.load_spec(target, allow_unequal_budget, scale)
         for entry in loaded.entries:
-            cmp.tune_entry(loaded, entry, out / loaded.name, storage, echo=typer.echo)
+            if entry.lr_from_eta is None:
+                cmp.tune_entry(loaded, entry, out / loaded.name, storage, echo=typer.echo)
         typer.echo(f"tuning of {loaded.name} is complete")
         return
     source = preset or spec

@@ -47,6 +47,8 @@ Spec keys::
     tune_seed: 0
     seeds: [1, 2, 3, 4, 5]            # confirmation seeds
     reference: adamw                  # the entry differences are taken against
+    # An entry with lr_from_eta: LABEL is not tuned: it runs at the time-averaged eta_t of LABEL's selected
+    # trial (e.g. AdamW at VRAdam's mean effective rate: is the gate just a lower rate?).
     report_metrics: null              # default: the confirmation runs' test_* metrics (else metric's)
     allow_unequal_budget: false
 
@@ -58,6 +60,7 @@ Example (the protocol on two optimizers, tiny)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -68,14 +71,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.compare import NAMED_METRICS, metric_direction, tuning_score
+from analysis.compare import MARKER, SELECTION, metric_direction, tuning_score
 from eos_toolkit.record import CONFIG_FILE, is_run_dir, read_events, read_metrics, run_status, write_json_atomic
 from experiments.config import ConfigError, RunConfig, load_config_file
 
 SAMPLERS = ("grid", "random", "sobol", "tpe")
 SPEC_KEYS = {"name", "base", "optimizers", "trials", "sampler", "metric", "target", "target_metric", "tune_seed",
              "seeds", "reference", "report_metrics", "allow_unequal_budget"}
-ENTRY_KEYS = {"base", "space", "trials"}
+ENTRY_KEYS = {"base", "space", "trials", "lr_from_eta"}
 HEARTBEAT_S, GRACE_S = 10, 40
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -88,6 +91,7 @@ class Entry:
     base: dict
     space: dict
     trials: int
+    lr_from_eta: str | None = None  # untuned: lr = the time-averaged eta_t of this entry's selected trial
 
 
 @dataclass
@@ -129,6 +133,10 @@ def _check_space(label: str, key: str, value) -> None:
                           f"{' and lo > 0' if kind == 'log_uniform' else ''}, got {bounds!r}")
 
 
+def spec_entry(entries: list, label: str):
+    return next(e for e in entries if e.label == label)
+
+
 def check_equal_budgets(budgets: dict, unit: str, allow: bool) -> None:
     """Refuse budgets that differ between optimizers (configurations, trials or steps) unless ``allow``.
 
@@ -162,16 +170,34 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
         if not isinstance(body, dict) or set(body) - ENTRY_KEYS:
             raise ConfigError(f"optimizers.{label} must be a mapping with keys {sorted(ENTRY_KEYS)}, got {body!r}")
         space = body.get("space", {})
+        known = {f.name for f in dataclasses.fields(RunConfig)}
         for key, value in space.items():
+            if key not in known:
+                raise ConfigError(f"optimizers.{label}.space has unknown key {key!r}; it must be a RunConfig key")
             _check_space(label, key, value)
         entry_base = {"optimizer": label, **body.get("base", {})}
         trials = body.get("trials", default_trials)
-        if not (isinstance(trials, int) and trials >= 1):
+        if not (isinstance(trials, int) and not isinstance(trials, bool) and trials >= 1):
             raise ConfigError(f"optimizers.{label}.trials must be an integer >= 1, got {trials!r}")
-        entries.append(Entry(label, entry_base, dict(space), trials))
-        RunConfig.from_dict({**base, **entry_base}).validate()  # every key and value checked now
+        entries.append(Entry(label, entry_base, dict(space), 0 if body.get("lr_from_eta") else trials,
+                             body.get("lr_from_eta")))
+        # Every key and value checked now, at both ends of each range and at every listed value.
+        corners = [{}] + [{k: (v[0] if isinstance(v, list) else next(iter(v.values()))[0])} for k, v in space.items()]
+        corners += [{k: x} for k, v in space.items() if isinstance(v, list) for x in v[1:]]
+        corners += [{k: next(iter(v.values()))[1]} for k, v in space.items() if isinstance(v, dict)]
+        for corner in corners:
+            try:
+                RunConfig.from_dict({**base, **entry_base, **corner}).validate()
+            except ConfigError as exc:
+                raise ConfigError(f"optimizers.{label}{' at ' + str(corner) if corner else ''}: {exc}") from None
     allow = bool(allow_unequal_budget or raw.get("allow_unequal_budget"))
-    budgets = {e.label: e.trials for e in entries}
+    for e in entries:
+        source = e.lr_from_eta
+        if source is not None:
+            if source not in {x.label for x in entries} or spec_entry(entries, source).lr_from_eta or e.space:
+                raise ConfigError(f"optimizers.{e.label}.lr_from_eta must name a tuned entry (and the entry has no "
+                                  f"space of its own), got {source!r}")
+    budgets = {e.label: e.trials for e in entries if e.lr_from_eta is None}
     check_equal_budgets(budgets, "trials", allow)
     check_equal_budgets({e.label: RunConfig.from_dict({**base, **e.base}).validate().steps for e in entries},
                         "steps", allow)
@@ -187,20 +213,29 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
             if points != e.trials:
                 raise ConfigError(f"optimizers.{e.label}: the grid has {points} points but trials is {e.trials}")
     metric = raw.get("metric", "val_loss")
-    if not isinstance(metric, str) or metric.startswith("test_"):
-        raise ConfigError(f"metric {metric!r} is not allowed: tuning is scored on validation, never on test_*")
+    for key in ("metric", "target_metric"):
+        value = raw.get(key, "val_loss")
+        if not isinstance(value, str) or value.startswith("test_"):
+            raise ConfigError(f"{key} {value!r} is not allowed: tuning is scored on validation, never on test_*")
+    report = raw.get("report_metrics")
+    if report is not None and not (isinstance(report, list) and all(isinstance(m, str) for m in report)):
+        raise ConfigError(f"report_metrics must be a list of metric names, got {report!r}")
     if metric == "steps_to_target" and raw.get("target") is None:
         raise ConfigError("metric steps_to_target needs 'target'")
     seeds = raw.get("seeds", [1, 2, 3, 4, 5])
     if not (isinstance(seeds, list) and len(seeds) >= 2 and len(set(seeds)) == len(seeds)):
         raise ConfigError(f"seeds must be a list of at least two distinct seeds, got {seeds!r}")
     tune_seed = raw.get("tune_seed", 0)
+    if not (isinstance(tune_seed, int) and not isinstance(tune_seed, bool)) or \
+            not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"tune_seed and seeds must be integers, got {tune_seed!r} and {seeds!r}")
     if tune_seed in seeds:
         raise ConfigError(f"tune_seed {tune_seed} is also a confirmation seed: confirmation needs fresh seeds")
     reference = raw.get("reference", entries[0].label)
     if reference not in budgets:
         raise ConfigError(f"reference {reference!r} is not an entry; entries: {', '.join(budgets)}")
-    return CompareSpec(name=raw.get("name", name), base=base, entries=entries, trials=entries[0].trials,
+    tuned = [e for e in entries if e.lr_from_eta is None]
+    return CompareSpec(name=raw.get("name", name), base=base, entries=entries, trials=tuned[0].trials,
                        sampler=sampler, metric=metric, target=raw.get("target"),
                        target_metric=raw.get("target_metric", "val_loss"), tune_seed=tune_seed, seeds=list(seeds),
                        reference=reference, report_metrics=raw.get("report_metrics"), raw=raw)
@@ -266,6 +301,15 @@ def _sampler(spec: CompareSpec, label: str):
     return optuna.samplers.RandomSampler(seed=seed)  # grid: the points are enqueued; random for none
 
 
+def spec_fingerprint(spec: CompareSpec) -> str:
+    """What every worker of a study must agree on (the spec after scaling), as a short hash."""
+    import hashlib
+
+    text = json.dumps({"base": spec.base, "entries": [vars(e) for e in spec.entries], "metric": spec.metric,
+                       "target": spec.target, "tune_seed": spec.tune_seed}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def storage_url(out_dir: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{(out_dir / 'studies.db').resolve()}"
 
@@ -293,6 +337,12 @@ def _study(spec: CompareSpec, entry: Entry, url: str):
             if attempt == 9 or "sqlalchemy" not in type(exc).__module__:
                 raise
             time.sleep(0.5 + attempt)
+    fingerprint = study.user_attrs.get("spec")
+    if fingerprint is None:
+        study.set_user_attr("spec", spec_fingerprint(spec))
+    elif fingerprint != spec_fingerprint(spec):
+        raise ConfigError(f"study {study.study_name} in {url} was made from another spec (or --scale); a worker "
+                          "must use the same spec as the comparison it joins")
     if spec.sampler == "grid" and not study.get_trials(deepcopy=False) and study.user_attrs.get("grid") is None:
         study.set_user_attr("grid", True)
         keys = list(entry.space)
@@ -319,10 +369,11 @@ def _claim_trial(study, entry: Entry, distributions: dict):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = study.ask(distributions)
+    study._storage.record_heartbeat(trial._trial_id)  # from now on a dead worker's trial becomes stale
     ahead = sum(t.state in counted and t.number < trial.number for t in study.get_trials(deepcopy=False))
     if ahead >= entry.trials:
-        study.tell(trial, state=TrialState.FAIL)
         study._storage.set_trial_user_attr(trial._trial_id, "surplus", True)
+        study.tell(trial, state=TrialState.FAIL)
         return None
     return trial
 
@@ -332,7 +383,11 @@ def trial_config(spec: CompareSpec, entry: Entry, params: dict, seed: int, evalu
                                 "label": None}).validate()
 
 
-def _run_trial(study, trial, spec: CompareSpec, entry: Entry, out_dir: Path) -> None:
+MAX_FAILURES = 3  # a configuration error fails every trial alike: stop after this many failures in a row
+
+
+def _run_trial(study, trial, spec: CompareSpec, entry: Entry, out_dir: Path) -> bool:
+    """Train one trial and tell the storage its score; returns False when the run failed (not a result)."""
     from optuna.trial import TrialState
 
     from experiments.train import train
@@ -343,9 +398,11 @@ def _run_trial(study, trial, spec: CompareSpec, entry: Entry, out_dir: Path) -> 
 
     def beat():
         while not stop.wait(HEARTBEAT_S / 2):
-            study._storage.record_heartbeat(trial._trial_id)
+            try:
+                study._storage.record_heartbeat(trial._trial_id)
+            except Exception:  # a busy database now and then; the next beat tries again
+                continue
 
-    study._storage.record_heartbeat(trial._trial_id)
     threading.Thread(target=beat, daemon=True).start()
     try:
         cfg = trial_config(spec, entry, trial.params, spec.tune_seed, evaluate_test=False)
@@ -353,15 +410,23 @@ def _run_trial(study, trial, spec: CompareSpec, entry: Entry, out_dir: Path) -> 
         _assert_no_test_metrics(run_dir)
         value = score_of(read_metrics(run_dir), spec, result.status)
     except AssertionError:
+        stop.set()
         raise
     except Exception as exc:  # a failed run is not a result: the trial fails and another takes its place
         stop.set()
-        study.tell(trial, state=TrialState.FAIL)
         study._storage.set_trial_user_attr(trial._trial_id, "error", f"{type(exc).__name__}: {exc}")
-        return
+        study.tell(trial, state=TrialState.FAIL)
+        if spec.sampler == "grid":  # the grid point goes back in the queue
+            study.enqueue_trial(trial.params)
+        return False
     stop.set()
+    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        return True  # declared dead (stale) meanwhile: its replacement counts, this record does not
     study._storage.set_trial_user_attr(trial._trial_id, "status", result.status)
     study.tell(trial, value)
+    write_json_atomic(run_dir / MARKER, {"trial": trial.number, "score": value, "status": result.status,
+                                         "params": trial.params})
+    return True
 
 
 def tune_entry(spec: CompareSpec, entry: Entry, out_dir: Path, storage: str | None = None,
@@ -372,6 +437,7 @@ def tune_entry(spec: CompareSpec, entry: Entry, out_dir: Path, storage: str | No
     out_dir.mkdir(parents=True, exist_ok=True)
     study = _study(spec, entry, storage_url(out_dir, storage))
     distributions = _distributions(entry.space)
+    failures = 0
     while True:
         trial = _claim_trial(study, entry, distributions)
         if trial is None:
@@ -381,7 +447,14 @@ def tune_entry(spec: CompareSpec, entry: Entry, out_dir: Path, storage: str | No
             time.sleep(2)  # others are running the rest (or died: their heartbeat will expire)
             continue
         echo(f"tune {entry.label} trial {trial.number}: {trial.params}")
-        _run_trial(study, trial, spec, entry, out_dir)
+        if _run_trial(study, trial, spec, entry, out_dir):
+            failures = 0
+            continue
+        failures += 1
+        error = study._storage.get_trial(trial._trial_id).user_attrs.get("error")
+        echo(f"tune {entry.label} trial {trial.number} failed: {error}")
+        if failures >= MAX_FAILURES:
+            raise RuntimeError(f"{entry.label}: {failures} tuning trials failed in a row; the last: {error}")
 
 
 def _worker(spec_path: str, out_dir: str, storage: str | None, threads: int, allow_unequal_budget: bool,
@@ -391,7 +464,8 @@ def _worker(spec_path: str, out_dir: str, storage: str | None, threads: int, all
     torch.set_num_threads(threads)
     spec = load_spec(spec_path, allow_unequal_budget, scale)
     for entry in spec.entries:
-        tune_entry(spec, entry, Path(out_dir), storage, echo=lambda line: None)
+        if entry.lr_from_eta is None:
+            tune_entry(spec, entry, Path(out_dir), storage, echo=lambda line: None)
 
 
 # ---------------------------------------------------------------- selection and confirmation
@@ -401,20 +475,22 @@ def completed_trials(spec: CompareSpec, entry: Entry, out_dir: Path) -> list[dic
     rows = []
     directory = out_dir / "tune" / entry.label
     for run_dir in sorted(directory.glob("trial-*")) if directory.is_dir() else []:
-        status = run_status(read_events(run_dir)) if is_run_dir(run_dir) else "empty"
-        if status not in ("finished", "diverged"):
-            continue
+        if not (run_dir / MARKER).is_file():
+            continue  # abandoned (its worker died, or it was declared dead): another trial replaced it
+        status = run_status(read_events(run_dir))
         config = json.loads((run_dir / CONFIG_FILE).read_text())
         rows.append({"trial": int(run_dir.name.split("-")[1]), "run_dir": run_dir, "status": status,
                      "params": {k: config[k] for k in entry.space}, "lr": config.get("lr"),
                      "score": score_of(read_metrics(run_dir), spec, status)})
-    return rows[:entry.trials]
+    return rows
 
 
 def select(spec: CompareSpec, out_dir: Path) -> dict[str, dict]:
     """The best validation trial per entry (its params), from tuning records that hold no test metric."""
     chosen = {}
     for entry in spec.entries:
+        if entry.lr_from_eta is not None:
+            continue
         trials = completed_trials(spec, entry, out_dir)
         if len(trials) < entry.trials:
             raise ValueError(f"{entry.label} has {len(trials)} of {entry.trials} tuning trials done; tune first")
@@ -422,6 +498,15 @@ def select(spec: CompareSpec, out_dir: Path) -> dict[str, dict]:
             _assert_no_test_metrics(t["run_dir"])
         key = (lambda t: t["score"]) if spec.direction == "minimize" else (lambda t: -t["score"])
         chosen[entry.label] = min(trials, key=key)
+    for entry in spec.entries:  # untuned entries at another entry's time-averaged effective rate
+        if entry.lr_from_eta is not None:
+            source = chosen[entry.lr_from_eta]
+            metrics = read_metrics(source["run_dir"])
+            eta = float(metrics[metrics.metric == "eta"]["value"].mean())
+            chosen[entry.label] = {"trial": None, "params": {"lr": eta}, "score": math.nan,
+                                   "derived": f"lr = mean eta_t of {entry.lr_from_eta}'s trial {source['trial']}"}
+    write_json_atomic(out_dir / SELECTION, {label: {k: t[k] for k in ("trial", "params", "score", "derived") if k in t}
+                                            for label, t in chosen.items()})
     return chosen
 
 
@@ -477,7 +562,8 @@ def run_compare(spec_path: str, out: str | Path, *, workers: int = 1, storage: s
          f"{trial_config(spec, spec.entries[0], {}, 0, False).steps} steps; then {len(spec.seeds)} seeds each")
     if workers > 1:
         for entry in spec.entries:  # the studies (and the grid's queue) exist before any worker starts
-            _study(spec, entry, storage_url(out_dir, storage))
+            if entry.lr_from_eta is None:
+                _study(spec, entry, storage_url(out_dir, storage))
         with ProcessPoolExecutor(max_workers=workers) as pool:
             threads = max(1, (os.cpu_count() or 1) // workers)
             futures = [pool.submit(_worker, spec_path, str(out_dir), storage, threads, allow_unequal_budget, scale)
@@ -486,10 +572,12 @@ def run_compare(spec_path: str, out: str | Path, *, workers: int = 1, storage: s
                 f.result()
     else:
         for entry in spec.entries:
-            tune_entry(spec, entry, out_dir, storage, echo)
+            if entry.lr_from_eta is None:
+                tune_entry(spec, entry, out_dir, storage, echo)
     chosen = select(spec, out_dir)
     for label, t in chosen.items():
-        echo(f"selected {label}: trial {t['trial']} {t['params']} ({spec.metric} {t['score']:.4g})")
+        echo(f"selected {label}: {t.get('derived') or 'trial ' + str(t['trial'])} {t['params']} "
+             f"({spec.metric} {t['score']:.4g})")
     confirm(spec, out_dir, chosen, workers, echo)
     from analysis.compare import write_compare_report
 

@@ -45,18 +45,47 @@ def test_equal_budgets_by_construction():
     for bad, message in ((dict(metric="test_loss"), "tuning is scored on validation"),
                          (dict(tune_seed=1), "tune_seed 1 is also a confirmation seed"),
                          (dict(sampler="cmaes"), "unknown sampler 'cmaes'"),
-                         (dict(reference="sgd"), "reference 'sgd' is not an entry")):
+                         (dict(reference="sgd"), "reference 'sgd' is not an entry"),
+                         (dict(report_metrics="test_loss"), "report_metrics must be a list"),
+                         (dict(target_metric="test_acc"), "target_metric 'test_acc' is not allowed"),
+                         (dict(tune_seed="x"), "tune_seed and seeds must be integers")):
         with pytest.raises(ConfigError, match=message):
             parse_spec(spec_dict("/nowhere", **bad))
+    typo = spec_dict("/nowhere")
+    typo["optimizers"]["adamw"]["space"] = {"lrr": {"log_uniform": [1e-3, 1e-1]}}
+    with pytest.raises(ConfigError, match="unknown key 'lrr'"):
+        parse_spec(typo)
+    negative = spec_dict("/nowhere")
+    negative["optimizers"]["vradam"]["space"]["beta3"] = {"uniform": [-5, 1]}
+    with pytest.raises(ConfigError, match=r"optimizers.vradam at \{'beta3': -5\}: beta3 must be a finite number >= 0"):
+        parse_spec(negative)
     grid = spec_dict("/nowhere", sampler="grid")
     with pytest.raises(ConfigError, match="the grid sampler needs lists"):
         parse_spec(grid)
 
 
 def test_presets_parse():
-    for name in ("cnn-fashion", "lm-brown", "gfn-hypergrid", "vradam-vs-clip"):
+    for name in ("cnn-fashion", "lm-brown", "gfn-hypergrid", "vradam-vs-clip", "vradam-vs-eta-avg"):
         spec = load_spec(name)
-        assert len({e.trials for e in spec.entries}) == 1 and len(spec.seeds) == 5
+        assert len({e.trials for e in spec.entries if e.lr_from_eta is None}) == 1 and len(spec.seeds) == 5
+
+
+def test_an_untuned_entry_runs_at_the_mean_effective_rate_of_another(tiny_data_dir, tmp_path):
+    import pandas as pd
+
+    raw = spec_dict(tiny_data_dir, trials=2)
+    raw["optimizers"]["adamw-at-eta"] = {"base": {"optimizer": "adamw"}, "lr_from_eta": "vradam"}
+    spec = parse_spec(raw)
+    out_dir = tmp_path / "tiny"
+    for entry in spec.entries:
+        if entry.lr_from_eta is None:
+            tune_entry(spec, entry, out_dir, echo=lambda s: None)
+    chosen = select(spec, out_dir)
+    source = out_dir / "tune" / "vradam" / f"trial-{chosen['vradam']['trial']:03d}" / "metrics.csv"
+    table = pd.read_csv(source)
+    assert chosen["adamw-at-eta"]["params"]["lr"] == pytest.approx(table[table.metric == "eta"]["value"].mean())
+    with pytest.raises(ConfigError, match="lr_from_eta must name a tuned entry"):
+        parse_spec({**raw, "optimizers": {**raw["optimizers"], "x": {"base": {"optimizer": "adamw"}, "lr_from_eta": "nope"}}})
 
 
 def test_a_tiny_comparison_end_to_end_killed_and_resumed(tiny_data_dir, tmp_path, monkeypatch):
@@ -67,10 +96,11 @@ def test_a_tiny_comparison_end_to_end_killed_and_resumed(tiny_data_dir, tmp_path
     real_run_trial, calls = cmp._run_trial, []
 
     def run_trial_then_maybe_die(study, trial, spec, entry, out_dir):
-        real_run_trial(study, trial, spec, entry, out_dir)
+        ok = real_run_trial(study, trial, spec, entry, out_dir)
         calls.append((entry.label, trial.number))
         if len(calls) == 2:
             raise KeyboardInterrupt  # the process dies between trials
+        return ok
 
     monkeypatch.setattr(cmp, "_run_trial", run_trial_then_maybe_die)
     with pytest.raises(KeyboardInterrupt):
@@ -200,3 +230,65 @@ def test_cli_compare_report_rebuilds_from_records(tiny_data_dir, tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert report.read_text() == before
+
+
+def test_a_surplus_trial_is_failed_without_error_and_never_counted(tiny_data_dir, tmp_path):
+    """Two claims racing for the last slot of a budget of one: the later trial number yields."""
+    import optuna
+
+    from experiments.compare import _claim_trial, _distributions, _study
+
+    spec = parse_spec(spec_dict(tiny_data_dir, trials=1))
+    entry = spec.entry("adamw")
+    out_dir = tmp_path / "tiny"
+    out_dir.mkdir()
+    study = _study(spec, entry, f"sqlite:///{out_dir / 'studies.db'}")
+    real_ask, others = study.ask, []
+
+    def racing_ask(distributions):  # another worker asks between our budget check and our ask
+        others.append(real_ask(distributions))
+        return real_ask(distributions)
+
+    study.ask = racing_ask
+    second = _claim_trial(study, entry, _distributions(entry.space))
+    first = others[0]
+    assert second is None  # the budget of one was taken first: ours is surplus
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {first.number: optuna.trial.TrialState.RUNNING, first.number + 1: optuna.trial.TrialState.FAIL}
+    assert study.get_trials()[1].user_attrs["surplus"] is True
+
+
+def test_conclusions_follow_the_numbers_and_name_divergences():
+    import pandas as pd
+
+    from analysis.compare import conclusions
+
+    def comparison(a, b, statuses=None):
+        rows = [{"entry": "adamw", "seed": s, "status": "finished", "test_loss": v} for s, v in enumerate(a)]
+        rows += [{"entry": "vradam", "seed": s, "status": (statuses or {}).get(s, "finished"), "test_loss": v}
+                 for s, v in enumerate(b)]
+        return {"spec": {"optimizers": {"adamw": {}, "vradam": {}}, "reference": "adamw"},
+                "confirm": pd.DataFrame(rows), "tuning": pd.DataFrame()}
+
+    lower = conclusions(comparison([1.0, 1.1, 1.2, 1.3], [0.5, 0.62, 0.69, 0.81]))
+    assert lower[0].startswith("vradam's test_loss is lower than adamw's by 0.495") and "vradam is better" in lower[0]
+    higher = conclusions(comparison([0.5, 0.62, 0.69, 0.81], [1.0, 1.1, 1.2, 1.3]))
+    assert "is higher than" in higher[0] and "vradam is worse" in higher[0]
+    same = conclusions(comparison([1.0, 1.1, 1.2, 1.3], [1.1, 1.0, 1.3, 1.2]))
+    assert same[0].startswith("No difference at the 95% level")
+    lost = conclusions(comparison([1.0, 1.1, 1.2, 1.3, 1.4], [0.5, 0.6, 0.7, 0.8, 0.9], {3: "diverged", 4: "diverged"}))
+    assert "over 3 seeds" in lost[0] and "2 diverged seed(s) of vradam" in lost[0]
+    assert "but it diverged more often" in lost[0]
+
+
+def test_steps_to_target_reads_the_target_from_its_side():
+    import pandas as pd
+
+    from analysis.compare import tuning_score
+
+    rows = pd.DataFrame({"step": [0, 100, 200, 300] * 2, "metric": ["val_acc"] * 4 + ["val_loss"] * 4,
+                         "value": [0.5, 0.7, 0.86, 0.9, 2.0, 1.0, 0.5, 0.4]})
+    assert tuning_score(rows, "steps_to_target", "finished", target=0.85, target_metric="val_acc") == 200
+    assert tuning_score(rows, "steps_to_target", "finished", target=0.6, target_metric="val_loss") == 200
+    assert tuning_score(rows, "steps_to_target", "finished", target=0.1, target_metric="val_loss") == math.inf
+    assert tuning_score(rows, "val_acc", "diverged") == -math.inf
