@@ -202,12 +202,19 @@ class AdamAdapter(OptimizerAdapter):
     def threshold(self, optimizer, rate):
         return adam_threshold(rate, optimizer.param_groups[0]["betas"][0])
 
-    def base_preconditioner(self, optimizer, param, group):
+    @staticmethod
+    def second_moment_state(optimizer, param, group):
+        """(state, beta1, beta2, step count), or None before the parameter's first step."""
         state = optimizer.state.get(param, {})
         if "exp_avg_sq" not in state or "step" not in state:
             return None
-        beta1, beta2 = group["betas"]
-        step = _step_count(state)
+        return (state, *group["betas"], _step_count(state))
+
+    def base_preconditioner(self, optimizer, param, group):
+        moments = self.second_moment_state(optimizer, param, group)
+        if moments is None:
+            return None
+        state, beta1, beta2, step = moments
         v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
         return (1 - beta1 ** step) * ((v / (1 - beta2 ** step)).sqrt() + group["eps"])
 
@@ -235,11 +242,10 @@ class RAdamAdapter(AdamAdapter):
     name = "radam"
 
     def base_preconditioner(self, optimizer, param, group):
-        state = optimizer.state.get(param, {})
-        if "exp_avg_sq" not in state or "step" not in state:
+        moments = self.second_moment_state(optimizer, param, group)
+        if moments is None:
             return None
-        beta1, beta2 = group["betas"]
-        step = _step_count(state)
+        state, beta1, beta2, step = moments
         bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
         rho_inf = 2 / (1 - beta2) - 1
         rho_t = rho_inf - 2 * step * beta2 ** step / bc2
