@@ -17,6 +17,7 @@ Layout::
       density.csv        optional: spectral density estimates, appended:
                          step,eigenvalue,density   (a curve per measured step)
       checkpoints/       written by the training loop (torch files), atomically
+      .lock              held (flock) by the one process writing the record: see RunLock
 
 Event names: ``started``, ``resumed``, ``checkpoint``, ``diverged``,
 ``finished``, ``failed``, ``warning`` (a measurement the run could not make,
@@ -172,33 +173,93 @@ def _format_value(value: float) -> str:
     return repr(value)
 
 
-class RunWriter:
-    """Appends to a run record. Thin: every write is a small, durable file operation.
+LOCK_FILE = ".lock"
 
-    ``create`` starts a new record (the directory must not hold one already);
-    ``open`` reopens an existing record to resume it.
+
+class RunLockedError(FileExistsError):
+    """Another process is writing this run record; the message names its pid and host."""
+
+
+class RunLock:
+    """The one-writer lock of a run record: ``flock`` on ``<run_dir>/.lock``, held until :meth:`release`.
+
+    The kernel releases it when the holder dies (kill -9 included), so a
+    crashed run never leaves a stale lock; the file keeps the last holder's
+    pid, host and start time for the error message. A second writer gets
+    :class:`RunLockedError` at once (no waiting). On systems without
+    ``fcntl`` the lock is not enforced.
     """
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / LOCK_FILE
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no enforcement
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 4096, 0).decode("utf-8", "replace").strip() or "an unknown process"
+            os.close(self._fd)
+            self._fd = None
+            raise RunLockedError(f"{self.run_dir} is being written by {holder}; wait for it to finish or stop it "
+                                 "(one writer per record)") from None
+        import socket
+
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since {utc_now()}".encode(), 0)
+
+    def release(self) -> None:
+        """Give the record up (also done by the kernel when the process ends)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class RunWriter:
+    """Appends to a run record. Thin: every write is a small, durable file operation.
+
+    ``create`` starts a new record (the directory must not hold one already);
+    ``open`` reopens an existing record to resume it. Both take the record's
+    :class:`RunLock` (or one the caller already holds); :meth:`close` gives it up.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, lock: RunLock | None = None):
+        self.run_dir = Path(run_dir)
+        self.lock = lock
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @classmethod
-    def create(cls, run_dir: str | os.PathLike, config: dict, environment: dict | None = None) -> "RunWriter":
+    def create(cls, run_dir: str | os.PathLike, config: dict, environment: dict | None = None,
+               lock: RunLock | None = None) -> "RunWriter":
         run_dir = Path(run_dir)
+        lock = lock or RunLock(run_dir)
         if (run_dir / CONFIG_FILE).exists():
+            lock.release()
             raise FileExistsError(f"{run_dir} already holds a run record; choose a new directory or resume it")
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / CONFIG_FILE, config)
         write_json_atomic(run_dir / ENVIRONMENT_FILE, environment or {})
         write_bytes_atomic(run_dir / METRICS_FILE, METRICS_HEADER.encode())
-        return cls(run_dir)
+        return cls(run_dir, lock)
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike) -> "RunWriter":
+    def open(cls, run_dir: str | os.PathLike, lock: RunLock | None = None) -> "RunWriter":
         run_dir = Path(run_dir)
         if not (run_dir / CONFIG_FILE).exists():
             raise FileNotFoundError(f"{run_dir} holds no run record (no {CONFIG_FILE})")
-        return cls(run_dir)
+        return cls(run_dir, lock or RunLock(run_dir))
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from eos_toolkit.record import CONFIG_FILE, is_run_dir, read_events, run_status, write_json_atomic
+from eos_toolkit.record import CONFIG_FILE, RunLockedError, is_run_dir, read_events, run_status, write_json_atomic
 from experiments.compare import check_equal_budgets
 from experiments.config import ConfigError, RunConfig, load_config_file
 
@@ -161,12 +161,26 @@ def _run_one(run: SweepRun, out: str, threads: int) -> tuple[str, str]:
     torch.set_num_threads(threads)
     path = Path(out) / run.name
     try:
-        if is_run_dir(path):
-            status = run_status(read_events(path))
-            if status in ("finished", "diverged"):
-                return run.name, f"{status} (already recorded)"
-            return run.name, resume(path).status + " (resumed)"
-        return run.name, train(run.config, path).status
+        for _ in range(2):  # a second look when another sweep created the record meanwhile
+            if is_run_dir(path):
+                status = run_status(read_events(path))
+                if status in ("finished", "diverged"):
+                    return run.name, f"{status} (already recorded)"
+                try:
+                    return run.name, resume(path).status + " (resumed)"
+                except ValueError as exc:  # it ended between our look and our lock
+                    if "nothing to resume" not in str(exc):
+                        raise
+                    continue
+            try:
+                return run.name, train(run.config, path).status
+            except FileExistsError as exc:
+                if isinstance(exc, RunLockedError):
+                    raise
+                continue
+        return run.name, f"{run_status(read_events(path))} (already recorded)"
+    except RunLockedError as exc:  # another process (a second sweep) is training it: not ours to touch
+        return run.name, f"skipped: {exc}"
     except Exception as exc:  # the run's record holds a 'failed' event; the sweep goes on
         return run.name, f"failed: {type(exc).__name__}: {exc}"
 

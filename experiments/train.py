@@ -394,13 +394,21 @@ def _build(cfg: RunConfig, run_dir: Path) -> Trainer:
 
 
 def default_run_dir(cfg: RunConfig, out: str | Path) -> Path:
-    """``<out>/<task>-<optimizer>-lr<lr>-s<seed>-<UTC time>`` (made unique if taken)."""
+    """``<out>/<task>-<optimizer>-lr<lr>-s<seed>-<UTC time>[-i]``, reserved by creating it.
+
+    ``mkdir`` is atomic: two runs started in the same second with the same
+    config get different directories (the second takes ``-1``), never one.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     base = Path(out) / f"{cfg.task}-{cfg.optimizer}-lr{cfg.lr:g}-s{cfg.seed}-{stamp}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    return path
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            path, i = Path(f"{base}-{i}"), i + 1
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = None) -> RunResult:
@@ -411,15 +419,18 @@ def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], 
     """
     cfg = dataclasses.replace(cfg).validate()  # a copy: the caller's config keeps what it asked for
     run_dir = Path(run_dir)
-    trainer = _build(cfg, run_dir)
-    # The record names the data set actually loaded, so a resume cannot pick another one
-    # ("auto" may resolve differently once another data set is fetched).
-    cfg.dataset = trainer.task.data_info["dataset"]
-    env = environment_info(trainer.device)
-    env["data"] = trainer.task.data_info
-    trainer.writer = record.RunWriter.create(run_dir, cfg.to_dict(), env)
-    trainer.writer.event("started", step=0, total_steps=trainer.total)
-    return trainer.run(on_step)
+    if (run_dir / record.CONFIG_FILE).exists():
+        raise FileExistsError(f"{run_dir} already holds a run record; choose a new directory or resume it")
+    with record.RunLock(run_dir) as lock:  # before any setup: a second writer learns at once
+        trainer = _build(cfg, run_dir)
+        # The record names the data set actually loaded, so a resume cannot pick another one
+        # ("auto" may resolve differently once another data set is fetched).
+        cfg.dataset = trainer.task.data_info["dataset"]
+        env = environment_info(trainer.device)
+        env["data"] = trainer.task.data_info
+        trainer.writer = record.RunWriter.create(run_dir, cfg.to_dict(), env, lock=lock)
+        trainer.writer.event("started", step=0, total_steps=trainer.total)
+        return trainer.run(on_step)
 
 
 def _check_same_data(run_dir: Path, recorded: dict, loaded: dict) -> None:
@@ -435,6 +446,13 @@ def _check_same_data(run_dir: Path, recorded: dict, loaded: dict) -> None:
 def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = None) -> RunResult:
     """Continue the run recorded in ``run_dir`` from its last checkpoint."""
     run_dir = Path(run_dir)
+    if not record.is_run_dir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a run record: it has no {record.CONFIG_FILE}")
+    with record.RunLock(run_dir) as lock:  # one writer: a run still going elsewhere is not resumed
+        return _resume_locked(run_dir, lock, on_step)
+
+
+def _resume_locked(run_dir: Path, lock, on_step) -> RunResult:
     rec = record.read_run(run_dir)
     if rec.status in ("finished", "diverged"):
         raise ValueError(f"{run_dir} is already {rec.status}; nothing to resume")
@@ -442,7 +460,7 @@ def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = 
     trainer = _build(cfg, run_dir)
     _check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
     trainer.load_checkpoint()
-    trainer.writer = record.RunWriter.open(run_dir)
+    trainer.writer = record.RunWriter.open(run_dir, lock=lock)
     # The checkpoint at step t was taken before step t's tracking: replay from t.
     trainer.writer.truncate_metrics_after(trainer.step - 1)
     trainer.writer.event("resumed", step=trainer.step)

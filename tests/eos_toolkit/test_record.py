@@ -1,6 +1,7 @@
 """The run-record format: durable appends, atomic writes, status from events, kill tolerance."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,7 +67,10 @@ def test_truncate_after_checkpoint_and_dedupe(tmp_path):
 
 
 def test_create_refuses_existing_and_open_requires_record(tmp_path):
-    rec.RunWriter.create(tmp_path / "a", config={})
+    writer = rec.RunWriter.create(tmp_path / "a", config={})
+    with pytest.raises(rec.RunLockedError, match=rf"being written by pid {os.getpid()} on "):
+        rec.RunWriter.open(tmp_path / "a")  # one writer at a time
+    writer.close()
     with pytest.raises(FileExistsError, match="already holds a run record"):
         rec.RunWriter.create(tmp_path / "a", config={})
     with pytest.raises(FileNotFoundError, match="no config.json"):
