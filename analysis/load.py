@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import glob as _glob
+import logging
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,7 +35,7 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
-from eos_toolkit.record import find_runs, is_run_dir, read_run
+from eos_toolkit.record import DamagedRecordError, find_runs, is_run_dir, read_run
 
 #: How optimizer names (lower case in config.json) are written in legends.
 OPTIMIZER_NAMES = {
@@ -50,6 +51,7 @@ OPTIMIZER_NAMES = {
 }
 
 TIDY_COLUMNS = ("run_id", "status", "step", "metric", "value")
+log = logging.getLogger("analysis")
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:
@@ -166,6 +168,7 @@ class Runs:
 
     def __init__(self, runs: Iterable[Run]):
         self.runs = list(runs)
+        self.damaged: dict[str, str] = {}  # run directory -> why it could not be read (load_runs)
         ids = [r.run_id for r in self.runs]
         if len(set(ids)) != len(ids):
             raise ValueError(f"run ids must be unique, got {ids}")
@@ -244,7 +247,10 @@ def load_runs(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> Runs:
     """Load run records from run directories, parent directories (searched recursively) or globs.
 
     Raises FileNotFoundError when a source matches nothing, and ValueError when no
-    run record is found at all.
+    run record is found at all. A run whose files cannot be read (garbage in
+    ``config.json``, a row of ``metrics.csv`` that is not a row) is skipped
+    with one warning naming the file and line, and listed in ``Runs.damaged``;
+    the others load. Nothing is ever modified.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -255,7 +261,18 @@ def load_runs(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> Runs:
                 dirs.append(d)
     if not dirs:
         raise ValueError(f"no run records (directories with config.json) under {[str(s) for s in sources]}")
-    return Runs(load_run(d, run_id=i) for d, i in zip(dirs, _unique_ids(dirs)))
+    loaded, damaged = [], {}
+    for d, i in zip(dirs, _unique_ids(dirs)):
+        try:
+            loaded.append(load_run(d, run_id=i))
+        except DamagedRecordError as exc:
+            damaged[str(d)] = str(exc)
+            log.warning("skipped a damaged run record: %s", exc)
+    if not loaded:
+        raise ValueError(f"every run record found is damaged: {damaged}")
+    runs = Runs(loaded)
+    runs.damaged = damaged
+    return runs
 
 
 def as_tidy(data) -> pd.DataFrame:

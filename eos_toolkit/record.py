@@ -345,10 +345,18 @@ def _complete_lines(path: Path) -> list[str]:
     return [line for line in text.split("\n") if line]
 
 
+class DamagedRecordError(ValueError):
+    """A run record's file cannot be read; the message names the file and, for tables, the line."""
+
+
 def _read_json(path: Path, default: Any = None) -> Any:
     if not path.exists():
         return default
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise DamagedRecordError(f"{path} is not valid JSON ({where})") from None
 
 
 def read_events(run_dir: str | os.PathLike) -> list[dict]:
@@ -383,6 +391,21 @@ def _read_table(path: Path, columns: dict[str, str], key: list[str]):
     lines = _complete_lines(path)
     if len(lines) <= 1:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+    names = list(columns)
+    if lines[0].split(",") != names:
+        raise DamagedRecordError(f"{path} line 1: header {lines[0]!r}, expected {','.join(names)!r}")
+    for number, line in enumerate(lines[1:], start=2):  # name the first line that is not a row
+        fields = line.split(",")
+        try:
+            if len(fields) != len(names):
+                raise ValueError
+            for field, kind in zip(fields, columns.values()):
+                if kind == "int64":
+                    int(field)
+                elif kind == "float64":
+                    float(field)
+        except ValueError:
+            raise DamagedRecordError(f"{path} line {number}: {line[:80]!r} is not a {','.join(names)} row") from None
     df = pd.read_csv(io.StringIO("\n".join(lines) + "\n"), dtype=columns)
     return df.drop_duplicates(key, keep="last").reset_index(drop=True)
 

@@ -292,17 +292,26 @@ def runs_list(directory: Path = typer.Argument(Path("runs"), help="Directory to 
     from rich.console import Console
     from rich.table import Table
 
-    from eos_toolkit.record import find_runs, read_run
+    from eos_toolkit.record import DamagedRecordError, find_runs, read_run
 
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")
     table = Table("run", "task", "optimizer", "lr", "status", "step", "train loss")
-    for path in find_runs(directory):
-        r = read_run(path)
+    found = find_runs(directory)
+    if not found:
+        raise FileNotFoundError(f"no run records (directories with config.json) under {directory}")
+    for path in found:
+        name = str(path.relative_to(directory)) if path != directory else path.name
+        try:
+            r = read_run(path)
+        except DamagedRecordError as exc:  # one damaged record must not hide the others
+            typer.echo(f"warning: {exc}", err=True)
+            table.add_row(name, "?", "?", "?", "damaged", "-", "-")
+            continue
         m = r.metrics
         loss = m[m.metric == "train_loss"]
         last_step = int(m.step.max()) if len(m) else 0
-        table.add_row(str(path.relative_to(directory)) if path != directory else path.name, r.config.get("task", "?"),
+        table.add_row(name, r.config.get("task", "?"),
                       r.config.get("optimizer", "?"), f"{r.config.get('lr', float('nan')):g}", r.status,
                       str(last_step), f"{loss.value.iloc[-1]:.4g}" if len(loss) else "-")
     Console(width=160).print(table)
