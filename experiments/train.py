@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import platform
 import random
 import subprocess
@@ -54,6 +55,7 @@ from experiments.tasks import build_task
 from experiments.tasks.base import Task, as_args
 
 CHECKPOINT_NAME = "last.pt"
+PREVIOUS_CHECKPOINT = "previous.pt"  # the one before, kept until the new one is complete
 # Metrics that measure wall-clock time (named *_seconds or *_per_second); the only ones a resumed
 # run may not reproduce.
 TIMING_SUFFIXES = ("_seconds", "_per_second")
@@ -324,13 +326,42 @@ class Trainer:
         }
         buf = io.BytesIO()
         torch.save(state, buf)
-        record.write_bytes_atomic(self.run_dir / record.CHECKPOINT_DIR / CHECKPOINT_NAME, buf.getvalue())
+        directory = self.run_dir / record.CHECKPOINT_DIR
+        if (directory / CHECKPOINT_NAME).exists():  # kept until the new one is complete
+            os.replace(directory / CHECKPOINT_NAME, directory / PREVIOUS_CHECKPOINT)
+        record.write_bytes_atomic(directory / CHECKPOINT_NAME, buf.getvalue())
 
-    def load_checkpoint(self) -> None:
-        path = self.run_dir / record.CHECKPOINT_DIR / CHECKPOINT_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"{self.run_dir} has no checkpoint ({path}); it cannot be resumed")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+    def load_checkpoint(self, metrics=None) -> tuple[str, list[str]]:
+        """Load the newest usable checkpoint; returns its file name and why newer ones were passed over.
+
+        Usable: it loads, and (given the record's ``metrics``) the metrics reach
+        the step before it, so that replaying from it loses no row. Tries
+        ``last.pt``, then ``previous.pt``; ValueError saying why when neither does.
+        """
+        directory = self.run_dir / record.CHECKPOINT_DIR
+        passed_over = []
+        for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT):
+            path = directory / name
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+            except Exception as exc:  # truncated or corrupt file: torch says why in its own words
+                passed_over.append(f"{name} does not load ({type(exc).__name__}: {str(exc)[:120]})")
+                continue
+            if metrics is not None and state["step"] > 0:
+                loss = metrics[metrics.metric == "train_loss"]
+                reached = int(loss.step.max()) if len(loss) else -1
+                if reached < state["step"] - 1:
+                    passed_over.append(f"{name} is at step {state['step']} but metrics.csv ends at step {reached}")
+                    continue
+            self._apply_checkpoint(state)
+            return name, passed_over
+        if not passed_over:
+            raise FileNotFoundError(f"{self.run_dir} has no checkpoint (in {directory}); it cannot be resumed")
+        raise ValueError(f"{self.run_dir} cannot be resumed without losing results: " + "; ".join(passed_over))
+
+    def _apply_checkpoint(self, state: dict) -> None:
         self.step = state["step"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -459,9 +490,14 @@ def _resume_locked(run_dir: Path, lock, on_step) -> RunResult:
     cfg = RunConfig.from_dict(rec.config).validate()
     trainer = _build(cfg, run_dir)
     _check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
-    trainer.load_checkpoint()
+    used, passed_over = trainer.load_checkpoint(rec.metrics)
     trainer.writer = record.RunWriter.open(run_dir, lock=lock)
+    if not rec.environment:  # deleted or emptied: written again, and said so
+        env = environment_info(trainer.device)
+        env.update(data=trainer.task.data_info, rewritten_on_resume=record.utc_now())
+        trainer.writer.update_environment(**env)
     # The checkpoint at step t was taken before step t's tracking: replay from t.
     trainer.writer.truncate_metrics_after(trainer.step - 1)
-    trainer.writer.event("resumed", step=trainer.step)
+    trainer.writer.event("resumed", step=trainer.step, checkpoint=used, **({"passed_over": passed_over}
+                                                                          if passed_over else {}))
     return trainer.run(on_step)

@@ -257,3 +257,56 @@ def test_evaluation_leaves_batchnorm_statistics_and_mode_alone():
     assert batch_loss.item() == pytest.approx(expected.item(), rel=1e-6)
     evaluate(model, cross_entropy, [(x, y)], train_mode=False)
     assert model.training and all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+@pytest.mark.parametrize("damage", ["truncated_checkpoint", "metrics_cut", "environment_deleted"])
+def test_resume_after_damage_falls_back_and_loses_nothing(tiny_data_dir, tmp_path, damage):
+    """A damaged record resumes from the newest usable checkpoint and ends equal to an uninterrupted run."""
+    cfg = tiny(tiny_data_dir, optimizer="gd", lr=0.1, steps=17)
+    train(cfg, tmp_path / "whole")
+
+    def kill_at_13(step, total):
+        if step == 13:
+            raise SimulatedKill()
+
+    with pytest.raises(SimulatedKill):
+        train(cfg, tmp_path / "run", on_step=kill_at_13)
+    run_dir = tmp_path / "run"
+    if damage == "truncated_checkpoint":
+        last = run_dir / "checkpoints" / "last.pt"
+        last.write_bytes(last.read_bytes()[:100])
+    elif damage == "metrics_cut":  # rows of steps 6..13 lost (a cut file), the checkpoint at 10 is ahead of them
+        lines = (run_dir / "metrics.csv").read_text().splitlines()
+        kept = [line for line in lines if line.startswith("step") or int(line.split(",")[0]) <= 5]
+        (run_dir / "metrics.csv").write_text("\n".join(kept) + "\n")
+    else:
+        (run_dir / "environment.json").unlink()
+    resume(run_dir)
+    resumed_event = [e for e in read_run(run_dir).events if e["event"] == "resumed"][0]
+    if damage == "environment_deleted":
+        assert resumed_event["checkpoint"] == "last.pt"
+        environment = read_run(run_dir).environment
+        assert "rewritten_on_resume" in environment and environment["data"]["dataset"] == "fashion-mnist"
+    else:
+        assert resumed_event["checkpoint"] == "previous.pt" and resumed_event["step"] == 5
+        reason = "does not load" if damage == "truncated_checkpoint" else "metrics.csv ends at step 5"
+        assert reason in resumed_event["passed_over"][0]
+    a, b = (r.metrics[~r.metrics.metric.map(is_timing_metric)].sort_values(["step", "metric"]).reset_index(drop=True)
+            for r in (read_run(tmp_path / "whole"), read_run(run_dir)))
+    assert a["value"].tolist() == b["value"].tolist()
+
+
+def test_resume_says_clearly_when_no_checkpoint_is_usable(tiny_data_dir, tmp_path):
+    cfg = tiny(tiny_data_dir, optimizer="gd", lr=0.1, steps=17)
+
+    def kill_at_13(step, total):
+        if step == 13:
+            raise SimulatedKill()
+
+    with pytest.raises(SimulatedKill):
+        train(cfg, tmp_path / "run", on_step=kill_at_13)
+    for name in ("last.pt", "previous.pt"):
+        path = tmp_path / "run" / "checkpoints" / name
+        path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match="cannot be resumed without losing results: last.pt does not load"):
+        resume(tmp_path / "run")
