@@ -149,6 +149,8 @@ def run(
                      dtype=dtype)
     overrides.update(_parse_set(set_))
     cfg = resolve_config(config, **overrides)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; it must be a directory (or not exist yet)")
     run_dir = out / name if name else default_run_dir(cfg, out)
     with progress_bar(cfg.label) as on_step:
         result = train(cfg, run_dir, on_step=on_step)

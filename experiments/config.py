@@ -124,6 +124,7 @@ class RunConfig:
 
         Raises ConfigError naming the bad value and the allowed range.
         """
+        self._check_types()
         _choice("task", self.task, tuple(TASKS))
         from experiments.tasks import task_class  # imports torch; config stays light until here
 
@@ -192,6 +193,30 @@ class RunConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
         return self
+
+    def _check_types(self) -> None:
+        """Every key against its annotation above, the one declaration of its type (ConfigError otherwise)."""
+        for f in fields(self):
+            value, kinds = getattr(self, f.name), {k.strip() for k in str(f.type).split("|")}
+            if value is None:
+                if "None" not in kinds:
+                    raise ConfigError(f"{f.name} must be set, got None")
+                continue
+            if isinstance(value, bool):
+                ok = "bool" in kinds
+            elif isinstance(value, int):
+                ok = bool(kinds & {"int", "float"})
+            elif isinstance(value, float):
+                ok = "float" in kinds
+            else:
+                ok = type(value).__name__ in kinds
+            if not ok:
+                wanted = " or ".join({"bool": "true or false", "int": "an integer", "float": "a number",
+                                      "str": "a string", "dict": "a mapping", "None": "unset (null)"}.get(k, k)
+                                     for k in sorted(kinds, key=lambda k: k == "None"))
+                raise ConfigError(f"{f.name} must be {wanted}, got {value!r}")
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise ConfigError(f"data_dir {self.data_dir!r} is not a directory")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -151,21 +151,26 @@ def validate_hyperparameters(
     *, lr: float | Tensor, betas: tuple[float, float], beta3: float, alpha1: float,
     eps: float, weight_decay: float,
 ) -> None:
-    """Raise ValueError naming the first bad hyperparameter and its allowed range."""
+    """Raise ValueError naming the first bad hyperparameter and its allowed range (one error type for all)."""
+    def number(name: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+            raise ValueError(f"{name}={value!r}; allowed: a real number")
+        return float(value)  # construction time only, never inside a step
+
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"lr as a tensor must hold one value, got shape {tuple(lr.shape)}")
-    lr_value = float(lr)  # construction time only, never inside a step
-    if not lr_value >= 0.0:
-        raise ValueError(f"lr={lr_value}; allowed: lr >= 0")
-    if len(betas) != 2:
+    lr_value = number("lr", lr)
+    if not 0.0 <= lr_value < math.inf:
+        raise ValueError(f"lr={lr_value}; allowed: 0 <= lr < inf")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas={betas!r}; allowed: a pair (beta1, beta2)")
     for name, beta in zip(("betas[0]", "betas[1]"), betas):
-        if not 0.0 <= beta < 1.0:
+        if not 0.0 <= number(name, beta) < 1.0:
             raise ValueError(f"{name}={beta}; allowed: 0 <= beta < 1")
     checks = (("beta3", beta3), ("alpha1", alpha1), ("eps", eps), ("weight_decay", weight_decay))
     for name, value in checks:
-        if not value >= 0.0:
-            raise ValueError(f"{name}={value}; allowed: {name} >= 0")
+        if not 0.0 <= number(name, value) < math.inf:
+            raise ValueError(f"{name}={value}; allowed: 0 <= {name} < inf")
 
 
 # ------------------------------------------------------- shared gate pieces

@@ -113,6 +113,8 @@ class VRAdam(torch.optim.Optimizer):
     # ------------------------------------------------------------ groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise ValueError(f"a param group must be a dict with a 'params' entry, got {param_group!r}"[:200])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for key in _OPTIMIZER_WIDE:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from zlib import error as zlib_error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,6 +269,14 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
             f"To get it: {how_to_get(name, data_dir)}"
         )
     blobs = [path.read_bytes() for path in located.files]
+    try:
+        return _parse_located(name, split, located, blobs)
+    except (ValueError, EOFError, OSError, zlib_error) as exc:  # truncated gzip, bad magic, short file
+        raise ValueError(f"{name} ({split} split) in {', '.join(str(p) for p in located.files)} cannot be read: "
+                         f"{type(exc).__name__}: {exc}") from None
+
+
+def _parse_located(name: str, split: str, located, blobs: list[bytes]) -> ImageDataset:
     if name == "cifar10":
         parts = [parse_cifar_batch(blob) for blob in blobs]
         images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

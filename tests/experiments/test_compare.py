@@ -33,12 +33,12 @@ def write_spec(tmp_path, data_dir, **overrides):
 
 
 def test_equal_budgets_by_construction():
-    raw = spec_dict("/nowhere")
+    raw = spec_dict("/tmp")
     raw["optimizers"]["vradam"]["trials"] = 5
     with pytest.raises(ConfigError, match=r"unequal tuning budgets \{'adamw': 3, 'vradam': 5\}"):
         parse_spec(raw)
     assert parse_spec(raw, allow_unequal_budget=True).entry("vradam").trials == 5
-    raw = spec_dict("/nowhere")
+    raw = spec_dict("/tmp")
     raw["optimizers"]["vradam"]["base"] = {"steps": 12}
     with pytest.raises(ConfigError, match=r"unequal step budgets \{'adamw': 6, 'vradam': 12\}"):
         parse_spec(raw)
@@ -50,16 +50,16 @@ def test_equal_budgets_by_construction():
                          (dict(target_metric="test_acc"), "target_metric 'test_acc' is not allowed"),
                          (dict(tune_seed="x"), "tune_seed and seeds must be integers")):
         with pytest.raises(ConfigError, match=message):
-            parse_spec(spec_dict("/nowhere", **bad))
-    typo = spec_dict("/nowhere")
+            parse_spec(spec_dict("/tmp", **bad))
+    typo = spec_dict("/tmp")
     typo["optimizers"]["adamw"]["space"] = {"lrr": {"log_uniform": [1e-3, 1e-1]}}
     with pytest.raises(ConfigError, match="unknown key 'lrr'"):
         parse_spec(typo)
-    negative = spec_dict("/nowhere")
+    negative = spec_dict("/tmp")
     negative["optimizers"]["vradam"]["space"]["beta3"] = {"uniform": [-5, 1]}
     with pytest.raises(ConfigError, match=r"optimizers.vradam at \{'beta3': -5\}: beta3 must be a finite number >= 0"):
         parse_spec(negative)
-    grid = spec_dict("/nowhere", sampler="grid")
+    grid = spec_dict("/tmp", sampler="grid")
     with pytest.raises(ConfigError, match="the grid sampler needs lists"):
         parse_spec(grid)
 

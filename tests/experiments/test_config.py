@@ -23,7 +23,7 @@ def test_task_defaults():
     ("lr", float("nan"), "lr must be a finite number > 0"),
     ("beta1", 1.0, "beta1 must be in [0, 1), got 1.0"),
     ("steps", -5, "steps must be an integer > 0, got -5"),
-    ("steps", 2.5, "steps must be an integer > 0, got 2.5"),
+    ("steps", 2.5, "steps must be an integer or unset (null), got 2.5"),
     ("track_every", 0, "track_every must be an integer > 0, got 0"),
     ("gate", "momentum", "unknown gate 'momentum'; allowed: velocity, gradient"),
     ("device", "tpu", "unknown device 'tpu'"),

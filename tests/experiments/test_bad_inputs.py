@@ -1,0 +1,123 @@
+"""Bad inputs, table-driven: each exits non-zero with one line that names the bad value, never a traceback."""
+
+import gzip
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from experiments.cli import app
+from tests.experiments.idx import IDX_NAMES
+from vradam import VRAdam
+
+runner = CliRunner()
+RUN = ["run", "eos-fullbatch", "--device", "cpu"]
+
+CLI_CASES = [  # (arguments, text the error must contain)
+    (RUN + ["--set", "lr=abc"], "lr must be a number or unset (null), got 'abc'"),
+    (RUN + ["--set", "target_loss=abc"], "target_loss must be a number or unset (null), got 'abc'"),
+    (RUN + ["--set", "track_precond=maybe"], "track_precond must be true or false or unset (null), got 'maybe'"),
+    (RUN + ["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
+    (RUN + ["--optimizer", "lion"], "unknown optimizer 'lion'"),
+    (RUN + ["--set", "beta1=1.5"], "beta1 must be in [0, 1), got 1.5"),
+    (RUN + ["--steps", "0"], "steps must be an integer > 0, got 0"),
+    (RUN + ["--track-every", "0"], "track_every must be an integer > 0, got 0"),
+    (RUN + ["--gate", "momentum"], "unknown gate 'momentum'"),
+    (RUN + ["--norm-scope", "layer"], "unknown norm_scope 'layer'"),
+    (RUN + ["--schedule", "Nope"], "unknown schedule 'Nope'"),
+    (RUN + ["--warmup-steps", "-1"], "warmup_steps must be an integer >= 0, got -1"),
+    (RUN + ["--set", "chunk_size=0"], "chunk_size must be an integer > 0, got 0"),
+    (RUN + ["--dtype", "float16"], "unknown dtype 'float16'"),
+    (RUN + ["--set", "hessian_bn_mode=train"], "unknown hessian_bn_mode 'train'"),
+    (RUN + ["--set", "checkpoint_every=15"], "checkpoint_every (15) must be a multiple of track_every (10)"),
+    (RUN + ["--set", "colour=blue"], "unknown config key(s) ['colour']"),
+    (RUN + ["--set", "clip_norm=-1"], "clip_norm must be a finite number > 0, got -1"),
+    (RUN + ["--set", "vocab_size=2"], "vocab_size must be an integer >= 3, got 2"),
+    (RUN + ["--set", "full_batch=maybe"], "full_batch must be true or false or unset (null), got 'maybe'"),
+    (RUN + ["--set", "evaluate_test=2"], "evaluate_test must be true or false, got 2"),
+    (RUN + ["--set", "seed=-3"], "seed must be an integer >= 0, got -3"),
+    (RUN + ["--data-dir", "/nonexistent/data"], "data_dir '/nonexistent/data' is not a directory"),
+    (RUN + ["--set", "model_options=[1, 2]"], "model_options must be a mapping, got [1, 2]"),
+    (RUN + ["--set", "diverge_factor=0.5"], "diverge_factor must be > 1, got 0.5"),
+    (RUN + ["--set", "density_probes=0"], "density_probes must be an integer > 0, got 0"),
+    (RUN + ["--set", "track_precond=true", "--optimizer", "gd"], "track_precond needs an optimizer with a preconditioner"),
+    (["run", "nope"], "unknown task 'nope'"),
+    (["run", "language-model", "--set", "context=0"], "context must be an integer > 0, got 0"),
+    (["run", "gflownet", "--set", "epsilon=abc"], "epsilon must be a number, got 'abc'"),
+    (["resume", "/nonexistent/run"], "/nonexistent/run is not a run record"),
+    (["plot", "/nonexistent/run", "--kind", "bogus"], "unknown --kind 'bogus'"),
+    (["compare", "--preset", "no-such-preset"], "no spec file 'no-such-preset' and no preset of that name"),
+    (["compare", "report"], "eos compare report needs the comparison directory"),
+    (["data", "fetch", "mnist"], "mnist cannot be fetched"),
+    (["data", "fetch", "imagenet"], "unknown data set 'imagenet'"),
+]
+
+
+def assert_clear_error(result, expected: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output, result.output
+    assert expected in result.output, result.output
+
+
+@pytest.mark.parametrize("args, expected", CLI_CASES, ids=[" ".join(a[1:]) for a, _ in CLI_CASES])
+def test_bad_command_line_inputs(args, expected):
+    assert_clear_error(runner.invoke(app, args), expected)
+
+
+def test_bad_files_and_records(tmp_path, tiny_data_dir):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "afile").write_text("x")
+    spec = {"optimizers": {"adamw": {"trials": 2}, "vradam": {"trials": 3}}}
+    (tmp_path / "unequal.json").write_text(json.dumps(spec))
+    (tmp_path / "peek.json").write_text(json.dumps({"optimizers": {"adamw": {}, "vradam": {}},
+                                                    "metric": "test_loss"}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"seed": 1}))
+    cases = [
+        (RUN + ["--config", tmp_path / "missing.yaml"], "cannot read config file"),
+        (RUN + ["--config", tmp_path / "bad.json"], "is not valid JSON"),
+        (RUN + ["--config", tmp_path / "list.yaml"], "must hold a mapping of keys to values, got list"),
+        (RUN + ["--out", tmp_path / "afile", "--data-dir", tiny_data_dir], f"--out {tmp_path / 'afile'} is a file"),
+        (RUN + ["--data", "nope"], "unknown data set 'nope'"),
+        (["compare", tmp_path / "unequal.json"], "unequal tuning budgets {'adamw': 2, 'vradam': 3}"),
+        (["compare", tmp_path / "peek.json"], "metric 'test_loss' is not allowed"),
+        (["sweep", tmp_path / "sweep.json"], "unknown sweep key(s) ['seed']"),
+        (["runs", "list", tmp_path / "empty"], "does not exist"),
+    ]
+    for args, expected in cases:
+        assert_clear_error(runner.invoke(app, [str(a) for a in args]), expected)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncated_gzip", "cannot be read: EOFError"),
+    ("bad_magic", "cannot be read"),
+])
+def test_damaged_data_files_are_named(tiny_data_dir, damage, expected):
+    path = tiny_data_dir / "fashion-mnist" / f"{IDX_NAMES['train'][0]}.gz"
+    raw = gzip.decompress(path.read_bytes())
+    if damage == "truncated_gzip":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(gzip.compress(b"\x00\x00\x09\x09" + raw[4:]))
+    result = runner.invoke(app, RUN + ["--data", "fashion-mnist", "--data-dir", str(tiny_data_dir), "--steps", "2"])
+    assert_clear_error(result, expected)
+    assert str(path) in result.output  # the file is named
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(lr=float("inf")), "lr=inf; allowed: 0 <= lr < inf"),
+    (dict(betas=0.9), "betas=0.9; allowed: a pair (beta1, beta2)"),
+    (dict(weight_decay="0.1"), "weight_decay='0.1'; allowed: a real number"),
+    (dict(eps=-1.0), "eps=-1.0; allowed: 0 <= eps < inf"),
+    (dict(betas=(0.9, "x")), "betas[1]='x'; allowed: a real number"),
+])
+def test_bad_optimizer_arguments(kwargs, expected):
+    with pytest.raises(ValueError) as err:
+        VRAdam([torch.nn.Parameter(torch.ones(2))], **kwargs)
+    assert expected in str(err.value)
+
+
+def test_a_param_group_without_params():
+    with pytest.raises(ValueError, match="a param group must be a dict with a 'params' entry, got {'lr': 0.1}"):
+        VRAdam([{"lr": 0.1}])
