@@ -131,6 +131,16 @@ class SimulatedKill(BaseException):
     """Stands in for SIGKILL: the loop must not catch it or write anything on its way out."""
 
 
+def train_killed_at(cfg, run_dir, at: int) -> None:
+    """Start ``cfg`` in ``run_dir`` and kill it right after step ``at``."""
+    def kill(step, total):
+        if step == at:
+            raise SimulatedKill()
+
+    with pytest.raises(SimulatedKill):
+        train(cfg, run_dir, on_step=kill)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(optimizer="vradam", lr=0.01, beta3=5.0, steps=17, track_k=2),
     dict(task="image-classification", optimizer="momentum", lr=0.05, steps=17, batch_size=32,
@@ -265,12 +275,7 @@ def test_resume_after_damage_falls_back_and_loses_nothing(tiny_data_dir, tmp_pat
     cfg = tiny(tiny_data_dir, optimizer="gd", lr=0.1, steps=17)
     train(cfg, tmp_path / "whole")
 
-    def kill_at_13(step, total):
-        if step == 13:
-            raise SimulatedKill()
-
-    with pytest.raises(SimulatedKill):
-        train(cfg, tmp_path / "run", on_step=kill_at_13)
+    train_killed_at(cfg, tmp_path / "run", 13)
     run_dir = tmp_path / "run"
     if damage == "truncated_checkpoint":
         last = run_dir / "checkpoints" / "last.pt"
@@ -299,12 +304,7 @@ def test_resume_after_damage_falls_back_and_loses_nothing(tiny_data_dir, tmp_pat
 def test_resume_says_clearly_when_no_checkpoint_is_usable(tiny_data_dir, tmp_path):
     cfg = tiny(tiny_data_dir, optimizer="gd", lr=0.1, steps=17)
 
-    def kill_at_13(step, total):
-        if step == 13:
-            raise SimulatedKill()
-
-    with pytest.raises(SimulatedKill):
-        train(cfg, tmp_path / "run", on_step=kill_at_13)
+    train_killed_at(cfg, tmp_path / "run", 13)
     for name in ("last.pt", "previous.pt"):
         path = tmp_path / "run" / "checkpoints" / name
         path.write_bytes(path.read_bytes()[:50])
