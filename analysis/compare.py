@@ -81,6 +81,29 @@ def _status(run_dir: Path) -> str:
     return run_status(read_events(run_dir)) if is_run_dir(run_dir) else "empty"
 
 
+def tuning_trials(out_dir: str | Path, entry: str, space, metric: str, target: float | None = None,
+                  target_metric: str = "val_loss") -> list[dict]:
+    """One entry's scored tuning trials, in trial order, read from their records (no database needed).
+
+    Only records marked with :data:`MARKER` count (an abandoned trial was
+    replaced). Each row: trial, run_dir, status, lr, params (dict over
+    ``space``), score, and ``test_metrics``, the test_* metrics the record
+    holds (selection refuses any).
+    """
+    rows = []
+    for run_dir in sorted((Path(out_dir) / "tune" / entry).glob("trial-*")):
+        if not (run_dir / MARKER).is_file():
+            continue  # abandoned: its worker died or it was declared dead, and another trial replaced it
+        status = _status(run_dir)
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
+        metrics = read_metrics(run_dir)
+        rows.append({"trial": int(run_dir.name.split("-")[1]), "run_dir": run_dir, "status": status,
+                     "lr": config.get("lr"), "params": {k: config.get(k) for k in space},
+                     "score": tuning_score(metrics, metric, status, target=target, target_metric=target_metric),
+                     "test_metrics": sorted(m for m in set(metrics["metric"]) if m.startswith("test_"))})
+    return rows
+
+
 def load_comparison(out_dir: str | Path) -> dict:
     """``{"spec", "tuning": DataFrame, "confirm": DataFrame}`` read from a comparison directory.
 
@@ -93,17 +116,10 @@ def load_comparison(out_dir: str | Path) -> dict:
     metric = spec.get("metric", "val_loss")
     tuning, confirm = [], []
     for entry, body in spec["optimizers"].items():
-        space = list((body or {}).get("space", {}))
-        for run_dir in sorted((out_dir / "tune" / entry).glob("trial-*")):
-            if not (run_dir / MARKER).is_file():
-                continue  # abandoned: its worker died or it was declared dead, and another trial replaced it
-            status = _status(run_dir)
-            config = json.loads((run_dir / CONFIG_FILE).read_text())
-            score = tuning_score(read_metrics(run_dir), metric, status, target=spec.get("target"),
-                                 target_metric=spec.get("target_metric", "val_loss"))
-            tuning.append({"entry": entry, "trial": int(run_dir.name.split("-")[1]), "status": status,
-                           "lr": config.get("lr"), "params": json.dumps({k: config.get(k) for k in space}),
-                           "score": score})
+        for t in tuning_trials(out_dir, entry, (body or {}).get("space", {}), metric, spec.get("target"),
+                               spec.get("target_metric", "val_loss")):
+            tuning.append({"entry": entry, "trial": t["trial"], "status": t["status"], "lr": t["lr"],
+                           "params": json.dumps(t["params"]), "score": t["score"]})
         for run_dir in sorted((out_dir / "confirm" / entry).glob("seed-*")):
             status = _status(run_dir)
             if status not in ("finished", "diverged"):

@@ -141,15 +141,22 @@ class OptimizerAdapter:
         On the parameters' device, without host syncs. Groups whose rate
         differs from group 0's contribute ``P * rate_0 / rate_group``.
         """
+        groups = optimizer.param_groups
+        index = {id(p): i for i, g in enumerate(groups) for p in g["params"]}  # one pass, not one per parameter
+        rate0 = self.group_rate(optimizer, groups[0])
+        scale = {}  # group -> rate_0 / rate_group, computed once per group
         diags = []
-        rate0 = self.group_rate(optimizer, optimizer.param_groups[0])
         for p in params:
-            group = _group_of(optimizer, p)
-            diag = self.base_preconditioner(optimizer, p, group)
+            if id(p) not in index:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is not managed by the optimizer")
+            i = index[id(p)]
+            diag = self.base_preconditioner(optimizer, p, groups[i])
             if diag is None:
                 return None
-            if group is not optimizer.param_groups[0]:
-                diag = diag * (rate0 / self.group_rate(optimizer, group))
+            if i:
+                if i not in scale:
+                    scale[i] = rate0 / self.group_rate(optimizer, groups[i])
+                diag = diag * scale[i]
             diags.append(diag.detach().reshape(-1))
         return torch.cat(diags)
 

@@ -71,8 +71,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.compare import MARKER, SELECTION, metric_direction, tuning_score
-from eos_toolkit.record import CONFIG_FILE, is_run_dir, read_events, read_metrics, run_status, write_json_atomic
+from analysis.compare import MARKER, SELECTION, metric_direction, tuning_score, tuning_trials
+from eos_toolkit.record import is_run_dir, read_events, read_metrics, run_status, write_json_atomic
 from experiments.config import ConfigError, RunConfig, load_config_file
 
 SAMPLERS = ("grid", "random", "sobol", "tpe")
@@ -133,10 +133,6 @@ def _check_space(label: str, key: str, value) -> None:
                           f"{' and lo > 0' if kind == 'log_uniform' else ''}, got {bounds!r}")
 
 
-def spec_entry(entries: list, label: str):
-    return next(e for e in entries if e.label == label)
-
-
 def check_equal_budgets(budgets: dict, unit: str, allow: bool) -> None:
     """Refuse budgets that differ between optimizers (configurations, trials or steps) unless ``allow``.
 
@@ -194,7 +190,8 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
     for e in entries:
         source = e.lr_from_eta
         if source is not None:
-            if source not in {x.label for x in entries} or spec_entry(entries, source).lr_from_eta or e.space:
+            by_label = {x.label: x for x in entries}
+            if source not in by_label or by_label[source].lr_from_eta or e.space:
                 raise ConfigError(f"optimizers.{e.label}.lr_from_eta must name a tuned entry (and the entry has no "
                                   f"space of its own), got {source!r}")
     budgets = {e.label: e.trials for e in entries if e.lr_from_eta is None}
@@ -263,9 +260,9 @@ def score_of(metrics, spec: CompareSpec, status: str) -> float:
     return tuning_score(metrics, spec.metric, status, target=spec.target, target_metric=spec.target_metric)
 
 
-def _assert_no_test_metrics(run_dir: Path) -> None:
-    logged = set(read_metrics(run_dir)["metric"])
-    leaked = sorted(m for m in logged if m.startswith("test_"))
+def _refuse_test_metrics(run_dir: Path, names) -> None:
+    """Selection must never see the test split: a tuning record holding test_* metrics is an error."""
+    leaked = sorted(m for m in set(names) if m.startswith("test_"))
     if leaked:
         raise AssertionError(f"tuning run {run_dir} evaluated the test split ({leaked}); selection must not see it")
 
@@ -407,8 +404,9 @@ def _run_trial(study, trial, spec: CompareSpec, entry: Entry, out_dir: Path) -> 
     try:
         cfg = trial_config(spec, entry, trial.params, spec.tune_seed, evaluate_test=False)
         result = train(cfg, run_dir)
-        _assert_no_test_metrics(run_dir)
-        value = score_of(read_metrics(run_dir), spec, result.status)
+        metrics = read_metrics(run_dir)
+        _refuse_test_metrics(run_dir, metrics["metric"])
+        value = score_of(metrics, spec, result.status)
     except AssertionError:
         stop.set()
         raise
@@ -471,18 +469,8 @@ def _worker(spec_path: str, out_dir: str, storage: str | None, threads: int, all
 # ---------------------------------------------------------------- selection and confirmation
 
 def completed_trials(spec: CompareSpec, entry: Entry, out_dir: Path) -> list[dict]:
-    """The entry's scored tuning trials in order, read from their records (no database needed)."""
-    rows = []
-    directory = out_dir / "tune" / entry.label
-    for run_dir in sorted(directory.glob("trial-*")) if directory.is_dir() else []:
-        if not (run_dir / MARKER).is_file():
-            continue  # abandoned (its worker died, or it was declared dead): another trial replaced it
-        status = run_status(read_events(run_dir))
-        config = json.loads((run_dir / CONFIG_FILE).read_text())
-        rows.append({"trial": int(run_dir.name.split("-")[1]), "run_dir": run_dir, "status": status,
-                     "params": {k: config[k] for k in entry.space}, "lr": config.get("lr"),
-                     "score": score_of(read_metrics(run_dir), spec, status)})
-    return rows
+    """The entry's scored tuning trials in order (:func:`analysis.compare.tuning_trials`)."""
+    return tuning_trials(out_dir, entry.label, entry.space, spec.metric, spec.target, spec.target_metric)
 
 
 def select(spec: CompareSpec, out_dir: Path) -> dict[str, dict]:
@@ -495,7 +483,7 @@ def select(spec: CompareSpec, out_dir: Path) -> dict[str, dict]:
         if len(trials) < entry.trials:
             raise ValueError(f"{entry.label} has {len(trials)} of {entry.trials} tuning trials done; tune first")
         for t in trials:
-            _assert_no_test_metrics(t["run_dir"])
+            _refuse_test_metrics(t["run_dir"], t["test_metrics"])
         key = (lambda t: t["score"]) if spec.direction == "minimize" else (lambda t: -t["score"])
         chosen[entry.label] = min(trials, key=key)
     for entry in spec.entries:  # untuned entries at another entry's time-averaged effective rate

@@ -24,7 +24,7 @@ from eos_toolkit.hvp import METHODS, hessian_operator
 from experiments.config import RunConfig
 from experiments.optim import build_optimizer, parameter_groups
 from experiments.tasks import build_task
-from experiments.tasks.base import as_args
+from experiments.tasks.base import as_args, size_weighted
 
 
 def _sync(device: torch.device) -> None:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
 
     def gradient() -> None:
-        for x, y, w in [(x, y, len(y) / sum(len(b[1]) for b in task.track_batches)) for x, y in task.track_batches]:
+        for x, y, w in size_weighted(task.track_batches):
             torch.autograd.grad(task.loss_fn(model(x), y) * w, params)
 
     ops = {}

@@ -10,7 +10,7 @@ from torch import nn
 from eos_toolkit.hvp import hessian_operator
 from eos_toolkit.operators import MatrixOperator, as_scipy_linear_operator, preconditioned_operator
 from eos_toolkit.solvers import lanczos
-from tests.eos_toolkit.reference import DT, dense_hessian, flat_params, regression_data, tanh_mlp
+from tests.eos_toolkit.reference import DT, dense_hessian, regression_data, tanh_mlp
 
 mse = nn.functional.mse_loss
 

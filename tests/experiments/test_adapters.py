@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from eos_toolkit.thresholds import adam_threshold, gd_threshold, heavy_ball_threshold, momentum_threshold
+from eos_toolkit.thresholds import gd_threshold, heavy_ball_threshold, momentum_threshold
 from eos_toolkit.tracker import SharpnessTracker
 from experiments.adapters import adapter_for, adapter_for_class
 from experiments.config import OPTIMIZERS
