@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -93,60 +94,19 @@ def _parse_set(assignments: list[str]) -> dict:
     return values
 
 
-@app.command()
-@clear_errors
-def run(
-    task: str = typer.Argument(..., help=" | ".join(TASKS) + " ('eos tasks' says what each is and which options "
-                                         "it reads)"),
-    optimizer: Optional[str] = typer.Option(None, help="gd, sgd, momentum, nesterov, adam, adamw, rmsprop, radam, vradam"),
-    lr: Optional[float] = typer.Option(None, help="Maximal learning rate (VRAdam's alpha_0)."),
-    momentum: Optional[float] = typer.Option(None, help="Momentum for momentum / nesterov."),
-    beta1: Optional[float] = typer.Option(None),
-    beta2: Optional[float] = typer.Option(None),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 0 for every optimizer)."),
-    beta3: Optional[float] = typer.Option(None, help="VRAdam: gate strength beta3 (0 = AdamW)."),
-    alpha1: Optional[float] = typer.Option(None, help="VRAdam: clamp alpha1; eta_t >= lr / (1 + alpha1)."),
-    gate: Optional[str] = typer.Option(None, help="VRAdam: velocity | gradient."),
-    norm_scope: Optional[str] = typer.Option(None, help="VRAdam: global | group."),
-    schedule: Optional[str] = typer.Option(None, help="constant or a torch.optim.lr_scheduler class name."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps before the schedule."),
-    model: Optional[str] = typer.Option(None, help="mlp-tanh, mlp-relu, cnn-small, cnn-deep (images); transformer."),
-    loss: Optional[str] = typer.Option(None, help="mse | cross-entropy."),
-    data: Optional[str] = typer.Option(None, help="Images: fashion-mnist, mnist, mnist5k, cifar10, digits; text: "
-                                                  "shakespeare, gutenberg, brown, wikitext-2, text:PATH; or auto."),
-    data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR", help="Data directory."),
-    n_train: Optional[int] = typer.Option(None, help="Training examples (images: class-balanced subset; text, "
-                                                     "full batch: windows)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training split (instead of --steps)."),
-    batch_size: Optional[int] = typer.Option(None),
-    track_every: Optional[int] = typer.Option(None, help="Measure sharpness every N steps."),
-    track_k: Optional[int] = typer.Option(None, help="Top-k Hessian eigenvalues."),
-    target_loss: Optional[float] = typer.Option(None, help="Stop when the train loss reaches it."),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
-    dtype: Optional[str] = typer.Option(None, help="float32 | float64."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON or YAML file of RunConfig keys."),
-    set_: list[str] = typer.Option([], "--set", help="Any other RunConfig key, KEY=VALUE (repeatable)."),
-    out: Path = typer.Option(Path("runs"), help="Parent directory of run records."),
-    name: Optional[str] = typer.Option(None, help="Run directory name (default: task-optimizer-lr-seed-time)."),
-):
+def _run(task: str, config: Optional[Path], set_: list[str], out: Path, name: Optional[str], **options):
     """Train one model while tracking sharpness against the optimizer's stability threshold.
 
     TASK is one of the tasks 'eos tasks' lists (images full batch or
-    minibatch, a causal Transformer language model, a GFlowNet). Defaults
-    (from experiments.config.RunConfig and each task) work offline on the
-    data found by --data auto. Precedence: defaults < --config FILE < options.
+    minibatch, a causal Transformer language model, a GFlowNet). Every
+    RunConfig key is an option; defaults (from experiments.config.RunConfig
+    and each task) work offline on the data found by --data auto.
+    Precedence: defaults < --config FILE < options < --set KEY=VALUE.
     """
     from experiments.config import resolve_config
     from experiments.train import default_run_dir, train
 
-    overrides = dict(task=task, optimizer=optimizer, lr=lr, momentum=momentum, beta1=beta1, beta2=beta2,
-                     weight_decay=weight_decay, beta3=beta3, alpha1=alpha1, gate=gate, norm_scope=norm_scope,
-                     schedule=schedule, warmup_steps=warmup_steps, model=model, loss=loss, dataset=data,
-                     data_dir=data_dir, n_train=n_train, steps=steps, epochs=epochs, batch_size=batch_size,
-                     track_every=track_every, track_k=track_k, target_loss=target_loss, seed=seed, device=device,
-                     dtype=dtype)
+    overrides = dict(options, task=task)
     overrides.update(_parse_set(set_))
     cfg = resolve_config(config, **overrides)
     if out.exists() and not out.is_dir():
@@ -155,6 +115,49 @@ def run(
     with progress_bar(cfg.label) as on_step:
         result = train(cfg, run_dir, on_step=on_step)
     _print_result(result)
+
+
+def _run_signature() -> inspect.Signature:
+    """``eos run``'s parameters: the command's own, then one option per RunConfig key.
+
+    Each key's type, default and help come from its declaration in
+    experiments.config.RunConfig (``config_keys``), so an option never
+    restates a type. Mappings (model_options, schedule_options) go through
+    --set or --config, as JSON.
+    """
+    from experiments.config import config_keys
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str, default=typer.Argument(
+            ..., help=" | ".join(TASKS) + " ('eos tasks' says what each is and which options it reads)")),
+        inspect.Parameter("config", keyword, annotation=Optional[Path], default=typer.Option(
+            None, "--config", help="JSON or YAML file of RunConfig keys.", rich_help_panel="Run record")),
+        inspect.Parameter("set_", keyword, annotation=list[str], default=typer.Option(
+            [], "--set", help="Any RunConfig key, KEY=VALUE with a JSON value (repeatable); the way to give "
+                              "model_options and schedule_options.", rich_help_panel="Run record")),
+        inspect.Parameter("out", keyword, annotation=Path, default=typer.Option(
+            Path("runs"), help="Parent directory of run records.", rich_help_panel="Run record")),
+        inspect.Parameter("name", keyword, annotation=Optional[str], default=typer.Option(
+            None, help="Run directory name (default: task-optimizer-lr-seed-time).", rich_help_panel="Run record")),
+    ]
+    for key in config_keys():
+        if key.name == "task" or key.type is dict:
+            continue
+        flag = key.name.replace("_", "-")
+        decls = [f"--{flag}/--no-{flag}"] if key.type is bool else [f"--{flag}"]
+        if key.name == "dataset":
+            decls.append("--data")
+        shown = "" if key.default is None else f" [default: {key.default}]"
+        params.append(inspect.Parameter(key.name, keyword, annotation=Optional[key.type], default=typer.Option(
+            None, *decls, help=key.help + shown, rich_help_panel=key.section.capitalize(),
+            envvar="EOS_DATA_DIR" if key.name == "data_dir" else None, show_default=False)))
+    return inspect.Signature(params)
+
+
+run = clear_errors(_run)
+run.__signature__ = _run_signature()
+app.command(name="run")(run)
 
 
 @app.command()

@@ -13,8 +13,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import math
+import re
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,9 @@ DTYPES = ("float32", "float64")
 BN_MODES = ("eval", "batch_stats")
 GATES = ("velocity", "gradient")
 NORM_SCOPES = ("global", "group")
+# The keys whose values come from a fixed list: validate() checks them, the CLI's help lists them.
+CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES, "dtype": DTYPES, "hessian_bn_mode": BN_MODES,
+           "gate": GATES, "norm_scope": NORM_SCOPES}  # task-specific choices are checked by the task
 
 _DISPLAY_NAMES = {
     "gd": "GD", "sgd": "SGD", "momentum": "Momentum", "nesterov": "Nesterov", "adam": "Adam",
@@ -47,11 +54,11 @@ class RunConfig:
     edge of stability are not confounded by it; set it explicitly.
     """
 
-    task: str = "eos-fullbatch"
+    task: str = "eos-fullbatch"  # the task (eos tasks lists them)
     # images: fashion-mnist | mnist | mnist5k | cifar10 | digits | auto;
     # text: wikitext-2 | brown | gutenberg | shakespeare | text:PATH | auto
     dataset: str = "auto"
-    data_dir: str | None = None
+    data_dir: str | None = None  # where data sets live (default $EOS_DATA_DIR, else ~/.cache/eos-toolkit/data)
     model: str | None = None  # default per task: mlp-tanh, cnn-small, transformer, mlp (gflownet)
     model_options: dict = field(default_factory=dict)  # e.g. {"batchnorm": true}, {"hidden": [512]}, {"n_layer": 2}
     loss: str | None = None  # images: mse | cross-entropy; default per task (text: cross-entropy, gflownet: objective)
@@ -62,10 +69,10 @@ class RunConfig:
     eval_n: int | None = None  # examples (text: windows) per val/test evaluation (gflownet: recent samples)
     # gflownet: the hypergrid {0..height-1}^ndim, reward R0 + R1 [outer band] + R2 [inner band]
     ndim: int = 2  # the VRAdam paper's 8 x 8 grid world; ndim=4 is the literature's harder standard
-    height: int = 8
-    R0: float = 0.1
-    R1: float = 0.5
-    R2: float = 2.0
+    height: int = 8  # gflownet: states per axis
+    R0: float = 0.1  # gflownet: base reward everywhere
+    R1: float = 0.5  # gflownet: reward added on the outer band
+    R2: float = 2.0  # gflownet: reward added on the inner band (the modes)
     objective: str = "tb"  # gflownet: tb (trajectory balance) | db (detailed balance) | fm (flow matching)
     backward_policy: str = "uniform"  # gflownet: uniform over parents | learned
     epsilon: float = 0.0  # gflownet: epsilon-uniform exploration mixed into the sampling policy
@@ -74,20 +81,20 @@ class RunConfig:
     optimizer: str | None = None  # default per task (gd for images, adamw for language-model)
     lr: float | None = None  # default per task
     momentum: float = 0.9  # momentum / nesterov
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    beta1: float = 0.9  # Adam family: first-moment decay
+    beta2: float = 0.999  # Adam family, RMSprop (its alpha): second-moment decay
+    eps: float = 1e-8  # Adam family, RMSprop: added to the root of the second moment
+    weight_decay: float = 0.0  # decoupled (AdamW, VRAdam) or L2 (the others); 0 by default for every optimizer
     beta3: float = 1.0  # VRAdam
     alpha1: float = 10.0  # VRAdam
-    gate: str = "velocity"  # VRAdam: velocity | gradient
+    gate: str = "velocity"  # VRAdam: the norm that throttles the rate
     power: float = 2.0  # VRAdam gate exponent
-    norm_scope: str = "global"  # VRAdam: global | group
+    norm_scope: str = "global"  # VRAdam: one norm over all parameters, or one per param group
     no_decay_groups: bool = False  # weight decay only on weight matrices: biases and norms, embeddings in own groups
     clip_norm: float | None = None  # clip the gradient's global norm to this (recorded as grad_norm per step)
     schedule: str = "constant"  # constant or any torch.optim.lr_scheduler class name
-    schedule_options: dict = field(default_factory=dict)
-    warmup_steps: int = 0
+    schedule_options: dict = field(default_factory=dict)  # keyword arguments of the schedule, e.g. {"T_max": 1000}
+    warmup_steps: int = 0  # linear warmup steps before the schedule
     # budget
     steps: int | None = None  # optimizer steps; default 1000 (eos-fullbatch)
     epochs: int | None = None  # image-classification: passes over the training split (default 10)
@@ -104,15 +111,15 @@ class RunConfig:
     track_density_every: int = 0  # SLQ spectral density every N steps (0 = never)
     density_probes: int = 4  # SLQ: random probes per density (cost: probes x steps Hessian-vector products)
     density_steps: int = 60  # SLQ: Lanczos steps per probe
-    hvp_method: str = "forward_over_reverse"
-    hessian_bn_mode: str = "batch_stats"
+    hvp_method: str = "forward_over_reverse"  # how Hessian-vector products are computed (eos_toolkit.hvp.METHODS)
+    hessian_bn_mode: str = "batch_stats"  # BatchNorm inside Hessian products: batch statistics or running ones
     chunk_size: int | None = None  # examples per chunk for full-batch gradients and HVPs (1000 images, 32 windows)
-    lanczos_tol: float = 1e-3
-    lanczos_max_iter: int = 60
+    lanczos_tol: float = 1e-3  # relative residual at which Lanczos stops
+    lanczos_max_iter: int = 60  # Hessian-vector products per measurement, at most
     # run
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
+    seed: int = 0  # model initialisation, data order, probes
+    device: str = "auto"  # auto: cuda when there is one
+    dtype: str = "float32"  # parameters and data
     checkpoint_every: int | None = None  # default: track_every
     evaluate_test: bool = True  # evaluate the test split at the end (off for tuning runs: selection never sees it)
     diverge_factor: float = 1e3  # diverged when loss > factor * initial loss (or NaN/Inf)
@@ -135,12 +142,8 @@ class RunConfig:
                 setattr(self, key, value)
         if self.steps is None and self.epochs is None:
             self.epochs = 10
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("device", self.device, DEVICES)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("hessian_bn_mode", self.hessian_bn_mode, BN_MODES)
-        _choice("gate", self.gate, GATES)
-        _choice("norm_scope", self.norm_scope, NORM_SCOPES)
+        for name, allowed in CHOICES.items():
+            _choice(name, getattr(self, name), allowed)
         if self.checkpoint_every is None:
             self.checkpoint_every = self.track_every
         if self.label is None:
@@ -196,25 +199,22 @@ class RunConfig:
 
     def _check_types(self) -> None:
         """Every key against its annotation above, the one declaration of its type (ConfigError otherwise)."""
-        for f in fields(self):
-            value, kinds = getattr(self, f.name), {k.strip() for k in str(f.type).split("|")}
+        names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+        for key in config_keys():
+            value = getattr(self, key.name)
             if value is None:
-                if "None" not in kinds:
-                    raise ConfigError(f"{f.name} must be set, got None")
+                if not key.optional:
+                    raise ConfigError(f"{key.name} must be set, got None")
                 continue
-            if isinstance(value, bool):
-                ok = "bool" in kinds
-            elif isinstance(value, int):
-                ok = bool(kinds & {"int", "float"})
-            elif isinstance(value, float):
-                ok = "float" in kinds
+            if isinstance(value, bool) or key.type is bool:
+                ok = isinstance(value, bool) and key.type is bool
+            elif key.type is float:
+                ok = isinstance(value, (int, float))
             else:
-                ok = type(value).__name__ in kinds
+                ok = isinstance(value, key.type)
             if not ok:
-                wanted = " or ".join({"bool": "true or false", "int": "an integer", "float": "a number",
-                                      "str": "a string", "dict": "a mapping", "None": "unset (null)"}.get(k, k)
-                                     for k in sorted(kinds, key=lambda k: k == "None"))
-                raise ConfigError(f"{f.name} must be {wanted}, got {value!r}")
+                wanted = names[key.type] + (" or unset (null)" if key.optional else "")
+                raise ConfigError(f"{key.name} must be {wanted}, got {value!r}")
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise ConfigError(f"data_dir {self.data_dir!r} is not a directory")
 
@@ -228,6 +228,52 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {sorted(known)}")
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One RunConfig key as declared above: the CLI's options are made from these."""
+
+    name: str
+    type: type  # bool, int, float, str or dict (the annotation without its None)
+    optional: bool  # None allowed (usually: "default per task")
+    default: Any
+    help: str  # the comment beside the field (and the comment lines just above it)
+    section: str  # the section comment the field sits under (task and data, optimizer, budget, tracking, run)
+
+
+@functools.lru_cache(maxsize=None)
+def config_keys() -> tuple[ConfigKey, ...]:
+    """Every RunConfig key with its type, default and documentation, read from the class itself.
+
+    Types come from the annotations (the same ones ``_check_types`` enforces),
+    help from the comments in the class body, so a key is declared once.
+
+    >>> lr = next(k for k in config_keys() if k.name == "lr")
+    >>> lr.type, lr.optional, lr.section
+    (<class 'float'>, True, 'optimizer')
+    """
+    hints = typing.get_type_hints(RunConfig)
+    docs, pending, section = {}, [], "task and data"
+    for line in inspect.getsource(RunConfig).splitlines():
+        if re.fullmatch(r"    # [a-z ]+", line) and len(line.split()) <= 4:
+            section, pending = line.strip("# ").strip(), []  # a section heading: "# optimizer"
+        elif line.startswith("    # "):
+            pending.append(line.strip()[2:])  # a comment above the next field
+        elif m := re.match(r"    (\w+): [^=]+= .*?(?:  # (.*))?$", line):
+            docs[m.group(1)] = (section, " ".join(pending + [m.group(2) or ""]).strip())
+            pending = []
+        elif line.startswith("    def "):
+            break
+    keys = []
+    for f in fields(RunConfig):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        section, doc = docs.get(f.name, ("run", ""))
+        if f.name in CHOICES:
+            doc = f"{doc}; one of {', '.join(CHOICES[f.name])}" if doc else f"one of {', '.join(CHOICES[f.name])}"
+        keys.append(ConfigKey(f.name, args[0], type(None) in typing.get_args(hints[f.name]), default, doc, section))
+    return tuple(keys)
 
 
 def load_config_file(path: str | Path) -> dict:

@@ -151,3 +151,43 @@ def test_a_language_model_runs_from_the_command_line(tmp_path):
     run = read_run(tmp_path / "lm")
     assert run.config["optimizer"] == "adamw" and run.config["lr"] == 3e-3  # the task's defaults
     assert {"val_ppl", "val_ppl_unigram", "test_ppl", "precond_sharpness"} <= set(run.metrics.metric)
+
+
+def test_every_run_config_key_is_an_option_typed_by_its_declaration():
+    """`eos run`'s options are made from RunConfig: none missing, each parsed as its annotation says."""
+    import inspect
+    from typing import Optional
+
+    from experiments.cli import run
+    from experiments.config import RunConfig, config_keys
+
+    params = dict(inspect.signature(run).parameters)
+    for key in config_keys():
+        if key.name == "task" or key.type is dict:
+            continue
+        assert key.help, f"RunConfig.{key.name} has no comment to be its --help"
+        assert params.pop(key.name).annotation == Optional[key.type], key.name
+        assert getattr(RunConfig(), key.name) == key.default
+        if key.type in (int, float):  # the parser, not the training code, refuses a non-number
+            flag = "--" + key.name.replace("_", "-")
+            result = eos("run", "gflownet", flag, "x")
+            assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, (flag, result.output)
+    assert sorted(params) == ["config", "name", "out", "set_", "task"]  # the command's own parameters
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "2.5"], "Invalid value for '--steps'"),  # int, from `steps: int | None`
+    (["--R0", "x"], "Invalid value for '--R0'"),  # float
+    (["--track-precond", "yes"], "Got unexpected extra argument"),  # a bool is a flag: --track-precond / --no-...
+])
+def test_an_option_rejects_a_value_of_the_wrong_type(args, message):
+    result = eos("run", "gflownet", *args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_flags_and_keys_without_a_hand_written_option_reach_the_config(tiny_data_dir, tmp_path):
+    result = eos("run", "eos-fullbatch", "--optimizer", "adam", "--lr", "1e-3", "--steps", "5", "--no-track-precond",
+                 "--lanczos-tol", "1e-4", "--data-dir", tiny_data_dir, "--out", tmp_path, "--name", "r", *TINY)
+    assert result.exit_code == 0, result.output
+    config = read_run(tmp_path / "r").config
+    assert config["track_precond"] is False and config["lanczos_tol"] == 1e-4
