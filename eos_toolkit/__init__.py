@@ -25,7 +25,7 @@ _EXPORTS = {
     "hvp": ("HessianOperator", "hessian_operator", "select_parameters", "module_mode",
             "NondeterministicOperatorError", "MissingSecondDerivativeError"),
     "operators": ("PreconditionedOperator", "preconditioned_operator", "MatrixOperator", "as_scipy_linear_operator"),
-    "solvers": ("EigResult", "lanczos", "block_lanczos", "power_iteration", "hutchinson_trace", "slq_density",
+    "solvers": ("EigResult", "KrylovWorkspace", "lanczos", "block_lanczos", "power_iteration", "hutchinson_trace", "slq_density",
                 "SpectralDensity", "gaussian_density", "eigenvalue_error_bound"),
     "tracker": ("SharpnessTracker",),
     "record": ("RunWriter", "read_run", "find_runs"),

@@ -11,6 +11,7 @@ from eos_toolkit.solvers import (
     eigenvalue_error_bound,
     gaussian_density,
     hutchinson_trace,
+    KrylovWorkspace,
     lanczos,
     power_iteration,
     slq_density,
@@ -87,6 +88,49 @@ def test_warm_start_block_of_eigenvectors_finds_all_of_them():
     res = lanczos(lambda v: A @ v, 80, 3, tol=1e-8, v0=Q[:, -3:], generator=gen())
     assert res.n_matvecs <= 3 + 1
     assert relative_error(res.eigenvalues, torch.tensor([5.0, 4.0, 3.0], dtype=DT)) <= 1e-8
+
+
+def test_long_runs_show_no_ghost_copies_and_keep_an_orthonormal_basis():
+    """60 steps past convergence of an isolated top eigenvalue: without (enough) reorthogonalisation
+    copies of 10.0 reappear among the Ritz values; the top five must be the five distinct eigenvalues."""
+    ev = torch.linspace(-1.0, 1.0, 300, dtype=DT)
+    ev[-5:] = torch.tensor([2.0, 3.0, 4.0, 6.0, 10.0], dtype=DT)
+    A, _ = spectrum_matrix(ev)
+    res = lanczos(lambda v: A @ v, 300, 5, max_iter=90, tol=0.0, generator=gen())
+    assert res.n_matvecs >= 60  # ran far past the convergence of 10.0 (tol 0: until every residual is 0)
+    assert relative_error(res.eigenvalues, torch.tensor([10.0, 6.0, 4.0, 3.0, 2.0], dtype=DT)) <= 1e-10
+    Y = res.eigenvectors
+    assert (Y.T @ Y - torch.eye(5, dtype=DT)).abs().max() <= 1e-10
+
+
+def test_an_invariant_subspace_restarts_from_a_fresh_vector():
+    """Two distinct eigenvalues: one start vector's Krylov space is 2-dimensional, so three Ritz
+    pairs exist only if the solver goes on (coupling 0) from a fresh vector, whose own Krylov space
+    holds a second copy of the triple eigenvalue 5. (Which copies a single vector finds before every
+    residual is 0 is luck: for clusters use block_lanczos.)"""
+    ev = torch.ones(40, dtype=DT)
+    ev[:3] = 5.0
+    A, _ = spectrum_matrix(ev)
+    res = lanczos(lambda v: A @ v, 40, 3, max_iter=30, tol=1e-8, generator=gen())
+    assert res.converged and res.n_matvecs == 4  # two vectors per invariant subspace
+    assert relative_error(res.eigenvalues, torch.tensor([5.0, 5.0, 1.0], dtype=DT)) <= 1e-10
+    Y = res.eigenvectors
+    assert (A @ Y - Y * res.eigenvalues).norm(dim=0).max() <= 1e-8
+    assert (Y.T @ Y - torch.eye(3, dtype=DT)).abs().max() <= 1e-10
+
+
+def test_a_workspace_is_reused_across_solves_and_changes_nothing(mlp_hessian):
+    op, _, exact = mlp_hessian
+    workspace = KrylovWorkspace()
+    first = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=40, generator=gen(), workspace=workspace)
+    buffer = workspace.basis(41, op.dim, DT, "cpu")
+    again = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=40, generator=gen(), workspace=workspace)
+    alone = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=40, generator=gen())
+    assert workspace.basis(41, op.dim, DT, "cpu").data_ptr() == buffer.data_ptr()  # not reallocated
+    for res in (again, alone):
+        assert torch.equal(res.eigenvalues, first.eigenvalues) and res.n_matvecs == first.n_matvecs
+    assert relative_error(first.eigenvalues, exact[:2]) <= 1e-8
+    assert first.eigenvectors.data_ptr() != buffer.data_ptr()  # results never alias the workspace
 
 
 def test_block_lanczos_resolves_an_exact_cluster():
