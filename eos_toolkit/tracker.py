@@ -29,9 +29,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .hvp import hessian_operator
+from .hvp import AUTO, METHODS, choose_method, hessian_operator
 from .operators import preconditioned_operator
-from .solvers import EigResult, block_lanczos, lanczos, power_iteration
+from .solvers import EigResult, KrylovWorkspace, block_lanczos, lanczos, power_iteration
 
 SOLVERS = ("lanczos", "block_lanczos", "power")
 
@@ -64,10 +64,24 @@ class SharpnessTracker:
     residual; ``max_iter`` products per solve; ``determinism_probe`` checks on
     the first measurement that two products with one vector agree (its two
     products are counted in that measurement's ``hessian_matvecs``).
+
+    ``method="auto"`` (the default) picks the product rule on the first
+    measurement: :meth:`choose_method` times every method in
+    :data:`~eos_toolkit.hvp.METHODS` on two products of the real operator
+    and keeps the cheapest per measurement that agrees with
+    forward-over-reverse to :data:`~eos_toolkit.hvp.AUTO_RTOL` (its products
+    are counted in that measurement's ``hessian_matvecs``; the choice and
+    the timings are in :attr:`method_choice`, and in :meth:`state_dict`, so
+    a resumed run keeps it).  Each measurement runs inside one
+    :meth:`~eos_toolkit.hvp.HessianOperator.measurement`, so
+    ``"reuse_graph"`` builds its graphs once per measurement (for the
+    Hessian and the preconditioned solve together) and frees them after.
+    Both solves keep their Krylov basis in a
+    :class:`~eos_toolkit.solvers.KrylovWorkspace` owned by the tracker.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence, *, k: int = 1,
-                 method: str = "forward_over_reverse", bn_mode: str = "eval", solver: str = "lanczos",
+                 method: str = AUTO, bn_mode: str = "eval", solver: str = "lanczos",
                  tol: float = 1e-3, max_iter: int = 100, precondition: bool = False, params=None,
                  dropout: str = "off", dtype: torch.dtype | None = None,
                  determinism_probe: bool = True, seed: int = 0, chunk_weights=None):
@@ -77,7 +91,12 @@ class SharpnessTracker:
             raise ValueError(f"solver='power' finds one eigenpair; got k={k}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.hessian = hessian_operator(model, loss_fn, batches, params=params, method=method,
+        if method != AUTO and method not in METHODS:
+            raise ValueError(f"method must be {AUTO!r} or one of {METHODS}, got {method!r}")
+        self.auto = method == AUTO
+        self.method_choice: dict | None = None  # with auto: {"method": ..., "timings": {...}} once chosen
+        self.hessian = hessian_operator(model, loss_fn, batches, params=params,
+                                        method="forward_over_reverse" if self.auto else method,
                                         bn_mode=bn_mode, dropout=dropout, dtype=dtype,
                                         determinism_probe=False,  # probed on the first measurement instead
                                         chunk_weights=chunk_weights)
@@ -87,6 +106,8 @@ class SharpnessTracker:
         self.precondition = precondition
         self.generator = torch.Generator(device=self.hessian.device).manual_seed(seed)
         self._probe_pending = determinism_probe
+        self._workspace = KrylovWorkspace()  # the Hessian's basis, kept between measurements
+        self._precond_workspace = KrylovWorkspace()
         self.eigenvectors: torch.Tensor | None = None          # (dim, k), Hessian
         self.precond_eigenvectors: torch.Tensor | None = None  # (dim, k), symmetric preconditioned
 
@@ -102,7 +123,8 @@ class SharpnessTracker:
     def state_dict(self) -> dict:
         """What a resumed run needs to continue exactly: warm-start vectors, probe flag, RNG state."""
         return {"eigenvectors": self.eigenvectors, "precond_eigenvectors": self.precond_eigenvectors,
-                "probe_pending": self._probe_pending, "generator": self.generator.get_state()}
+                "probe_pending": self._probe_pending, "generator": self.generator.get_state(),
+                "method_choice": self.method_choice}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.hessian.device
@@ -111,15 +133,34 @@ class SharpnessTracker:
                                      else state["precond_eigenvectors"].to(device))
         self._probe_pending = bool(state["probe_pending"])
         self.generator.set_state(state["generator"].cpu())
+        if self.auto and state.get("method_choice"):
+            self.method_choice = state["method_choice"]
+            self.hessian.method = self.method_choice["method"]
 
-    def _solve(self, op, warm: torch.Tensor | None) -> tuple[EigResult, float]:
+    def choose_method(self) -> dict:
+        """Time every product method on this operator and keep the fastest accurate one (``method="auto"``).
+
+        Returns (and stores in :attr:`method_choice`) ``{"method", "timings"}``
+        with each method's ``first_seconds``, ``product_seconds`` and
+        ``relative_error``.  The probe vector comes from its own generator,
+        so the measurements' random stream is the one a fixed method sees.
+        """
+        probe = torch.Generator(device=self.hessian.device).manual_seed(12345)
+        v = torch.randn(self.hessian.dim, dtype=self.hessian.dtype, device=self.hessian.device, generator=probe)
+        timings = self.hessian.time_methods(v)
+        self.hessian.method = choose_method(timings)
+        self.method_choice = {"method": self.hessian.method,
+                              "timings": {m: dict(vars(t)) for m, t in timings.items()}}
+        return self.method_choice
+
+    def _solve(self, op, warm: torch.Tensor | None, workspace: KrylovWorkspace) -> tuple[EigResult, float]:
         kwargs = dict(max_iter=self.max_iter, tol=self.tol, v0=warm, dtype=op.dtype,
                       device=op.device, generator=self.generator)
         start = time.perf_counter()
         if self.solver == "lanczos":
-            result = lanczos(op.matvec, op.dim, self.k, **kwargs)
+            result = lanczos(op.matvec, op.dim, self.k, workspace=workspace, **kwargs)
         elif self.solver == "block_lanczos":
-            result = block_lanczos(op.matmat, op.dim, self.k, block_size=self.k, **kwargs)
+            result = block_lanczos(op.matmat, op.dim, self.k, block_size=self.k, workspace=workspace, **kwargs)
         else:
             result = power_iteration(op.matvec, op.dim, which="LA", **kwargs)
         if op.device.type == "cuda":
@@ -151,11 +192,17 @@ class SharpnessTracker:
         parameter-shaped tensors). Without one (an optimizer before its first
         step) those values are NaN, so the gap is visible in the record.
         """
+        with self.hessian.measurement():
+            return self._measure(preconditioner)
+
+    def _measure(self, preconditioner) -> dict[str, float]:
         before = self.hessian.n_matvecs
+        if self.auto and self.method_choice is None:
+            self.choose_method()
         if self._probe_pending:
             self.hessian.check_determinism(generator=self.generator)
             self._probe_pending = False
-        result, seconds = self._solve(self.hessian, self.eigenvectors)
+        result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace)
         self.eigenvectors = align_signs(result.eigenvectors, self.eigenvectors)
         metrics = self._metrics("hessian", result, seconds)
         metrics["hessian_matvecs"] = float(self.hessian.n_matvecs - before)
@@ -168,7 +215,7 @@ class SharpnessTracker:
             metrics.update(precond_sharpness=nan, precond_matvecs=0.0, precond_seconds=0.0, precond_converged=nan)
             return metrics
         op = preconditioned_operator(self.hessian, preconditioner)
-        result, seconds = self._solve(op, self.precond_eigenvectors)
+        result, seconds = self._solve(op, self.precond_eigenvectors, self._precond_workspace)
         self.precond_eigenvectors = align_signs(result.eigenvectors, self.precond_eigenvectors)
         metrics.update(self._metrics("precond", result, seconds))
         metrics["precond_sharpness"] = metrics["precond_eig_1"]

@@ -276,7 +276,10 @@ class Trainer:
                 self.writer.event("warning", step=t, message=(
                     "preconditioned metrics are NaN: the optimizer has no state for some tracked parameters "
                     "(a parameter that never received a gradient?)"))
+        chosen_before = self.tracker.method_choice
         measured = self.tracker.measure(preconditioner)
+        if self.tracker.method_choice is not chosen_before:  # hvp_method "auto" chose on this measurement
+            self.writer.event("hvp_method", step=t, **self.tracker.method_choice)
         if self.last_lr is None and preconditioner is None:
             # Before the first step no preconditioner exists (not a gap): nothing to record.
             measured = {k: v for k, v in measured.items() if not k.startswith("precond_")}

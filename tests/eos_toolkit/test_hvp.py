@@ -293,3 +293,87 @@ def test_fused_rnn_kernel_falls_back_to_plain_kernels():
     with pytest.warns(RuntimeWarning, match="cuDNN and oneDNN off"):
         product = op.matvec(v)
     assert (product - H @ v).abs().max() <= 1e-4 * (H @ v).abs().max()
+
+
+# -- reuse_graph inside a measurement, and the "auto" choice ------------------------------------
+
+def test_reuse_graph_keeps_its_graphs_for_one_measurement_only():
+    import gc
+    import weakref
+
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    H = dense_hessian(model, mse, x, y)
+    op = hessian_operator(model, mse, [(x[:4], y[:4]), (x[4:], y[4:])], method="reuse_graph")
+    with op.measurement():
+        assert_products_match(op, H)
+        graphs = op._graphs[1]
+        first = lanczos(op.matvec, op.dim, 2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+        second = lanczos(op.matvec, op.dim, 2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+        assert op._graphs[1] is graphs  # built once, on the first product
+        probe = weakref.ref(graphs[0][1][0])  # a first-order gradient that holds the graph
+    del graphs
+    gc.collect()
+    assert op._graphs is None and probe() is None  # freed when the measurement ends
+    assert torch.equal(first.eigenvalues, second.eigenvalues)
+    assert torch.allclose(first.eigenvalues, torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-9)
+
+
+def test_reuse_graph_rebuilds_when_a_parameter_changes_in_place():
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(model, mse, [(x, y)], method="reuse_graph")
+    with op.measurement():
+        op.matvec(torch.ones(op.dim, dtype=DT))
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.5)  # an optimizer step inside the block
+        assert_products_match(op, dense_hessian(model, mse, x, y))
+
+
+def test_reuse_graph_falls_back_to_double_backward_when_its_graphs_do_not_fit(monkeypatch):
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(model, mse, [(x, y)], method="reuse_graph")
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(type(op), "_build_graphs", out_of_memory)
+    with op.measurement(), pytest.warns(RuntimeWarning, match="do not fit"):
+        assert_products_match(op, dense_hessian(model, mse, x, y))
+    assert op._reuse_fits is False and op.method == "reuse_graph"
+
+
+def test_auto_chooses_by_cost_per_measurement_from_given_timings():
+    from eos_toolkit.hvp import AUTO_PRODUCTS_PER_MEASUREMENT, MethodTiming, choose_method
+
+    def t(first, product, error=0.0):
+        return MethodTiming(first, product, error)
+
+    base = {"forward_over_reverse": t(3.0, 3.0), "double_backward": t(2.5, 2.5), "finite_difference": t(2.0, 2.0)}
+    # reuse_graph: graphs cost 1.0 once, then 1.2 a product: 10 x 1.2 + 1.0 = 13 < 10 x 2.0
+    assert choose_method({**base, "reuse_graph": t(2.2, 1.2)}) == "reuse_graph"
+    # the same product cost with graphs that cost 10 a measurement: 22 > 20 for finite differences
+    assert choose_method({**base, "reuse_graph": t(11.2, 1.2)}) == "finite_difference"
+    # finite differences off by 1e-4 relative are not eligible however fast
+    inaccurate = {**base, "finite_difference": t(0.1, 0.1, error=1e-4), "reuse_graph": t(30.0, 3.0)}
+    assert choose_method(inaccurate) == "double_backward"
+    # ties go to the earlier method; the amortisation length is a parameter
+    assert choose_method({m: t(1.0, 1.0) for m in METHODS}) == "forward_over_reverse"
+    assert choose_method({**base, "reuse_graph": t(11.2, 1.2)}, products=100) == "reuse_graph"
+    assert AUTO_PRODUCTS_PER_MEASUREMENT == 10
+    with pytest.raises(ValueError, match="no Hessian-vector product method agrees"):
+        choose_method({"finite_difference": t(1.0, 1.0, error=1e-3)})
+
+
+def test_time_methods_runs_two_counted_products_each_and_measures_agreement():
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(model, mse, [(x[:6], y[:6]), (x[6:], y[6:])])
+    timings = op.time_methods(torch.randn(op.dim, dtype=DT, generator=torch.Generator().manual_seed(1)))
+    assert list(timings) == list(METHODS) and op.n_matvecs == 2 * len(METHODS)
+    assert op.method == "forward_over_reverse"  # restored
+    assert timings["forward_over_reverse"].relative_error == 0.0
+    assert timings["double_backward"].relative_error <= 1e-12 and timings["reuse_graph"].relative_error <= 1e-12
+    assert 0 < timings["finite_difference"].relative_error <= 1e-6  # float64: about 1e-10
+    assert all(t.first_seconds > 0 and t.product_seconds > 0 for t in timings.values())

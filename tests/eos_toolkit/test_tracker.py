@@ -219,6 +219,28 @@ def test_matvec_counts_include_the_determinism_probe():
     assert second["hessian_matvecs"] + second["precond_matvecs"] == tracker.hessian.n_matvecs - counted
 
 
+def test_auto_method_is_chosen_once_counted_and_kept_by_a_resumed_tracker():
+    from eos_toolkit.hvp import METHODS
+
+    model = tanh_mlp(sizes=(5, 8, 3))
+    x, y = regression_data(16, 5, 3)
+    auto = SharpnessTracker(model, mse, [(x[:9], y[:9]), (x[9:], y[9:])], k=2, tol=1e-9)
+    first = auto.measure()
+    chosen = auto.method_choice["method"]
+    assert auto.hessian.method == chosen and set(auto.method_choice["timings"]) == set(METHODS)
+    fixed = SharpnessTracker(model, mse, [(x[:9], y[:9]), (x[9:], y[9:])], k=2, tol=1e-9, method=chosen)
+    alone = fixed.measure()
+    # The timing products are counted, and they leave the measurements' random stream alone.
+    assert first["hessian_matvecs"] == alone["hessian_matvecs"] + 2 * len(METHODS)
+    assert first["hessian_eig_1"] == pytest.approx(alone["hessian_eig_1"], rel=1e-12)
+    assert auto.measure()["hessian_matvecs"] == fixed.measure()["hessian_matvecs"]  # chosen once
+    resumed = SharpnessTracker(model, mse, [(x[:9], y[:9]), (x[9:], y[9:])], k=2, tol=1e-9)
+    resumed.load_state_dict(auto.state_dict())
+    assert resumed.hessian.method == chosen and resumed.method_choice == auto.method_choice
+    with pytest.raises(ValueError, match="method must be 'auto' or one of"):
+        SharpnessTracker(model, mse, [(x, y)], method="fast")
+
+
 def test_power_solver_reports_lambda_max_on_an_indefinite_hessian():
     """Power iteration alone finds -86.8 (largest magnitude); the tracker's sharpness must be lambda_max = 5.3."""
     eigenvalues = torch.tensor([-86.8, 5.3, 2.0, -1.0, 0.5], dtype=DT)

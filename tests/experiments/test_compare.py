@@ -216,7 +216,7 @@ def test_two_workers_on_one_store_run_each_trial_once(tiny_data_dir, tmp_path):
         assert len(dirs) == len({t.user_attrs["run_dir"] for t in complete}) == 2  # one record per trial
         for d in dirs:
             events = [json.loads(line)["event"] for line in (d / "events.jsonl").read_text().splitlines()]
-            assert events == ["started", "finished"]  # not run twice, not interleaved
+            assert events == ["started", "hvp_method", "finished"]  # not run twice, not interleaved
 
 
 @pytest.mark.slow

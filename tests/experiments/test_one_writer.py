@@ -40,7 +40,7 @@ def _sweep(spec, out):
 
 def assert_single_writer_record(run_dir):
     events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert events == ["started", "finished"], events
+    assert events == ["started", "hvp_method", "finished"], events
     metrics = read_metrics(run_dir)
     assert not metrics.duplicated(["step", "metric"]).any()
 

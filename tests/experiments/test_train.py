@@ -30,7 +30,10 @@ def test_gd_record_and_sharpness_equal_dense_hessian(tiny_data_dir, tmp_path):
     result = train(cfg, tmp_path / "run")
     run = read_run(tmp_path / "run")
     assert result.status == run.status == "finished"
-    assert [e["event"] for e in run.events] == ["started", "finished"]
+    assert [e["event"] for e in run.events] == ["started", "hvp_method", "finished"]
+    chosen = run.events[1]  # hvp_method "auto": timed on the first measurement, recorded once
+    assert chosen["step"] == 0 and chosen["method"] in chosen["timings"]
+    assert chosen["timings"][chosen["method"]]["relative_error"] <= 1e-5
     assert metric(run, "train_loss").index.tolist() == list(range(12))
     assert metric(run, "sharpness").index.tolist() == [0, 5, 10, 12]
     assert (metric(run, "threshold") == 2 / 0.5).all()
@@ -147,7 +150,15 @@ def train_killed_at(cfg, run_dir, at: int) -> None:
          model="cnn-small", model_options={"width": 4, "batchnorm": True}, track_n=64,
          schedule="CosineAnnealingLR", warmup_steps=3),
 ])
-def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides):
+def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides, monkeypatch):
+    from eos_toolkit.hvp import METHODS, HessianOperator, MethodTiming
+
+    # hvp_method "auto" times the methods, and two runs may choose differently (their sharpness then
+    # agrees to 1e-5, not bitwise); fixed timings make both runs choose reuse_graph.
+    def fixed_timings(op, v, methods=METHODS):
+        return {m: MethodTiming(2.0, 1.0 if m == "reuse_graph" else 3.0, 0.0) for m in methods}
+
+    monkeypatch.setattr(HessianOperator, "time_methods", fixed_timings)
     cfg = tiny(tiny_data_dir, **overrides)
     train(cfg, tmp_path / "whole")
 
@@ -158,12 +169,13 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides
     with pytest.raises(SimulatedKill):
         train(cfg, tmp_path / "killed", on_step=kill_at_13)
     assert read_run(tmp_path / "killed").status == "incomplete"
+    monkeypatch.setattr(HessianOperator, "time_methods", lambda *a, **k: pytest.fail("resume chose again"))
     result = resume(tmp_path / "killed")
     assert result.status == "finished"
 
     whole, resumed = read_run(tmp_path / "whole"), read_run(tmp_path / "killed")
-    assert [e["event"] for e in resumed.events] == ["started", "resumed", "finished"]
-    assert resumed.events[1]["step"] == 10
+    assert [e["event"] for e in resumed.events] == ["started", "hvp_method", "resumed", "finished"]
+    assert resumed.events[1]["method"] == "reuse_graph" and resumed.events[2]["step"] == 10
     a, b = (r.metrics[~r.metrics.metric.map(is_timing_metric)].sort_values(["step", "metric"]).reset_index(drop=True)
             for r in (whole, resumed))
     assert len(a) == len(b) and (a[["step", "metric"]] == b[["step", "metric"]]).all().all()
