@@ -63,6 +63,19 @@ stochastic operator); :func:`hessian_operator` then runs
 dropout (or any noise) is really on: a random operator must be asked for
 explicitly with ``determinism_probe=False``.
 
+Data sharded over processes (``torch.distributed``): pass ``process_group``
+(e.g. ``torch.distributed.group.WORLD``) and give each rank only its own
+chunks.  The weights become global (``n_c / N`` with ``N`` summed over every
+rank's chunks, one all-reduce at construction) and every product ends with
+one all-reduce of the rank's weighted sum, so each rank holds the product of
+the full-data Hessian.  The solvers then run unchanged on every rank, on
+identical vectors (identically seeded generators and identical products), so
+no vector is ever gathered; every rank must therefore call the same products
+in the same order.  ``debug_replicated=True`` (or ``EOS_DEBUG_DISTRIBUTED=1``
+in the environment) checks at every product, with one more small
+all-reduce, that all ranks passed the same vector, and raises where they
+did not.
+
 Fused kernels without second derivatives (flash / memory-efficient scaled
 dot-product attention, cuDNN and oneDNN RNNs) are detected on the first
 failing product; the operator then switches, with a warning, to the math
@@ -82,6 +95,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import time
 import warnings
@@ -252,7 +266,7 @@ class HessianOperator:
     """
 
     def __init__(self, model, loss_fn, batches, names, *, method, bn_mode, dropout, dtype,
-                 matmat_chunk_size, chunk_weights=None):
+                 matmat_chunk_size, chunk_weights=None, process_group=None, debug_replicated=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if bn_mode not in BN_MODES:
@@ -287,7 +301,14 @@ class HessianOperator:
                     or sum(sizes) <= 0:
                 raise ValueError(f"chunk_weights must be {len(self.batches)} finite numbers >= 0 with a "
                                  f"positive sum (one per chunk), got {list(chunk_weights)!r}")
+        self.process_group = process_group
+        self.debug_replicated = (os.environ.get("EOS_DEBUG_DISTRIBUTED", "") not in ("", "0")
+                                 if debug_replicated is None else debug_replicated)
         total = sum(sizes)
+        if process_group is not None:
+            total_t = torch.tensor(float(total), dtype=torch.float64, device=self._collective_device())
+            torch.distributed.all_reduce(total_t, group=process_group)
+            total = float(total_t)  # sync: once, at construction
         self.chunk_weights = [s / total for s in sizes]
         self.n_matvecs = 0
         self._plain_kernels = False
@@ -528,7 +549,39 @@ class HessianOperator:
             out[j] = (g_plus - g_minus) / (2 * h)
         return out
 
+    def _collective_device(self) -> torch.device:
+        """Where this rank's collectives run: its CUDA device for nccl, the CPU for gloo."""
+        backend = torch.distributed.get_backend(self.process_group)
+        return self.device if backend == "nccl" else torch.device("cpu")
+
+    def _all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        """Sum (or ``op``) over the process group, in place when the tensor already lives where collectives run."""
+        where = self._collective_device()
+        buffer = tensor if tensor.device == where else tensor.to(where)
+        torch.distributed.all_reduce(buffer, op=op or torch.distributed.ReduceOp.SUM, group=self.process_group)
+        return buffer if buffer is tensor else buffer.to(tensor.device)
+
+    def _check_replicated(self, block: torch.Tensor) -> None:
+        """Raise unless every rank passed the same vectors (debug mode: one small all-reduce per product)."""
+        b = block.to(torch.float64)
+        stride = max(1, b.shape[-1] // 101)
+        fingerprint = torch.stack([b.sum(), b.square().sum(), b[..., ::stride].sum()])
+        high = self._all_reduce(fingerprint.clone(), torch.distributed.ReduceOp.MAX)
+        low = self._all_reduce(fingerprint.clone(), torch.distributed.ReduceOp.MIN)
+        if not torch.equal(high, low):  # sync: debug mode only
+            raise RuntimeError(
+                f"rank {torch.distributed.get_rank()}: the ranks passed different vectors to a distributed "
+                f"Hessian product (fingerprints from {low.tolist()} to {high.tolist()}). Every rank must run "
+                "the solver on identical vectors: seed each rank's generator identically.")
+
     def _apply(self, block: torch.Tensor) -> torch.Tensor:
+        if self.process_group is None:
+            return self._apply_local(block)
+        if self.debug_replicated:
+            self._check_replicated(block)
+        return self._all_reduce(self._apply_local(block))
+
+    def _apply_local(self, block: torch.Tensor) -> torch.Tensor:
         rule = {"forward_over_reverse": self._forward_over_reverse,
                 "double_backward": self._double_backward,
                 "reuse_graph": self._reuse_graph,
@@ -611,6 +664,11 @@ class HessianOperator:
                 results[name] = MethodTiming(middle - start, end - middle, error)
         finally:
             self.method = saved
+        if self.process_group is not None and results:
+            # The slowest rank's times, so every rank chooses the same method.
+            times = torch.tensor([[t.first_seconds, t.product_seconds] for t in results.values()], dtype=torch.float64)
+            times = self._all_reduce(times, torch.distributed.ReduceOp.MAX).tolist()
+            results = {m: MethodTiming(f, p, t.relative_error) for (m, t), (f, p) in zip(results.items(), times)}
         return results
 
     def _synchronize(self) -> None:
@@ -643,7 +701,8 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, batches: Sequence, *, 
                      method: str = "forward_over_reverse", bn_mode: str = "eval",
                      dropout: str = "off", dtype: torch.dtype | None = None,
                      determinism_probe: bool | None = None, matmat_chunk_size: int | None = 16,
-                     chunk_weights: Sequence[float] | None = None) -> HessianOperator:
+                     chunk_weights: Sequence[float] | None = None, process_group=None,
+                     debug_replicated: bool | None = None) -> HessianOperator:
     """Hessian of ``sum_c (n_c / N) loss_fn(model(x_c), y_c)`` in the selected parameters.
 
     ``batches``: list of ``(inputs, targets)``; ``inputs`` a tensor or a tuple of
@@ -655,10 +714,14 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, batches: Sequence, *, 
     operator is an error unless asked for with ``False``).
     ``chunk_weights``: each chunk's share of the loss's normaliser, for
     losses that are not unweighted means (module docstring).
+    ``process_group``: this rank's chunks are its shard of the data, and
+    products are all-reduced over the group (module docstring);
+    ``debug_replicated`` checks that every rank passes the same vectors.
     """
     op = HessianOperator(model, loss_fn, batches, select_parameters(model, params), method=method,
                          bn_mode=bn_mode, dropout=dropout, dtype=dtype,
-                         matmat_chunk_size=matmat_chunk_size, chunk_weights=chunk_weights)
+                         matmat_chunk_size=matmat_chunk_size, chunk_weights=chunk_weights,
+                         process_group=process_group, debug_replicated=debug_replicated)
     if determinism_probe is None:
         determinism_probe = dropout == "as_is"
     if determinism_probe:

@@ -78,13 +78,18 @@ class SharpnessTracker:
     Hessian and the preconditioned solve together) and frees them after.
     Both solves keep their Krylov basis in a
     :class:`~eos_toolkit.solvers.KrylovWorkspace` owned by the tracker.
+
+    Inside a data-parallel run, give each rank its shard of the measurement
+    set as ``batches`` and the ``process_group``: products are all-reduced
+    (:mod:`eos_toolkit.hvp`), every rank's generator has the same ``seed``,
+    so every rank runs the same solve and reports the full-data eigenvalues.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batches: Sequence, *, k: int = 1,
                  method: str = AUTO, bn_mode: str = "eval", solver: str = "lanczos",
                  tol: float = 1e-3, max_iter: int = 100, precondition: bool = False, params=None,
                  dropout: str = "off", dtype: torch.dtype | None = None,
-                 determinism_probe: bool = True, seed: int = 0, chunk_weights=None):
+                 determinism_probe: bool = True, seed: int = 0, chunk_weights=None, process_group=None):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if solver == "power" and k != 1:
@@ -99,7 +104,7 @@ class SharpnessTracker:
                                         method="forward_over_reverse" if self.auto else method,
                                         bn_mode=bn_mode, dropout=dropout, dtype=dtype,
                                         determinism_probe=False,  # probed on the first measurement instead
-                                        chunk_weights=chunk_weights)
+                                        chunk_weights=chunk_weights, process_group=process_group)
         if k > self.hessian.dim:
             raise ValueError(f"k={k} exceeds the number of selected parameters {self.hessian.dim}")
         self.k, self.solver, self.tol, self.max_iter = k, solver, tol, max_iter

@@ -1,0 +1,70 @@
+"""Hessian products over data sharded across two gloo ranks equal the single-process products.
+
+Each rank holds a different, unequal part of the data (rank 0: 7 examples in
+two chunks, rank 1: 13 in one); the operator's weights are global and every
+product is all-reduced, so Lanczos and Hutchinson, run on every rank with an
+identically seeded generator, must give the single-process answers (float64:
+the sums differ only in their order of additions, about 1e-16 relative).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from eos_toolkit.hvp import hessian_operator
+from eos_toolkit.solvers import hutchinson_trace, lanczos
+from eos_toolkit.tracker import SharpnessTracker
+from tests.eos_toolkit.reference import dense_hessian, regression_data, tanh_mlp
+from tests.spawn import needs_gloo, spawn_ranks
+
+mse = nn.functional.mse_loss
+pytestmark = needs_gloo
+
+
+def shards(rank: int):
+    x, y = regression_data(20, 5, 3)
+    return [(x[:4], y[:4]), (x[4:7], y[4:7])] if rank == 0 else [(x[7:], y[7:])]
+
+
+def solve(op) -> dict:
+    res = lanczos(op.matvec, op.dim, 3, tol=1e-12, max_iter=op.dim, generator=torch.Generator().manual_seed(0))
+    trace, error = hutchinson_trace(op.matvec, op.dim, n_samples=30, generator=torch.Generator().manual_seed(1))
+    return {"eigenvalues": res.eigenvalues, "n_matvecs": res.n_matvecs, "trace": trace, "error": error}
+
+
+def on_shards(rank: int, world_size: int, out_dir) -> None:
+    group = torch.distributed.group.WORLD
+    op = hessian_operator(tanh_mlp(), mse, shards(rank), process_group=group, debug_replicated=True)
+    found = solve(op)
+    tracker = SharpnessTracker(tanh_mlp(), mse, shards(rank), k=2, tol=1e-10, process_group=group)
+    found["tracker"] = tracker.measure()
+    found["method"] = tracker.hessian.method
+    # Different vectors on the ranks: the debug check must refuse them on every rank.
+    try:
+        op.matvec(torch.full((op.dim,), float(rank + 1), dtype=torch.float64))
+        found["refused"] = None
+    except RuntimeError as err:
+        found["refused"] = str(err)
+    torch.save(found, out_dir / f"rank{rank}.pt")
+
+
+def test_distributed_lanczos_hutchinson_and_tracker_equal_one_process(tmp_path):
+    spawn_ranks(on_shards, tmp_path, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    x, y = regression_data(20, 5, 3)
+    single = solve(hessian_operator(tanh_mlp(), mse, [(x[:4], y[:4]), (x[4:7], y[4:7]), (x[7:], y[7:])]))
+    exact = torch.linalg.eigvalsh(dense_hessian(tanh_mlp(), mse, x, y)).flip(0)[:3]
+    for found in ranks:
+        assert torch.allclose(found["eigenvalues"], single["eigenvalues"], rtol=1e-8, atol=0)
+        assert torch.allclose(found["eigenvalues"], exact, rtol=1e-8, atol=0)
+        assert found["trace"].item() == pytest.approx(single["trace"].item(), rel=1e-12)
+        assert found["error"].item() == pytest.approx(single["error"].item(), rel=1e-9)
+        assert found["tracker"]["sharpness"] == pytest.approx(exact[0].item(), rel=1e-8)
+        assert "different vectors" in found["refused"]
+    # Every rank ran the same solve: identical numbers, product counts and method choice.
+    assert torch.equal(ranks[0]["eigenvalues"], ranks[1]["eigenvalues"])
+    assert ranks[0]["n_matvecs"] == ranks[1]["n_matvecs"] and ranks[0]["method"] == ranks[1]["method"]
+    assert ranks[0]["tracker"]["hessian_matvecs"] == ranks[1]["tracker"]["hessian_matvecs"]
