@@ -94,7 +94,21 @@ def _parse_set(assignments: list[str]) -> dict:
     return values
 
 
-def _run(task: str, config: Optional[Path], set_: list[str], out: Path, name: Optional[str], **options):
+def _launch(nproc: int, argv: list[str]) -> None:
+    """Run ``python -m experiments <argv>`` on ``nproc`` local processes with torchrun; exit with its status."""
+    import subprocess
+
+    from experiments.distributed import torchrun_command
+
+    command = torchrun_command(nproc, argv)
+    typer.echo(f"launching {nproc} processes: {' '.join(command)}", err=True)
+    code = subprocess.run(command).returncode
+    if code:
+        raise fail(f"the {nproc}-process run exited with status {code} (see the ranks' output above)", code=1)
+
+
+def _run(task: str, config: Optional[Path], set_: list[str], out: Path, name: Optional[str],
+         nproc: Optional[int], **options):
     """Train one model while tracking sharpness against the optimizer's stability threshold.
 
     TASK is one of the tasks 'eos tasks' lists (images full batch or
@@ -106,15 +120,31 @@ def _run(task: str, config: Optional[Path], set_: list[str], out: Path, name: Op
     from experiments.config import resolve_config
     from experiments.train import default_run_dir, train
 
+    from experiments import distributed
+
     overrides = dict(options, task=task)
     overrides.update(_parse_set(set_))
     cfg = resolve_config(config, **overrides)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; it must be a directory (or not exist yet)")
-    run_dir = out / name if name else default_run_dir(cfg, out)
-    with progress_bar(cfg.label) as on_step:
+    if nproc is not None and not distributed.launched():
+        import tempfile
+
+        run_dir = out / name if name else default_run_dir(cfg, out)
+        with tempfile.TemporaryDirectory() as tmp:  # the resolved config, read by every rank
+            resolved = Path(tmp) / "config.json"
+            resolved.write_text(json.dumps(cfg.to_dict()))
+            _launch(nproc, ["run", cfg.task, "--config", str(resolved), "--out", str(out), "--name", run_dir.name])
+        return
+    group = distributed.setup(cfg.device)
+    main = group is None or group.is_main
+    run_dir = out / name if name else (default_run_dir(cfg, out) if main else None)
+    if group is not None:
+        run_dir = group.broadcast(run_dir)  # rank 0 named it
+    with progress_bar(cfg.label) if main else contextlib.nullcontext() as on_step:
         result = train(cfg, run_dir, on_step=on_step)
-    _print_result(result)
+    if main:
+        _print_result(result)
 
 
 def _run_signature() -> inspect.Signature:
@@ -140,6 +170,9 @@ def _run_signature() -> inspect.Signature:
             Path("runs"), help="Parent directory of run records.", rich_help_panel="Run record")),
         inspect.Parameter("name", keyword, annotation=Optional[str], default=typer.Option(
             None, help="Run directory name (default: task-optimizer-lr-seed-time).", rich_help_panel="Run record")),
+        inspect.Parameter("nproc", keyword, annotation=Optional[int], default=typer.Option(
+            None, min=1, help="Data-parallel processes on this machine (one per GPU, or CPU processes): runs "
+                              "this command under torchrun. Several machines: see README.")),
     ]
     for key in config_keys():
         if key.name == "task" or key.type is dict:
@@ -177,13 +210,22 @@ def tasks():
 
 @app.command()
 @clear_errors
-def resume(run_dir: Path = typer.Argument(..., help="A run record directory.")):
+def resume(run_dir: Path = typer.Argument(..., help="A run record directory."),
+           nproc: Optional[int] = typer.Option(None, min=1, help="Processes, as many as the run started with "
+                                                                "(a data-parallel run).")):
     """Continue a killed or interrupted run from its last checkpoint (same metrics as an uninterrupted run)."""
+    from experiments import distributed
     from experiments.train import resume as resume_run
 
-    with progress_bar(f"resume {run_dir.name}") as on_step:
+    if nproc is not None and not distributed.launched():
+        _launch(nproc, ["resume", str(run_dir)])
+        return
+    group = distributed.setup()
+    main = group is None or group.is_main
+    with progress_bar(f"resume {run_dir.name}") if main else contextlib.nullcontext() as on_step:
         result = resume_run(run_dir, on_step=on_step)
-    _print_result(result)
+    if main:
+        _print_result(result)
 
 
 @app.command()

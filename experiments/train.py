@@ -23,6 +23,12 @@ vectors, the previous update). Resuming truncates the metrics after t - 1 and
 replays from t, so on CPU the resumed run's metrics equal an uninterrupted
 run's exactly (wall-clock metrics aside).
 
+Data parallelism (``torchrun`` or ``eos run --nproc N``): each rank trains on
+its shard of every step's batch under DistributedDataParallel, tracks
+sharpness on its shard of the tracking set with all-reduced Hessian
+products, and rank 0 alone writes the record; the metrics are the global
+ones. See :mod:`experiments.distributed`.
+
 Divergence: a NaN / Inf train loss, or one above ``diverge_factor`` times the
 initial loss, stops the run with a ``diverged`` event at that step; the record
 stays complete. Diverging is a result, not a crash.
@@ -30,6 +36,7 @@ stays complete. Diverging is a result, not a crash.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -48,6 +55,7 @@ import torch
 from eos_toolkit import record
 from eos_toolkit.solvers import gaussian_density, slq_density
 from eos_toolkit.tracker import SharpnessTracker
+from experiments import distributed
 from experiments.adapters import adapter_for
 from experiments.config import RunConfig
 from experiments.optim import build_optimizer, build_scheduler, parameter_groups
@@ -114,21 +122,43 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
+class _NoRecord:
+    """The record of a rank other than 0: it writes nothing (rank 0 writes the run's one record)."""
+
+    def _nothing(self, *args, **kwargs) -> None:
+        return None
+
+    event = log_metrics = log_density = update_environment = truncate_metrics_after = _nothing
+
+
 class Trainer:
     """Holds one run's state; :meth:`run` is the loop. Build with :func:`train`."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, task: Task, device: torch.device):
-        self.cfg, self.run_dir, self.task, self.device = cfg, run_dir, task, device
+    def __init__(self, cfg: RunConfig, run_dir: Path, task: Task, device: torch.device,
+                 group: distributed.Distributed | None = None):
+        self.cfg, self.run_dir, self.task, self.device, self.group = cfg, run_dir, task, device, group
         self.model = task.model
+        # What the training step calls: under data parallelism the DDP wrapper, which all-reduces
+        # (averages) the gradient; everything else (tracker, evaluation, checkpoints) uses the model itself.
+        self.train_model = self.model
+        track_batches, track_weights = task.track_batches, task.track_chunk_weights
+        if group is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=True)  # a task's parameter may sit out a step (GFlowNet's log Z)
+            track_batches, track_weights = group.shard_batches(track_batches, track_weights)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, task.param_groups(parameter_groups(self.model, cfg)))
         self.adapter = adapter_for(self.optimizer)
         self.total = task.total_steps
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
         self.tracker = SharpnessTracker(
-            self.model, task.loss_fn, task.track_batches, k=cfg.track_k, method=cfg.hvp_method,
+            self.model, task.loss_fn, track_batches, k=cfg.track_k, method=cfg.hvp_method,
             bn_mode=cfg.hessian_bn_mode, tol=cfg.lanczos_tol, max_iter=cfg.lanczos_max_iter,
-            precondition=cfg.track_precond, seed=cfg.seed, chunk_weights=task.track_chunk_weights)
+            precondition=cfg.track_precond, seed=cfg.seed, chunk_weights=track_weights,
+            process_group=None if group is None else torch.distributed.group.WORLD)
         self.interval_start: tuple[int, float] | None = None  # (step, time) where throughput counting began
         self.throughput_rows: list = []
         self.density_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -140,7 +170,7 @@ class Trainer:
         self.warned_precond = False
         self.initial_loss: float | None = None
         self.pending: list[tuple[int, str, torch.Tensor | float]] = []
-        self.writer: record.RunWriter | None = None
+        self.writer: record.RunWriter | _NoRecord | None = None
         self.final: dict[str, float] = {}
 
     # ---- the step's gradient ---------------------------------------------------
@@ -149,12 +179,22 @@ class Trainer:
 
         The task gives the step's batch as weighted chunks (one for a
         minibatch, several for a full batch): the objective is sum_c w_c loss_c.
+        Under data parallelism the rank takes its pieces of them, and the loss
+        returned is its part of the objective (summed over ranks at flushes);
+        DDP averages the gradient over ranks, hence the factor ``world_size``,
+        and synchronises it once, at the rank's last piece.
         """
         self.model.train()
+        chunks = self.task.train_chunks(self.step)
+        scale = 1
+        if self.group is not None:
+            chunks, scale = self.group.shard(chunks), self.group.world_size
         total = None
-        for inputs, targets, weight in self.task.train_chunks(self.step):
-            loss = self.task.loss_fn(self.model(*as_args(inputs)), targets) * weight
-            loss.backward()
+        for i, (inputs, targets, weight) in enumerate(chunks):
+            defer = self.group is not None and i + 1 < len(chunks)
+            with self.train_model.no_sync() if defer else contextlib.nullcontext():
+                loss = self.task.loss_fn(self.train_model(*as_args(inputs)), targets) * weight
+                (loss * scale if scale != 1 else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
@@ -203,7 +243,13 @@ class Trainer:
         if not rows:
             return None, self.step
         tensors = [v for _, _, v in rows if isinstance(v, torch.Tensor)]
-        host = iter(torch.stack([v.double() for v in tensors]).tolist()) if tensors else iter(())
+        stacked = torch.stack([v.double() for v in tensors]) if tensors else None
+        if self.group is not None and stacked is not None:
+            # Each rank's train_loss is its part of the objective: one all-reduce for the interval's losses.
+            is_loss = torch.tensor([m == "train_loss" for _, m, v in rows if isinstance(v, torch.Tensor)],
+                                   device=stacked.device)
+            stacked = torch.where(is_loss, self.group.sum(stacked * is_loss), stacked)
+        host = iter(stacked.tolist()) if stacked is not None else iter(())
         values = [(s, m, next(host) if isinstance(v, torch.Tensor) else v) for s, m, v in rows]
         outcome = None
         for s, m, v in values:
@@ -310,6 +356,8 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------
     def _checkpoint(self) -> None:
+        if self.group is not None and not self.group.is_main:
+            return  # the ranks hold the same state; rank 0 saves it
         state = {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -340,15 +388,33 @@ class Trainer:
         Usable: it loads, and (given the record's ``metrics``) the metrics reach
         the step before it, so that replaying from it loses no row. Tries
         ``last.pt``, then ``previous.pt``; ValueError saying why when neither does.
+        Under data parallelism rank 0 chooses and reads the file and sends it
+        to the other ranks.
         """
+        found = None
+        if self.group is None or self.group.is_main:
+            try:
+                found = self._pick_checkpoint(metrics)
+            except (ValueError, FileNotFoundError) as exc:
+                found = exc
+        if self.group is not None:
+            found = self.group.broadcast(found)
+        if isinstance(found, Exception):
+            raise found
+        name, passed_over, data = found
+        self._apply_checkpoint(torch.load(io.BytesIO(data), map_location=self.device, weights_only=True))
+        return name, passed_over
+
+    def _pick_checkpoint(self, metrics) -> tuple[str, list[str], bytes]:
         directory = self.run_dir / record.CHECKPOINT_DIR
         passed_over = []
         for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT):
             path = directory / name
             if not path.exists():
                 continue
+            data = path.read_bytes()
             try:
-                state = torch.load(path, map_location=self.device, weights_only=True)
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except Exception as exc:  # truncated or corrupt file: torch says why in its own words
                 passed_over.append(f"{name} does not load ({type(exc).__name__}: {str(exc)[:120]})")
                 continue
@@ -358,8 +424,7 @@ class Trainer:
                 if reached < state["step"] - 1:
                     passed_over.append(f"{name} is at step {state['step']} but metrics.csv ends at step {reached}")
                     continue
-            self._apply_checkpoint(state)
-            return name, passed_over
+            return name, passed_over, data
         if not passed_over:
             raise FileNotFoundError(f"{self.run_dir} has no checkpoint (in {directory}); it cannot be resumed")
         raise ValueError(f"{self.run_dir} cannot be resumed without losing results: " + "; ".join(passed_over))
@@ -419,12 +484,44 @@ def _set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build(cfg: RunConfig, run_dir: Path) -> Trainer:
+def _build(cfg: RunConfig, run_dir: Path, group: distributed.Distributed | None = None) -> Trainer:
     device = resolve_device(cfg.device)
+    if group is not None:
+        device = group.device(device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     _set_seeds(cfg.seed)
     task = build_task(cfg, device, dtype)
-    return Trainer(cfg, run_dir, task, device)
+    return Trainer(cfg, run_dir, task, device, group)
+
+
+def _on_main_rank(group: distributed.Distributed | None, action: Callable[[], tuple[object, object]]):
+    """Run ``action()`` on rank 0 (or the only process), which returns ``(kept, shared)``.
+
+    Rank 0 gets both; the other ranks get ``(None, shared)``, or rank 0's
+    error raised: its checks (a record already there, a lock held elsewhere)
+    must stop every rank, not leave the others waiting in a collective.
+    """
+    if group is None:
+        return action()
+    kept = outcome = None
+    if group.is_main:
+        try:
+            kept, shared = action()
+            outcome = ("ok", shared)
+        except Exception as exc:
+            outcome = exc
+    outcome = group.broadcast(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return kept, outcome[1]
+
+
+def _environment(trainer: Trainer) -> dict:
+    env = environment_info(trainer.device)
+    env["data"] = trainer.task.data_info
+    if trainer.group is not None:  # a collective: every rank describes itself
+        env["distributed"] = trainer.group.describe(trainer.device)
+    return env
 
 
 def default_run_dir(cfg: RunConfig, out: str | Path) -> Path:
@@ -453,16 +550,24 @@ def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], 
     """
     cfg = dataclasses.replace(cfg).validate()  # a copy: the caller's config keeps what it asked for
     run_dir = Path(run_dir)
-    if (run_dir / record.CONFIG_FILE).exists():
-        raise FileExistsError(f"{run_dir} already holds a run record; choose a new directory or resume it")
-    with record.RunLock(run_dir) as lock:  # before any setup: a second writer learns at once
-        trainer = _build(cfg, run_dir)
+    group = distributed.setup(cfg.device)  # None unless started by torchrun
+    with contextlib.ExitStack() as stack:
+
+        def claim():
+            if (run_dir / record.CONFIG_FILE).exists():
+                raise FileExistsError(f"{run_dir} already holds a run record; choose a new directory or resume it")
+            return stack.enter_context(record.RunLock(run_dir)), None  # before any setup: a second writer learns at once
+
+        lock, _ = _on_main_rank(group, claim)
+        trainer = _build(cfg, run_dir, group)
         # The record names the data set actually loaded, so a resume cannot pick another one
         # ("auto" may resolve differently once another data set is fetched).
         cfg.dataset = trainer.task.data_info["dataset"]
-        env = environment_info(trainer.device)
-        env["data"] = trainer.task.data_info
-        trainer.writer = record.RunWriter.create(run_dir, cfg.to_dict(), env, lock=lock)
+        env = _environment(trainer)
+        if group is None or group.is_main:
+            trainer.writer = record.RunWriter.create(run_dir, cfg.to_dict(), env, lock=lock)
+        else:
+            trainer.writer = _NoRecord()
         trainer.writer.event("started", step=0, total_steps=trainer.total)
         return trainer.run(on_step)
 
@@ -480,24 +585,37 @@ def _check_same_data(run_dir: Path, recorded: dict, loaded: dict) -> None:
 def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = None) -> RunResult:
     """Continue the run recorded in ``run_dir`` from its last checkpoint."""
     run_dir = Path(run_dir)
-    if not record.is_run_dir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a run record: it has no {record.CONFIG_FILE}")
-    with record.RunLock(run_dir) as lock:  # one writer: a run still going elsewhere is not resumed
-        return _resume_locked(run_dir, lock, on_step)
+    group = distributed.setup()  # None unless started by torchrun (or in a process group already)
+    with contextlib.ExitStack() as stack:
+
+        def claim():
+            if not record.is_run_dir(run_dir):
+                raise FileNotFoundError(f"{run_dir} is not a run record: it has no {record.CONFIG_FILE}")
+            lock = stack.enter_context(record.RunLock(run_dir))  # a run still going elsewhere is not resumed
+            rec = record.read_run(run_dir)
+            if rec.status in ("finished", "diverged"):
+                raise ValueError(f"{run_dir} is already {rec.status}; nothing to resume")
+            recorded = rec.environment.get("distributed", {}).get("world_size", 1) if rec.environment else None
+            world = 1 if group is None else group.world_size
+            if recorded is not None and recorded != world:
+                raise ValueError(f"{run_dir} ran on {recorded} process(es); resume it with the same number "
+                                 f"(eos resume --nproc {recorded}), not {world}")
+            return lock, rec
+
+        lock, rec = _on_main_rank(group, claim)  # rank 0 reads the record; the others get a copy
+        return _resume_locked(run_dir, lock, rec, group, on_step)
 
 
-def _resume_locked(run_dir: Path, lock, on_step) -> RunResult:
-    rec = record.read_run(run_dir)
-    if rec.status in ("finished", "diverged"):
-        raise ValueError(f"{run_dir} is already {rec.status}; nothing to resume")
+def _resume_locked(run_dir: Path, lock, rec, group, on_step) -> RunResult:
     cfg = RunConfig.from_dict(rec.config).validate()
-    trainer = _build(cfg, run_dir)
+    trainer = _build(cfg, run_dir, group)
     _check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
     used, passed_over = trainer.load_checkpoint(rec.metrics)
-    trainer.writer = record.RunWriter.open(run_dir, lock=lock)
+    main = group is None or group.is_main
+    trainer.writer = record.RunWriter.open(run_dir, lock=lock) if main else _NoRecord()
     if not rec.environment:  # deleted or emptied: written again, and said so
-        env = environment_info(trainer.device)
-        env.update(data=trainer.task.data_info, rewritten_on_resume=record.utc_now())
+        env = _environment(trainer)
+        env["rewritten_on_resume"] = record.utc_now()
         trainer.writer.update_environment(**env)
     # The checkpoint at step t was taken before step t's tracking: replay from t.
     trainer.writer.truncate_metrics_after(trainer.step - 1)

@@ -172,7 +172,7 @@ def test_every_run_config_key_is_an_option_typed_by_its_declaration():
             flag = "--" + key.name.replace("_", "-")
             result = eos("run", "gflownet", flag, "x")
             assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, (flag, result.output)
-    assert sorted(params) == ["config", "name", "out", "set_", "task"]  # the command's own parameters
+    assert sorted(params) == ["config", "name", "nproc", "out", "set_", "task"]  # the command's own parameters
 
 
 @pytest.mark.parametrize("args, message", [
@@ -191,3 +191,15 @@ def test_flags_and_keys_without_a_hand_written_option_reach_the_config(tiny_data
     assert result.exit_code == 0, result.output
     config = read_run(tmp_path / "r").config
     assert config["track_precond"] is False and config["lanczos_tol"] == 1e-4
+
+
+@pytest.mark.slow  # torchrun and two ranks that import torch: 10-15 s (tests/experiments/test_distributed.py
+def test_nproc_runs_the_command_under_torchrun(tiny_data_dir, tmp_path):  # covers the same code in the default run)
+    """`eos run --nproc 2` starts two gloo ranks through torchrun; rank 0 writes the one record."""
+    result = eos("run", "eos-fullbatch", "--optimizer", "gd", "--lr", "0.1", "--steps", "4", "--nproc", "2",
+                 "--data-dir", tiny_data_dir, "--out", tmp_path, "--name", "two", *TINY)
+    assert result.exit_code == 0, result.output
+    run = read_run(tmp_path / "two")
+    assert run.status == "finished" and run.environment["distributed"]["world_size"] == 2
+    assert [e["event"] for e in run.events] == ["started", "hvp_method", "finished"]
+    assert run.config["steps"] == 4 and run.config["n_train"] == 100  # the options reached every rank
