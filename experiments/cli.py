@@ -10,7 +10,7 @@
     eos plot RUN_OR_DIR... [--kind]  stability figures
     eos report RUN_OR_DIR...         a self-contained report
     eos data list | fetch NAME       data sets here, and getting them
-    eos bench optimizer | sharpness | lm  benchmarks
+    eos bench optimizer | sharpness | lm | distributed  benchmarks
 
 Every command's help is its docstring; ``eos COMMAND --help`` shows it.
 """
@@ -446,6 +446,12 @@ def bench_sharpness(ctx: typer.Context):
 def bench_lm(ctx: typer.Context):
     """Language model: tokens/s of a training step and HVP / gradient ratios (extra arguments go to the benchmark)."""
     _bench("experiments.benchmarks.language_model", ctx)
+
+
+@bench_app.command("distributed", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_distributed(ctx: typer.Context):
+    """Step and HVP time on 1 vs N data-parallel ranks (extra arguments go to the benchmark; try --help)."""
+    _bench("experiments.benchmarks.distributed", ctx)
 
 
 def main() -> None:

@@ -147,7 +147,7 @@ class Trainer:
 
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=True)  # a task's parameter may sit out a step (GFlowNet's log Z)
+                find_unused_parameters=not task.every_parameter_used)
             track_batches, track_weights = group.shard_batches(track_batches, track_weights)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, task.param_groups(parameter_groups(self.model, cfg)))

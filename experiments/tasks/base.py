@@ -22,6 +22,9 @@ device in a dtype, provides:
 ``throughput_unit``       e.g. ``"tokens"``: the loop records ``tokens_per_second``
                           from ``items_per_step``; None records nothing
 ``state_dict()``          history the task keeps across steps (saved in checkpoints)
+``every_parameter_used``  False when a step's loss may leave some parameter without a
+                          gradient (data-parallel runs then look for such parameters
+                          every step, which costs a pass over the graph)
 
 Class attributes (read before a task is built): ``options``, the RunConfig
 keys the task reads beyond the common ones (``eos tasks`` lists them), and
@@ -76,6 +79,7 @@ class Task:
     options: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
     throughput_unit: ClassVar[str | None] = None
+    every_parameter_used: ClassVar[bool] = True
     splits: tuple[str, ...] = ("track",)
 
     model: torch.nn.Module

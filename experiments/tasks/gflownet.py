@@ -291,6 +291,7 @@ class GFlowNetTask(Task):
                 "batch_size": 16, "track_n": 64, "eval_n": 2000, "chunk_size": 64, "track_every": 100,
                 "full_batch": False}
     throughput_unit = "trajectories"
+    every_parameter_used = False  # log Z only in trajectory balance, state flows only in db / fm
     model_options = "hidden ([256, 256])"
 
     def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype):

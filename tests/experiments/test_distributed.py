@@ -35,6 +35,10 @@ SCENARIOS = {
     # minibatches of 21 drawn from (seed, step): pieces of 11 and 10
     "minibatch": dict(task="image-classification", n_train=120, batch_size=21, track_n=40, chunk_size=16,
                       optimizer="vradam", lr=0.01, beta3=3.0, steps=10, model="mlp-tanh", augment=False),
+    # on-policy trajectories sampled from (seed, step) on every rank, 9 per step; detailed balance leaves
+    # log Z without a gradient (the data-parallel wrapper must allow it)
+    "gflownet": dict(task="gflownet", ndim=2, height=4, objective="db", batch_size=9, track_n=8, eval_n=16,
+                     optimizer="adam", lr=1e-3, steps=6, track_every=3),
 }
 
 
@@ -95,6 +99,8 @@ def test_a_two_rank_run_records_what_one_process_records(records, name):
     assert (a[["step", "metric"]].values == b[["step", "metric"]].values).all()
     assert a["value"].values == pytest.approx(b["value"].values, rel=1e-9, abs=1e-12)
     assert {"train_loss", "sharpness", "threshold" if name == "fullbatch" else "precond_threshold"} <= set(a.metric)
+    if name == "gflownet":
+        assert {"l1_exact", "l1_empirical", "log_z_error"} <= set(a.metric)
     assert [e["event"] for e in ddp.events] == ["started", "finished"]  # rank 0 alone writes
     dist = ddp.environment["distributed"]
     assert dist["world_size"] == 2 and dist["backend"] == "gloo" and [r["device"] for r in dist["ranks"]] == ["cpu"] * 2
