@@ -29,6 +29,10 @@ negated when ``maximize``)::
   memory only. Step counts on the device (capturable mode) stay tensor math.
 * ``s_t`` is accumulated in float32 (float64 if any parameter is float64), so
   bf16 / fp16 parameters gate on an accurate norm.
+* Sharded parameters (FSDP2, any DTensor layout): :func:`vradam_step` steps
+  each rank's local shards and adds up the ranks' partial sums of s_t with one
+  all-reduce per step, so every rank gates with the same global s_t; see
+  :mod:`vradam.distributed` for what is summed over which ranks.
 
 Contract of :func:`vradam_step` (every implementation honours it):
 
@@ -44,10 +48,16 @@ Contract of :func:`vradam_step` (every implementation honours it):
 * At least one group must hold a parameter.
 * ``impl`` names a registered implementation: "reference" (the slow, plainly
   written twin in :mod:`vradam.reference`), "single_tensor" (one parameter at
-  a time), "foreach" (``torch._foreach_*`` kernels over lists). Another module
-  adds one with :func:`register_impl`; it is called as
-  ``fn(groups, gate=..., power=..., norm_scope=...)`` and returns
-  ``list[Telemetry]``. :func:`group_sums_to_telemetry` and
+  a time), "foreach" (``torch._foreach_*`` kernels over lists), "fused"
+  (Triton, :mod:`vradam.fused_triton`). Another module adds one with
+  :func:`register_impl`; it is called as
+  ``fn(groups, gate=..., power=..., norm_scope=..., reduce_sums=...)`` and
+  returns ``list[Telemetry]``. It sees plain tensors only (the local shards of
+  DTensors). It adds |x|^power of a parameter to its group's local sum only
+  where ``GroupTensors.counted`` is None or True for it, and, when
+  ``reduce_sums`` is not None, passes one 1-D tensor of local partial sums (per
+  group, optionally the total as well) through it once per step, before any
+  parameter moves, and gates with what it returns: the same sums over ranks. :func:`group_sums_to_telemetry` and
   :func:`accumulation_device_and_dtype` are the shared pieces of the gate.
 
 Example::
@@ -68,10 +78,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
+
+from vradam.distributed import local_shards
 
 GATES = ("velocity", "gradient")
 NORM_SCOPES = ("global", "group")
@@ -94,6 +106,10 @@ class GroupTensors:
     eps: float
     weight_decay: float
     maximize: bool = False
+    # Per parameter: whether this rank adds its |x|^power to the group's local
+    # sum of s_t (None: all). False for a tensor that other ranks, which reduce
+    # s_t together with this one, hold whole too (vradam.distributed).
+    counted: list[bool] | None = None
 
 
 class Telemetry(NamedTuple):
@@ -104,9 +120,14 @@ class Telemetry(NamedTuple):
     clamped: Tensor  # bool: beta3 * s_t >= alpha1
 
 
+SumReducer = Callable[[Tensor], Tensor]
+"""1-D local partial sums of s_t -> the same sums over ranks, elementwise (may work in place)."""
+
+
 class StepImpl(Protocol):
     def __call__(
-        self, groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str
+        self, groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str,
+        reduce_sums: SumReducer | None = None,
     ) -> list[Telemetry]: ...
 
 
@@ -125,13 +146,20 @@ def available_impls() -> tuple[str, ...]:
 def vradam_step(
     groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str, impl: str
 ) -> list[Telemetry]:
-    """One VRAdam step over all groups (module docstring: math and contract)."""
+    """One VRAdam step over all groups (module docstring: math and contract).
+
+    DTensor parameters are stepped through their local shards, with one
+    all-reduce of the per-group partial sums of s_t (:mod:`vradam.distributed`).
+    """
     validate_options(gate=gate, power=power, norm_scope=norm_scope)
     if impl not in _IMPLS:
         raise ValueError(f"impl={impl!r} is not one of the registered {available_impls()}")
     if not any(g.params for g in groups):
         raise ValueError("vradam_step needs at least one parameter with a gradient")
-    return _IMPLS[impl](groups, gate=gate, power=power, norm_scope=norm_scope)
+    groups, reduce_sums = local_shards(groups)
+    return _IMPLS[impl](
+        groups, gate=gate, power=power, norm_scope=norm_scope, reduce_sums=reduce_sums
+    )
 
 
 # ---------------------------------------------------------------- validation
@@ -192,14 +220,18 @@ def gate_telemetry(sq_norm: Tensor, *, lr: float | Tensor, beta3: float, alpha1:
 
 def group_sums_to_telemetry(
     group_sums: list[Tensor | None], groups: list[GroupTensors], *, norm_scope: str,
-    device: torch.device, dtype: torch.dtype,
+    device: torch.device, dtype: torch.dtype, reduce_sums: SumReducer | None = None,
 ) -> list[Telemetry]:
     """Per-group partial sums of |x|^power (None for an empty group) -> telemetry.
 
-    "global" adds all groups' sums into one s_t; "group" keeps each its own.
+    ``reduce_sums`` (sharded parameters) first sums the stacked local sums over
+    ranks: one call, one collective. "global" then adds all groups' sums into
+    one s_t; "group" keeps each its own.
     """
     zero = torch.zeros((), device=device, dtype=dtype)
     sums = [zero if s is None else s.to(device=device, dtype=dtype) for s in group_sums]
+    if reduce_sums is not None:
+        sums = list(reduce_sums(torch.stack(sums)).unbind())
     if norm_scope == "global":
         total = torch.stack(sums).sum()
         sums = [total] * len(sums)
@@ -243,24 +275,33 @@ def _sum_abs_pow(x: Tensor, power: float, dtype: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(x, power, dtype=dtype).pow(power)
 
 
+def _counted(g: GroupTensors) -> list[bool]:
+    return [True] * len(g.params) if g.counted is None else g.counted
+
+
 def _single_tensor_step(
-    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str
+    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str,
+    reduce_sums: SumReducer | None = None,
 ) -> list[Telemetry]:
     device, dtype = accumulation_device_and_dtype(groups)
     group_sums: list[Tensor | None] = []
     for g in groups:
         sums = []
-        for grad, v, m, step in zip(g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps):
+        for grad, v, m, step, counted in zip(
+            g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, _counted(g)
+        ):
             grad = -grad if g.maximize else grad
             step.add_(1)
             v.lerp_(grad, 1.0 - g.beta1)
             m.mul_(g.beta2).addcmul_(grad, grad, value=1.0 - g.beta2)
-            source = v if gate == "velocity" else grad
-            sums.append(_sum_abs_pow(source, power, dtype).to(device))
+            if counted:
+                source = v if gate == "velocity" else grad
+                sums.append(_sum_abs_pow(source, power, dtype).to(device))
         group_sums.append(torch.stack(sums).sum() if sums else None)
 
     telemetry = group_sums_to_telemetry(
-        group_sums, groups, norm_scope=norm_scope, device=device, dtype=dtype
+        group_sums, groups, norm_scope=norm_scope, device=device, dtype=dtype,
+        reduce_sums=reduce_sums,
     )
     for g, tel in zip(groups, telemetry):
         neg_eta, decay = -tel.eta, 1.0 - tel.eta * g.weight_decay
@@ -283,17 +324,18 @@ def _single_tensor_step(
 # ------------------------------------------------------------ multi tensor
 
 
-def _by_device_and_dtype(g: GroupTensors) -> list[tuple[list[Tensor], ...]]:
-    """Split a group's aligned lists into buckets that one foreach kernel can take."""
+def _by_device_and_dtype(g: GroupTensors) -> list[tuple[list, ...]]:
+    """Split a group's aligned lists (and ``counted``) into buckets one foreach kernel can take."""
     index: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(g.params):
         index.setdefault((p.device, p.dtype), []).append(i)
-    lists = (g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps)
+    lists = (g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, _counted(g))
     return [tuple([lst[i] for i in idx] for lst in lists) for idx in index.values()]
 
 
 def _foreach_step(
-    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str
+    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str,
+    reduce_sums: SumReducer | None = None,
 ) -> list[Telemetry]:
     device, dtype = accumulation_device_and_dtype(groups)
     bucketed = [_by_device_and_dtype(g) for g in groups]
@@ -301,7 +343,7 @@ def _foreach_step(
     group_sums: list[Tensor | None] = []
     for g, buckets in zip(groups, bucketed):
         sums = []
-        for _, grads, vs, ms, steps in buckets:
+        for _, grads, vs, ms, steps, counted in buckets:
             if g.maximize:
                 grads = torch._foreach_neg(grads)
             torch._foreach_add_(steps, 1)
@@ -309,15 +351,18 @@ def _foreach_step(
             torch._foreach_mul_(ms, g.beta2)
             torch._foreach_addcmul_(ms, grads, grads, 1.0 - g.beta2)
             source = vs if gate == "velocity" else grads
-            norms = torch._foreach_norm(source, power, dtype=dtype)
-            sums.append(torch.stack(norms).pow_(power).sum().to(device))
+            source = [x for x, c in zip(source, counted) if c]
+            if source:
+                norms = torch._foreach_norm(source, power, dtype=dtype)
+                sums.append(torch.stack(norms).pow_(power).sum().to(device))
         group_sums.append(torch.stack(sums).sum() if sums else None)
 
     telemetry = group_sums_to_telemetry(
-        group_sums, groups, norm_scope=norm_scope, device=device, dtype=dtype
+        group_sums, groups, norm_scope=norm_scope, device=device, dtype=dtype,
+        reduce_sums=reduce_sums,
     )
     for g, buckets, tel in zip(groups, bucketed, telemetry):
-        for params, _, vs, ms, steps in buckets:
+        for params, _, vs, ms, steps, _ in buckets:
             eta = tel.eta.to(params[0].device)
             if g.weight_decay != 0.0:
                 torch._foreach_mul_(params, 1.0 - eta * g.weight_decay)

@@ -56,6 +56,15 @@ is always lr. With the velocity gate the lag is mild, since
 v_t - v_{t-1} = (1 - beta1)(g_t - v_{t-1}) is a small part of v_t once v has
 built up; with the gradient gate s_{t-1} and s_t come from different batches.
 
+**Sharded parameters** (FSDP2, DTensor): :func:`vradam.functional.vradam_step`
+(and so ``VRAdam(..., fused=True)``) hands this step the local shards, which
+the kernels take like any tensor, and a ``reduce_sums`` that all-reduces the
+per-group sums ``s`` between the reduction and pass 2 (one collective on the
+G + 1 entries; :mod:`vradam.distributed`). A parameter that this rank holds
+whole alongside others (``GroupTensors.counted`` False) writes its partial
+sums to slots the reduction never reads. Calling :func:`fused_step` directly
+with DTensors raises a ValueError.
+
 **Without CUDA.** Triton is an optional extra (``pip install
 'eos-toolkit[fused]'``). This module imports without it; calling the step then
 raises a RuntimeError saying so. Parameters off CUDA raise a ValueError, except
@@ -86,7 +95,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from vradam.functional import GroupTensors, Telemetry, register_impl
+from vradam.distributed import is_dtensor
+from vradam.functional import GroupTensors, SumReducer, Telemetry, register_impl
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -100,6 +110,11 @@ __all__ = [
 ]
 
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTENSOR_REASON = (
+    "some tensors are DTensors; allowed: plain tensors (step DTensor parameters through "
+    "vradam_step or VRAdam, which pass the fused step their local shards and all-reduce "
+    "the norm, or use impl='foreach')"
+)
 _PLAN_CACHE_SIZE = 8
 
 
@@ -161,14 +176,17 @@ def _kernels() -> ModuleType:
 def unsupported_reason(groups: list[GroupTensors]) -> str | None:
     """Why the fused step cannot take these tensors, or None when it can.
 
-    Checks Triton, the device (CUDA, or CPU under the interpreter), one device
-    for all, parameter and moment dtypes, and the shared dense layout.
+    Checks Triton, plain tensors (not DTensors), the device (CUDA, or CPU under
+    the interpreter), one device for all, parameter and moment dtypes, and the
+    shared dense layout.
     """
     if _KERNELS is None:
         return "Triton is not installed (pip install 'eos-toolkit[fused]')"
     params = [p for g in groups for p in g.params]
     if not params:
         return "there is no parameter with a gradient"
+    if any(is_dtensor(t) for g in groups for t in g.params + g.grads + g.exp_avgs + g.exp_avg_sqs):
+        return _DTENSOR_REASON
     device = params[0].device
     allowed_device = "cpu" if is_interpreted() else "cuda"
     if device.type != allowed_device:
@@ -221,6 +239,7 @@ class _Launch:
     table: Tensor  # int64 [chunks, CHUNK_ROW_WIDTH], on the device
     num_chunks: int
     first_partial: int  # where this launch's partial sums start in the partial buffer
+    # (beyond the groups' ranges for tensors this rank does not count: never read)
     param_dtype: torch.dtype
     moment_dtype: torch.dtype
     aligned: bool  # every tensor starts on 16 bytes: whole tiles use vector loads
@@ -231,8 +250,8 @@ class _Plan:
     """Everything about a set of tensors that stays fixed from step to step."""
 
     launches: list[list[_Launch]]  # per group
-    group_bounds: Tensor  # int64 [groups + 1]: each group's range of partial sums
-    num_partials: int
+    group_bounds: Tensor  # int64 [groups + 1]: each group's range of counted partial sums
+    num_partials: int  # counted ones, then the uncounted (never reduced)
     empty_table: Tensor  # one row with no elements: pass 2 of a group without tensors
     step_mirror: Tensor | None  # device copy of host step counts; None: counts on device
 
@@ -253,6 +272,7 @@ def _plan_key(groups: list[GroupTensors], config: FusedConfig) -> tuple:
             tuple(t.data_ptr() for t in g.exp_avg_sqs),
             tuple(t.data_ptr() for t in g.steps),
             g.steps[0].device if g.steps else None,
+            None if g.counted is None else tuple(g.counted),
         )
         for g in groups
     )
@@ -276,10 +296,12 @@ def _build_plan(groups: list[GroupTensors], device: torch.device, config: FusedC
     num_steps = sum(len(g.steps) for g in groups)
     step_mirror = None if in_place else torch.zeros(num_steps, dtype=torch.float32, device=device)
     launches: list[list[_Launch]] = []
+    uncounted: list[_Launch] = []
     bounds = [0]
     step_index = 0
     for g in groups:
-        buckets: dict[tuple[torch.dtype, torch.dtype], list[list[int]]] = {}
+        buckets: dict[tuple[torch.dtype, torch.dtype, bool], list[list[int]]] = {}
+        counted = [True] * len(g.params) if g.counted is None else g.counted
         for i, (p, grad, v, m, s) in enumerate(
             zip(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps)
         ):
@@ -287,24 +309,31 @@ def _build_plan(groups: list[GroupTensors], device: torch.device, config: FusedC
             step_index += 1
             ptrs = [p.data_ptr(), grad.data_ptr(), v.data_ptr(), m.data_ptr()]
             n = p.numel()
-            rows = buckets.setdefault((p.dtype, v.dtype), [])
+            rows = buckets.setdefault((p.dtype, v.dtype, bool(counted[i])), [])
             for start in range(0, max(n, 1), config.chunk):
                 rows.append(ptrs + [start, min(start + config.chunk, n), step_ptr, 0])
         group_launches = []
         first_partial = bounds[-1]
-        for (param_dtype, moment_dtype), rows in buckets.items():
+        for (param_dtype, moment_dtype, is_counted), rows in buckets.items():
             table = _upload(torch.tensor(rows, dtype=torch.int64), device)
             aligned = all(ptr % 16 == 0 for row in rows for ptr in row[:4])
-            group_launches.append(
-                _Launch(table, len(rows), first_partial, param_dtype, moment_dtype, aligned))
-            first_partial += len(rows)
+            launch = _Launch(table, len(rows), first_partial, param_dtype, moment_dtype, aligned)
+            group_launches.append(launch)
+            if is_counted:
+                first_partial += len(rows)
+            else:
+                uncounted.append(launch)
         launches.append(group_launches)
         bounds.append(first_partial)
+    num_partials = bounds[-1]
+    for launch in uncounted:  # their partial sums go past every group's range
+        launch.first_partial = num_partials
+        num_partials += launch.num_chunks
     empty_row = torch.zeros(1, kernels.CHUNK_ROW_WIDTH, dtype=torch.int64)
     return _Plan(
         launches=launches,
         group_bounds=_upload(torch.tensor(bounds, dtype=torch.int64), device),
-        num_partials=bounds[-1],
+        num_partials=num_partials,
         empty_table=_upload(empty_row, device),
         step_mirror=step_mirror,
     )
@@ -400,12 +429,14 @@ def _telemetry(sq_norms: Tensor, etas: Tensor, clamped: Tensor, norm_scope: str)
 
 def fused_step(
     groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str,
-    config: FusedConfig | None = None,
+    reduce_sums: SumReducer | None = None, config: FusedConfig | None = None,
 ) -> list[Telemetry]:
     """One exact VRAdam step over all groups (contract: :func:`vradam.functional.vradam_step`).
 
     ``config`` sets the launch shape (default :data:`DEFAULT_CONFIG`). Returns
     one Telemetry per group, float32 0-dim tensors on the parameters' device.
+    ``reduce_sums`` (sharded parameters) sums the G + 1 norms over ranks
+    between the reduction and pass 2.
     """
     kernels = _kernels()
     config = config or DEFAULT_CONFIG
@@ -433,6 +464,7 @@ def fused_step(
         partials, plan.group_bounds, sq_norms, num_groups, BLOCK=config.block,
         num_warps=config.num_warps,
     )
+    _reduce_over_ranks(sq_norms, reduce_sums)
     for gi, (g, group_launches) in enumerate(zip(groups, plan.launches)):
         norm_slot = num_groups if norm_scope == "global" else gi
         lr, lr_is_pointer = _lr_argument(g.lr, device)
@@ -462,7 +494,8 @@ def fused_lagged_step(
     ``previous_sq_norms``: per group, the ``sq_norm`` this function returned for
     it at the previous step (0-dim float32 zeros before the first step). The
     returned Telemetry holds eta_t and the clamp flag of this step, and s_t,
-    the norm that will gate the next step.
+    the norm that will gate the next step. Plain tensors only: it does not
+    sum s_t over ranks.
     """
     kernels = _kernels()
     config = config or DEFAULT_CONFIG
@@ -507,8 +540,19 @@ def fused_lagged_step(
     return _telemetry(sq_norms, etas, clamped, norm_scope)
 
 
+def _reduce_over_ranks(sq_norms: Tensor, reduce_sums: SumReducer | None) -> None:
+    """Replace the local s per group (and their total) by the sums over ranks."""
+    if reduce_sums is None:
+        return
+    reduced = reduce_sums(sq_norms)
+    if reduced is not sq_norms:
+        sq_norms.copy_(reduced)
+
+
 def _device_of(groups: list[GroupTensors]) -> torch.device:
-    """The parameters' device, refusing one the kernels cannot run on."""
+    """The parameters' device, refusing one the kernels cannot run on, and DTensors."""
+    if any(is_dtensor(p) for g in groups for p in g.params):
+        raise ValueError(f"impl='fused' cannot step these parameters: {_DTENSOR_REASON}")
     device = next(p.device for g in groups for p in g.params)
     if device.type != "cuda" and not (device.type == "cpu" and is_interpreted()):
         raise ValueError(

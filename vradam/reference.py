@@ -30,14 +30,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vradam.functional import GroupTensors, Telemetry, register_impl
+from vradam.functional import GroupTensors, SumReducer, Telemetry, register_impl
 from vradam.optimizer import VRAdam
 
 
 def reference_step(
-    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str
+    groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str,
+    reduce_sums: SumReducer | None = None,
 ) -> list[Telemetry]:
-    """One VRAdam step, plainly written; same contract as ``vradam_step``."""
+    """One VRAdam step, plainly written; same contract as ``vradam_step``.
+
+    Sharded parameters: ``groups`` hold the local shards; ``reduce_sums`` adds
+    the ranks' partial sums (``vradam_step`` passes both).
+    """
     params = [p for group in groups for p in group.params]
     device = params[0].device
     acc_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -54,10 +59,12 @@ def reference_step(
             group.steps[i].add_(1)
             v.copy_(group.beta1 * v + (1 - group.beta1) * g)
             m.copy_(group.beta2 * m + (1 - group.beta2) * g * g)
-            sources.append(v if gate == "velocity" else g)
+            if group.counted is None or group.counted[i]:  # see GroupTensors.counted
+                sources.append(v if gate == "velocity" else g)
         gate_sources.append(sources)
 
-    # 2. s_t: the sum of |x|^power, per group, then over all groups if global
+    # 2. s_t: the sum of |x|^power, per group, then over all groups if global;
+    #    sharded: the sums of this rank's shards, added up over the ranks
     def sum_abs_pow(xs: list[Tensor]) -> Tensor:
         total = torch.zeros((), dtype=acc_dtype, device=device)
         for x in xs:
@@ -65,8 +72,10 @@ def reference_step(
         return total
 
     per_group = [sum_abs_pow(sources) for sources in gate_sources]
+    everything = sum_abs_pow([x for sources in gate_sources for x in sources])
+    if reduce_sums is not None:
+        *per_group, everything = reduce_sums(torch.stack(per_group + [everything])).unbind()
     if norm_scope == "global":
-        everything = sum_abs_pow([x for sources in gate_sources for x in sources])
         per_group = [everything for _ in groups]
 
     # 3. eta_t per group, and 4. the AdamW-shaped update at rate eta_t
