@@ -20,6 +20,24 @@ the gate of a group as 0-dim device tensors (no sync); they live in the param
 group dicts under ``eta``, ``sq_norm`` and ``clamped`` and therefore travel
 with ``state_dict()``.
 
+**Distributed runs.** Under DDP (plain parameters, gradients already averaged)
+every rank holds whole tensors and computes the full s_t alone: no
+collective. Under FSDP2 (``fully_shard``) or any DTensor layout, the update is
+elementwise and each rank applies it to its local shards (moments stay
+DTensors laid out like their parameters); only s_t needs the other ranks.
+Each rank sums |x|^power over its local shards per param group, and ONE
+all-reduce (SUM) per step of that vector of per-group sums, before any
+parameter moves, gives every rank the global s_t for both ``norm_scope``
+values (global: the sum of the reduced entries). It runs over the ranks that
+hold different shards: the mesh dimensions with a ``Shard`` placement (FSDP:
+the mesh; HSDP ``(Replicate, Shard)``: the shard dimension only, never the
+replicas). A tensor held whole along such a dimension (``Replicate`` there, or
+a plain tensor among DTensors) is counted by one rank of it only. So
+``telemetry()`` reports the same global eta, sq_norm and clamped on every rank,
+all-reduced on the device, without a host sync. Every rank must call
+``step()``; all DTensor parameters must share one DeviceMesh (ValueError
+otherwise). Details: :mod:`vradam.distributed`.
+
 Example::
 
     >>> import torch
@@ -74,7 +92,8 @@ class VRAdam(torch.optim.Optimizer):
             parameter is on CUDA / XPU, as torch.optim does.
         capturable: keep step counts on the parameters' device (CUDA graphs).
         fused: use the "fused" implementation registered by
-            ``vradam.fused_triton`` (CUDA parameters only).
+            ``vradam.fused_triton`` (CUDA parameters only; FSDP2 / DTensor
+            shards too, with the same single all-reduce).
     """
 
     def __init__(
