@@ -1,30 +1,55 @@
-"""Benchmark the curvature engine on real data: HVP cost and the cost of the top eigenvalue.
+"""Benchmark the curvature engine on real data: HVP cost, the cost of the top eigenvalue, and the peers.
 
 For the edge-of-stability MLP (784-200-200-10, tanh) and a small CNN (two
-3x3 convolutions, tanh), trained a few full-batch gradient-descent steps on a
-class-balanced Fashion-MNIST subset with MSE on one-hot targets, it prints:
+3x3 convolutions, tanh), each after a chosen number of full-batch
+gradient-descent steps on a class-balanced Fashion-MNIST subset with MSE on
+one-hot targets (``--configs``: ``mlp-init`` = MLP at initialisation,
+``mlp-trained`` = MLP after 200 steps at lr 0.05, ``cnn`` = CNN at
+initialisation, or any ``MODEL:STEPS``), it prints three sections
+(``--sections``, default all):
 
-* the wall time of one Hessian-vector product per method, as a ratio to one
-  full-batch gradient (medians over interleaved repeats);
-* for the top Hessian eigenvalue, the products and seconds each solver takes:
-  our Lanczos (cold, and warm-started after one training step), our power
-  iteration, ``scipy.sparse.linalg.eigsh`` with ``tol=0`` (the setting of the
-  classic edge-of-stability code) and with ``tol=1e-3``, and PyHessian's power
-  iteration when ``pyhessian`` is installed.  "to 1e-3" is the first product
-  after which the solver's estimate is within 1e-3 (relative) of a tight
-  reference (Lanczos, residual 1e-10): an oracle count; "stop" is where the
-  solver's own rule stopped, with the error it had there.
+* ``hvp``: the wall time of one Hessian-vector product per method, as a ratio
+  to one full-batch gradient (medians over interleaved repeats);
+* ``solvers``: for the top Hessian eigenvalue, the products and seconds each
+  solver takes: our Lanczos (cold, and warm-started after one training
+  step), our power iteration, ``scipy.sparse.linalg.eigsh`` with ``tol=0``
+  (the setting of the classic edge-of-stability code) and with ``tol=1e-3``.
+  "to 1e-3" is the first product after which the solver's estimate is within
+  1e-3 (relative) of a tight reference (Lanczos, residual 1e-10): an oracle
+  count; "stop" is where the solver's own rule stopped, with the error it had
+  there;
+* ``peers``: the same question answered by the peer libraries, each with its
+  own operator and stopping rule (:mod:`experiments.benchmarks.peers`:
+  PyHessian's power iteration, hessian-eigenthings' Lanczos and power
+  iteration, curvlinops' operator under ``eigsh``), and by ours, a
+  :class:`eos_toolkit.tracker.SharpnessTracker` with its defaults: its first
+  measurement ("cold") and its next one after one GD step ("warm").  Every
+  row: products, wall seconds, relative error to a tight reference (our
+  Lanczos, float64 vectors, eigenvalue bound 1e-10), and the ratios of
+  products and seconds to the *best accurate peer*: the fastest peer run
+  within 1e-3 relative error.  Peer products are counted inside each peer's
+  operator; ours are the tracker's own ``hessian_matvecs`` and
+  ``hessian_seconds``.  Peers that are not installed are skipped with the
+  command that installs them (``pip install "eos-toolkit[bench]"``, then
+  ``pip install --no-deps curvlinops-for-pytorch``).
 
-Targets checked at the end: HVP (forward-over-reverse) <= 4 gradients on the
-CPU; cold Lanczos (own stop, tol 1e-3) <= 1/3 of eigsh(tol=0)'s products;
-warm start after one step <= 5 products.
+Targets checked at the end of each section: HVP (forward-over-reverse) <= 4
+gradients on the CPU; cold Lanczos (own stop, tol 1e-3) <= 1/3 of
+eigsh(tol=0)'s products; warm start after one step <= 5 products; ours cold
+and warm <= 0.8 x the best accurate peer's products and <= 0.7 x its
+seconds, within 1e-3 relative error.
 
     python -m experiments.benchmarks.sharpness --n-examples 1000 --threads 2
+    python -m experiments.benchmarks.sharpness --sections peers --threads 1
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
+import math
 import statistics
+import sys
 import time
 
 import torch
@@ -82,6 +107,15 @@ def full_gradient(model: nn.Module, chunks) -> None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # sync: timing only
+
+
+def timed_result(fn, device):
+    """``(fn(), wall seconds)``, synchronised on CUDA."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
 
 
 def timed(fn, device) -> float:
@@ -181,13 +215,8 @@ def solver_table(op, reference: float, args, lines: list[str]) -> dict[str, floa
             runs.append((op.n_matvecs - before, 0, error, seconds))
         counts[f"eigsh_tol{tol:g}"] = statistics.median(r[0] for r in runs)
         lines.append(median_row(f"scipy eigsh (tol={tol:g})", runs).replace("        0 ", "        - "))
-    try:
-        import pyhessian  # noqa: F401
-    except ImportError:
-        lines.append("  pyhessian: not installed, skipped (optional; pip install pyhessian to compare)")
-    else:
-        lines.append("  pyhessian: installed, but not run: its power iteration wants its own"
-                     " model/data wrapper; the power-iteration row uses its stopping rule")
+    lines.append("  (the power-iteration row uses PyHessian's stopping rule; PyHessian itself and the other peer "
+                 "libraries run in --sections peers)")
     return counts
 
 
@@ -204,19 +233,72 @@ class Printer(list):
         return self
 
 
-def bench_model(name: str, args, device: torch.device, images, targets) -> list[str]:
+CONFIGS = {"mlp-init": ("mlp", 0), "mlp-trained": ("mlp", 200), "cnn": ("cnn", 0)}
+MODELS = ("mlp", "cnn")
+SECTIONS = ("hvp", "solvers", "peers")
+
+
+def parse_config(text: str) -> tuple[str, str, int]:
+    """``mlp-init`` | ``mlp-trained`` | ``cnn`` | ``MODEL:STEPS`` -> (label, model, GD steps before measuring)."""
+    if text in CONFIGS:
+        return (text, *CONFIGS[text])
+    model, sep, steps = text.partition(":")
+    if not sep or model not in MODELS or not steps.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"a config is one of {sorted(CONFIGS)} or MODEL:STEPS with MODEL in {MODELS} and STEPS >= 0, "
+            f"got {text!r}")
+    return text, model, int(steps)
+
+
+def prepare(config: tuple[str, str, int], args, device, images, targets):
+    """The config's model after its GD steps at ``args.lr``, and the measurement chunks."""
+    _, name, steps = config
     torch.manual_seed(args.seed)
     model = build(name, args.seed, device)
     chunks = chunks_of(images, targets, args.chunk_size)
-    for _ in range(args.pretrain_steps):
+    for _ in range(steps):
         gd_step(model, chunks, args.lr)
+    return model, chunks
+
+
+def describe(config, model, chunks, args) -> str:
+    label, name, steps = config
     n_params = sum(p.numel() for p in model.parameters())
+    n_examples = sum(len(t) for _, t in chunks)
+    return (f"{label}: {name}, {n_params:,} parameters, {n_examples} examples in {len(chunks)} chunk(s), "
+            f"after {steps} GD steps at lr {args.lr}")
+
+
+def reference_eigen(model, chunks, args, v0=None):
+    """A tight lambda_1: our Lanczos on float64 vectors, eigenvalue error bound <= 1e-10 relative (or its budget)."""
+    from eos_toolkit.solvers import eigenvalue_error_bound
+
+    op = hessian_operator(model, nn.functional.mse_loss, chunks, dtype=torch.float64)
+    generator = torch.Generator(device=op.device).manual_seed(args.seed)
+    tight = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=args.reference_iter, v0=v0, criterion="eigenvalue",
+                    dtype=op.dtype, device=op.device, generator=generator)
+    value = float(tight.eigenvalues[0])
+    bound = float(eigenvalue_error_bound(tight.residuals[:1], (tight.eigenvalues[:1] - tight.eigenvalues[1:]).abs()))
+    text = (f"lambda_1 = {value:.6f} (our Lanczos, float64 vectors: residual {float(tight.residuals[0]):.1e}, "
+            f"error bound {bound / abs(value):.0e} relative, {tight.n_matvecs} products)")
+    return value, tight.eigenvectors[:, 0], text
+
+
+def hvp_section(config, model, chunks, args, device) -> dict[str, bool]:
     out = Printer()
-    out.append(f"== {name}: {n_params:,} parameters, {len(targets)} examples in {len(chunks)} chunk(s), "
-               f"after {args.pretrain_steps} GD steps at lr {args.lr} ==")
+    out.append(f"== hvp: {describe(config, model, chunks, args)} ==")
     ratios = hvp_ratios(model, chunks, device, args.repeats)
     out.append(f"  gradient: {ratios['gradient_seconds'] * 1e3:.1f} ms (median of {args.repeats})")
     out += [f"  HVP {m:<22} {ratios[m]:5.2f} x gradient" for m in METHODS]
+    verdict = {f"HVP forward-over-reverse <= 4 x gradient ({ratios['forward_over_reverse']:.2f})":
+               ratios["forward_over_reverse"] <= 4.0}
+    out += [f"  target {'PASS' if ok else 'FAIL'}: {text}" for text, ok in verdict.items()]
+    return verdict
+
+
+def solver_section(config, model, chunks, args, device) -> dict[str, bool]:
+    out = Printer()
+    out.append(f"== solvers: {describe(config, model, chunks, args)} ==")
     op = hessian_operator(model, nn.functional.mse_loss, chunks, dtype=torch.float64)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     tight = lanczos(op.matvec, op.dim, 1, tol=1e-10, max_iter=400, dtype=op.dtype, device=device,
@@ -244,8 +326,6 @@ def bench_model(name: str, args, device: torch.device, images, targets) -> list[
                        first_within(warm.history, new_reference), error, seconds))
     eigsh_products = counts["eigsh_tol0"]
     verdict = {
-        f"HVP forward-over-reverse <= 4 x gradient ({ratios['forward_over_reverse']:.2f})":
-            ratios["forward_over_reverse"] <= 4.0,
         f"cold Lanczos reaches 1e-3 within 1/3 of eigsh(tol=0)'s products "
         f"({counts['lanczos_oracle']:g} vs {eigsh_products:g})":
             counts["lanczos_oracle"] * 3 <= eigsh_products,
@@ -259,32 +339,262 @@ def bench_model(name: str, args, device: torch.device, images, targets) -> list[
             max(warm_counts.values()) <= 5,
     }
     out += [f"  target {'PASS' if ok else 'FAIL'}: {text}" for text, ok in verdict.items()]
-    return out
+    return verdict
+
+
+# -- peers -----------------------------------------------------------------------------------
+
+def summarize(results: list, reference: float) -> dict:
+    """Medians over trials of products, seconds and relative error; converged count; the first stop reason."""
+    errors = [abs(r.eigenvalue - reference) / abs(reference) if math.isfinite(r.eigenvalue) else math.inf
+              for r in results]
+    return {"products": statistics.median(r.products for r in results),
+            "seconds": statistics.median(r.seconds for r in results),
+            "error": statistics.median(errors),
+            "converged": f"{sum(bool(r.converged) for r in results)}/{len(results)}",
+            "stop": results[0].stop_reason}
+
+
+def tracker_runs(model, chunks, args, snapshot) -> tuple[list, list, list, str]:
+    """Ours, per trial: [method selection], cold measure(), and measure() after one GD step.
+
+    Each trial starts a fresh :class:`~eos_toolkit.tracker.SharpnessTracker`
+    (default ``tol``, ``k=1``, seed ``args.seed + trial``) on the snapshot's
+    parameters.  When the tracker has ``choose_method()`` (``method="auto"``),
+    that call is timed as its own row, outside the cold measurement.
+    """
+    from eos_toolkit.tracker import SharpnessTracker
+    from experiments.benchmarks.peers import PeerResult
+
+    signature = inspect.signature(SharpnessTracker)
+    tol = signature.parameters["tol"].default
+    auto = hasattr(SharpnessTracker, "choose_method")
+    method = "auto" if auto else signature.parameters["method"].default
+    selection, cold, warm = [], [], []
+    for trial in range(args.peer_trials):
+        model.load_state_dict(snapshot)
+        tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, tol=tol, method=method,
+                                   seed=args.seed + trial)
+        if auto:
+            before = tracker.hessian.n_matvecs
+            choice, seconds = timed_result(tracker.choose_method, model_device(model))
+            choice = choice["method"] if isinstance(choice, dict) else choice
+            selection.append(PeerResult("ours method selection", float("nan"), tracker.hessian.n_matvecs - before,
+                                        seconds, True, f"chose {choice}"))
+        for rows in (cold, warm):
+            if rows is warm:
+                gd_step(model, chunks, args.lr)
+            metrics, seconds = timed_result(tracker.measure, model_device(model))
+            stop = "residual < tol" if metrics["hessian_converged"] else "max_iter reached"
+            result = PeerResult("ours", metrics["sharpness"], int(metrics["hessian_matvecs"]),
+                                metrics["hessian_seconds"], bool(metrics["hessian_converged"]),
+                                f"{stop}; measure() {seconds:.2f} s")
+            rows.append(result)
+    model.load_state_dict(snapshot)
+    return selection, cold, warm, f"SharpnessTracker(k=1, tol={tol:g}, method={method!r})"
+
+
+def progress(name: str, stats: dict) -> dict:
+    """Say on stderr that a row is done (the table comes at the end of the section); returns the row."""
+    print(f"  .. {name}: {stats['products']:g} products, {stats['seconds']:.2f} s, error {stats['error']:.1e}",
+          file=sys.stderr, flush=True)
+    return stats
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def peer_row(name: str, stats: dict, ratio: tuple[float, float]) -> str:
+    products, seconds = ratio
+    error = "-" if math.isnan(stats["error"]) else f"{stats['error']:.1e}"
+    return (f"  {name:<34} {stats['products']:>8g} {stats['seconds']:>8.2f} {error:>10} "
+            f"{stats['converged']:>5} {products:>9.2f} {seconds:>8.2f}  {stats['stop']}")
+
+
+def print_peer_table(out, title: str, table: dict[str, dict], best: str | None) -> None:
+    from experiments.benchmarks.peers import ratios
+
+    rows = {name: (s["products"], s["seconds"], s["error"]) for name, s in table.items()}
+    shares = ratios(rows, best)
+    out.append(f"  {title}")
+    out.append(f"  {'row':<34} {'products':>8} {'seconds':>8} {'rel.error':>10} {'conv':>5} "
+               f"{'prod/best':>9} {'sec/best':>8}  stop")
+    for name, stats in table.items():
+        out.append(peer_row(name, stats, shares[name]))
+
+
+def goal_lines(ours: dict, best_name: str | None, best: dict | None, label: str,
+               peers_ran: bool = True) -> dict[str, bool | None]:
+    """The products and seconds goals of one of our rows against the best accurate peer.
+
+    "At equal or better accuracy" is read as: ours is within the same 1e-3
+    relative error that qualified the peer (both errors are printed).  A
+    goal without a peer to compare with is ``None`` (SKIP) when no peer is
+    installed, ``False`` (FAIL) when peers ran and none was accurate.
+    """
+    if not peers_ran:
+        return {f"{label}: no peer library is installed, nothing to compare with": None}
+    if best is None:
+        return {f"{label}: no peer reached {REL_TARGET:g} relative error, nothing to compare with": False}
+    accurate = ours["error"] <= REL_TARGET
+    accuracy = f"error {ours['error']:.1e} vs {best['error']:.1e}"
+    products = ours["products"] / best["products"]
+    seconds = ours["seconds"] / best["seconds"]
+    return {
+        f"{label} products <= 0.8 x {best_name} ({ours['products']:g} vs {best['products']:g} = {products:.2f}x; "
+        f"{accuracy})": accurate and products <= 0.8,
+        f"{label} seconds <= 0.7 x {best_name} ({ours['seconds']:.2f} vs {best['seconds']:.2f} = {seconds:.2f}x; "
+        f"{accuracy})": accurate and seconds <= 0.7,
+    }
+
+
+def peer_table(config, model, chunks, args, device=None) -> dict[str, bool | None]:
+    """The peer section for one config: reference, each peer cold (and warm where it takes a start), ours cold and warm.
+
+    Returns the goals it printed (True PASS, False FAIL, None SKIP).
+    """
+    from experiments.benchmarks.peers import PEERS, best_accurate, peer_availability
+
+    out = Printer()
+    out.append(f"== peers: {describe(config, model, chunks, args)}, {args.peer_trials} trial(s) "
+               f"(medians) ==")
+    loss = nn.functional.mse_loss
+    snapshot = copy.deepcopy(model.state_dict())
+    reference, ref_vector, text = reference_eigen(model, chunks, args)
+    out.append(f"  reference {text}")
+    gd_step(model, chunks, args.lr)
+    after, _, text = reference_eigen(model, chunks, args, v0=ref_vector)
+    out.append(f"  one GD step later: reference {text}")
+    model.load_state_dict(snapshot)
+    start = ref_vector.to(next(model.parameters()).dtype)
+
+    available = peer_availability()
+    cold: dict[str, dict] = {}
+    warm: dict[str, dict] = {}
+    for peer in PEERS.values():
+        if available[peer.name] is not None:
+            out.append(f"  {peer.label}: skipped: {available[peer.name]}")
+            continue
+        # Untimed warm-up, two products on the same data: first-call costs (allocations at these shapes,
+        # torch.func set-up, ARPACK) stay out of the rows, as our reference run keeps them out of ours.
+        peer.run(model, loss, chunks, tol=REL_TARGET, max_iter=2, seed=args.seed)
+        for tol in args.peer_tols:
+            runs = [peer.run(model, loss, chunks, tol=tol, max_iter=args.peer_max_iter, seed=args.seed + trial)
+                    for trial in range(args.peer_trials)]
+            cold[f"{peer.label} (tol {tol:g})"] = progress(f"{peer.label} (tol {tol:g})", summarize(runs, reference))
+            if peer.takes_start:
+                runs = []
+                for _ in range(args.peer_trials):
+                    gd_step(model, chunks, args.lr)
+                    runs.append(peer.run(model, loss, chunks, tol=tol, max_iter=args.peer_max_iter, seed=args.seed,
+                                         v0=start))
+                    model.load_state_dict(snapshot)
+                name = f"{peer.label} warm (tol {tol:g})"
+                warm[name] = progress(name, summarize(runs, after))
+    selection, ours_cold, ours_warm, ours_text = tracker_runs(model, chunks, args, snapshot)
+    peer_rows = {name: (s["products"], s["seconds"], s["error"]) for name, s in cold.items()}
+    best = best_accurate(peer_rows, REL_TARGET)
+    table = dict(cold)
+    if selection:
+        table["ours method selection"] = dict(summarize(selection, reference), error=math.nan)  # no eigenvalue
+    table["ours cold"] = summarize(ours_cold, reference)
+    table["ours warm (one GD step later)"] = summarize(ours_warm, after)
+    print_peer_table(out, "cold: each solver from a random start; ours warm: its next measure() after one GD step",
+                     table, best)
+    out.append(f"  ours: {ours_text}; products and seconds are its hessian_matvecs and hessian_seconds")
+    if not cold:
+        out.append("  best accurate peer: none (no peer library installed)")
+    elif best is None:
+        out.append(f"  best accurate peer: none (no peer run within {REL_TARGET:g} relative error)")
+    else:
+        out.append(f"  best accurate peer: {best} (the fastest peer run within {REL_TARGET:g} relative error)")
+    if warm:
+        warm_rows = {name: (s["products"], s["seconds"], s["error"]) for name, s in warm.items()}
+        best_warm = best_accurate(warm_rows, REL_TARGET)
+        warm_table = dict(warm)
+        warm_table["ours warm (one GD step later)"] = table["ours warm (one GD step later)"]
+        print_peer_table(out, "warm, for information: peers that take a start vector, one GD step later, started "
+                         "from the previous reference eigenvector (ratios to the best of them)", warm_table,
+                         best_warm)
+    best_stats = cold.get(best) if best else None
+    verdict = goal_lines(table["ours cold"], best, best_stats, "ours cold", peers_ran=bool(cold))
+    verdict.update(goal_lines(table["ours warm (one GD step later)"], best, best_stats, "ours warm",
+                              peers_ran=bool(cold)))
+    warm_products = table["ours warm (one GD step later)"]["products"]
+    verdict[f"ours warm <= 5 products ({warm_products:g})"] = warm_products <= 5
+    out += [f"  goal {'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}: {text}" for text, ok in verdict.items()]
+    return verdict
+
+
+def peer_header() -> str:
+    """One line: each peer's installed version, or why it is skipped."""
+    from experiments.benchmarks.peers import PEERS, peer_availability, peer_versions
+
+    available, versions = peer_availability(), peer_versions()
+    parts = [f"{peer.label} {versions[name]}" if available[name] is None else f"{peer.label} not importable"
+             for name, peer in PEERS.items()]
+    return "peers: " + ", ".join(parts)
+
+
+SECTION_RUNNERS = {"hvp": hvp_section, "solvers": solver_section, "peers": peer_table}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="which sections to run (default: all)")
+    parser.add_argument("--configs", nargs="+", type=parse_config, default=None,
+                        help=f"models and GD steps: {', '.join(CONFIGS)} or MODEL:STEPS "
+                             f"(default: {' '.join(CONFIGS)})")
+    parser.add_argument("--models", nargs="+", default=None, choices=MODELS,
+                        help="shorthand for --configs MODEL:STEPS with --pretrain-steps")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="GD steps before measuring, with --models (default 20)")
     parser.add_argument("--n-examples", type=int, default=1000)
     parser.add_argument("--chunk-size", type=int, default=1000, help="examples per HVP chunk")
     parser.add_argument("--data-dir", default=None, help="data directory (default: the data layer's search)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on the CPU")
     parser.add_argument("--lr", type=float, default=0.05, help="gradient-descent rate for the warm-up steps")
-    parser.add_argument("--pretrain-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per HVP method")
     parser.add_argument("--max-iter", type=int, default=200, help="Lanczos product budget")
     parser.add_argument("--power-iter", type=int, default=100, help="power-iteration product budget")
     parser.add_argument("--trials", type=int, default=3, help="random starts per cold solver (medians)")
+    parser.add_argument("--peer-tols", nargs="+", type=float, default=[1e-3, 1e-4],
+                        help="the tol given to each peer's own stopping rule (one row per value)")
+    parser.add_argument("--peer-max-iter", type=int, default=100, help="each peer's product budget")
+    parser.add_argument("--peer-trials", type=int, default=1, help="random starts per peer row and for ours (medians)")
+    parser.add_argument("--reference-iter", type=int, default=300, help="product budget of the tight reference")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.configs is not None and (args.models is not None or args.pretrain_steps is not None):
+        parser.error("give either --configs or --models/--pretrain-steps, not both")
+    if args.models is not None or args.pretrain_steps is not None:
+        steps = 20 if args.pretrain_steps is None else args.pretrain_steps
+        if steps < 0:
+            parser.error(f"--pretrain-steps must be >= 0, got {steps}")
+        args.configs = [parse_config(f"{m}:{steps}") for m in (args.models or MODELS)]
+    configs = args.configs or [parse_config(c) for c in CONFIGS]
+    for flag in ("n_examples", "chunk_size", "repeats", "max_iter", "power_iter", "trials", "peer_max_iter",
+                 "peer_trials", "reference_iter"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if any(not (math.isfinite(t) and t >= 0) for t in args.peer_tols):
+        parser.error(f"--peer-tols must be finite numbers >= 0, got {args.peer_tols}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     images, targets, source = load_subset(args.n_examples, args.data_dir, device)
     print(f"device {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}; data: {source}")
-    for name in args.models:
-        bench_model(name, args, device, images, targets)
+    if "peers" in args.sections:
+        print(peer_header())
+    for config in configs:
+        model, chunks = prepare(config, args, device, images, targets)
+        snapshot = copy.deepcopy(model.state_dict())
+        for section in args.sections:
+            model.load_state_dict(snapshot)
+            SECTION_RUNNERS[section](config, model, chunks, args, device)
 
 
 if __name__ == "__main__":
