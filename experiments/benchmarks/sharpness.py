@@ -345,14 +345,19 @@ def solver_section(config, model, chunks, args, device) -> dict[str, bool]:
 # -- peers -----------------------------------------------------------------------------------
 
 def summarize(results: list, reference: float) -> dict:
-    """Medians over trials of products, seconds and relative error; converged count; the first stop reason."""
+    """Medians over trials of products, seconds and relative error; converged count; the median trial's stop reason.
+
+    The median trial is the one whose product count is nearest the median (the first such).
+    """
     errors = [abs(r.eigenvalue - reference) / abs(reference) if math.isfinite(r.eigenvalue) else math.inf
               for r in results]
-    return {"products": statistics.median(r.products for r in results),
+    products = statistics.median(r.products for r in results)
+    middle = min(results, key=lambda r: abs(r.products - products))
+    return {"products": products,
             "seconds": statistics.median(r.seconds for r in results),
             "error": statistics.median(errors),
             "converged": f"{sum(bool(r.converged) for r in results)}/{len(results)}",
-            "stop": results[0].stop_reason}
+            "stop": middle.stop_reason}
 
 
 def tracker_runs(model, chunks, args, snapshot) -> tuple[list, list, list, str]:
