@@ -187,8 +187,9 @@ class SharpnessTracker:
         """Solve at the model's current parameters; returns plain floats (a deliberate sync point).
 
         Keys: ``sharpness``, ``hessian_eig_{i}``, ``hessian_residual_{i}``,
-        ``hessian_matvecs`` (every product this measurement used, the
-        determinism probe's included), ``hessian_seconds``,
+        ``hessian_matvecs`` and ``hessian_seconds`` (every product this
+        measurement used and the time it took, the method choice's and the
+        determinism probe's included),
         ``hessian_converged``; with ``precondition=True`` also
         ``precond_sharpness``, ``precond_eig_{i}``, ``precond_residual_{i}``,
         ``precond_matvecs``, ``precond_seconds``, ``precond_converged`` for
@@ -201,7 +202,7 @@ class SharpnessTracker:
             return self._measure(preconditioner)
 
     def _measure(self, preconditioner) -> dict[str, float]:
-        before = self.hessian.n_matvecs
+        before, start = self.hessian.n_matvecs, time.perf_counter()
         if self.auto and self.method_choice is None:
             self.choose_method()
         if self._probe_pending:
@@ -210,7 +211,9 @@ class SharpnessTracker:
         result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace)
         self.eigenvectors = align_signs(result.eigenvectors, self.eigenvectors)
         metrics = self._metrics("hessian", result, seconds)
+        # Every product of the measurement, and its time: the method choice and the probe included.
         metrics["hessian_matvecs"] = float(self.hessian.n_matvecs - before)
+        metrics["hessian_seconds"] = time.perf_counter() - start
         metrics["sharpness"] = metrics["hessian_eig_1"]
         if not self.precondition:
             return metrics

@@ -371,21 +371,18 @@ def tracker_runs(model, chunks, args, snapshot) -> tuple[list, list, list, str]:
     from eos_toolkit.tracker import SharpnessTracker
     from experiments.benchmarks.peers import PeerResult
 
-    signature = inspect.signature(SharpnessTracker)
-    tol = signature.parameters["tol"].default
-    auto = hasattr(SharpnessTracker, "choose_method")
-    method = "auto" if auto else signature.parameters["method"].default
+    tol = inspect.signature(SharpnessTracker).parameters["tol"].default  # the tracker's default tolerance
+    method = "auto"
     selection, cold, warm = [], [], []
     for trial in range(args.peer_trials):
         model.load_state_dict(snapshot)
         tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, tol=tol, method=method,
                                    seed=args.seed + trial)
-        if auto:
-            before = tracker.hessian.n_matvecs
-            choice, seconds = timed_result(tracker.choose_method, model_device(model))
-            choice = choice["method"] if isinstance(choice, dict) else choice
-            selection.append(PeerResult("ours method selection", float("nan"), tracker.hessian.n_matvecs - before,
-                                        seconds, True, f"chose {choice}"))
+        # Once per run: its own row, so that "cold" is a measurement like every later one.
+        before = tracker.hessian.n_matvecs
+        choice, seconds = timed_result(tracker.choose_method, model_device(model))
+        selection.append(PeerResult("ours method selection", float("nan"), tracker.hessian.n_matvecs - before,
+                                    seconds, True, f"chose {choice['method']}"))
         for rows in (cold, warm):
             if rows is warm:
                 gd_step(model, chunks, args.lr)
