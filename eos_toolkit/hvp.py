@@ -71,8 +71,10 @@ one all-reduce of the rank's weighted sum, so each rank holds the product of
 the full-data Hessian.  The solvers then run unchanged on every rank, on
 identical vectors (identically seeded generators and identical products), so
 no vector is ever gathered; every rank must therefore call the same products
-in the same order.  ``debug_replicated=True`` (or ``EOS_DEBUG_DISTRIBUTED=1``
-in the environment) checks at every product, with one more small
+in the same order (the solvers' stop decisions go through
+:meth:`HessianOperator.agree`, so they do).  ``debug_replicated=True`` (or
+``EOS_DEBUG_DISTRIBUTED=1`` in the environment of any rank) checks at every
+product, with one more small
 all-reduce, that all ranks passed the same vector, and raises where they
 did not.
 
@@ -302,21 +304,41 @@ class HessianOperator:
                 raise ValueError(f"chunk_weights must be {len(self.batches)} finite numbers >= 0 with a "
                                  f"positive sum (one per chunk), got {list(chunk_weights)!r}")
         self.process_group = process_group
-        self.debug_replicated = (os.environ.get("EOS_DEBUG_DISTRIBUTED", "") not in ("", "0")
-                                 if debug_replicated is None else debug_replicated)
-        total = sum(sizes)
+        debug = (os.environ.get("EOS_DEBUG_DISTRIBUTED", "") not in ("", "0")
+                 if debug_replicated is None else debug_replicated)
+        total, n_chunks = sum(sizes), len(self.batches)
         if process_group is not None:
-            total_t = torch.tensor(float(total), dtype=torch.float64, device=self._collective_device())
-            torch.distributed.all_reduce(total_t, group=process_group)
-            total = float(total_t)  # sync: once, at construction
+            # One all-reduce: the global normaliser, the global chunk count, and whether any rank asked
+            # for the debug check (every rank must run the same collectives).
+            agreed = self._all_reduce(torch.tensor([float(total), float(n_chunks), float(debug)], dtype=torch.float64))
+            total, n_chunks, debug = agreed.tolist()  # sync: once, at construction
+        self.debug_replicated = bool(debug)
         self.chunk_weights = [s / total for s in sizes]
         self.n_matvecs = 0
         self._plain_kernels = False
         self._measuring = 0  # depth of nested measurement() blocks
         self._graphs = None  # reuse_graph: (versions, [(leaves, grads, live, weight) per chunk])
         self._reuse_fits = True  # False once building the graphs ran out of memory
-        if chunk_weights is None and len(self.batches) > 1:
+        if chunk_weights is None and n_chunks > 1:
+            self._check_mean_reduction_everywhere()
+
+    def _check_mean_reduction_everywhere(self) -> None:
+        """:meth:`_check_mean_reduction` on this rank; with a process group, every rank raises if any fails."""
+        try:
             self._check_mean_reduction()
+            failure = None
+        except ValueError as err:
+            failure = err
+        if self.process_group is None:
+            if failure is not None:
+                raise failure
+            return
+        failed = self._all_reduce(torch.tensor([float(failure is not None)], dtype=torch.float64))
+        if failure is not None:
+            raise failure
+        if float(failed) > 0:  # sync: once, at construction
+            raise ValueError(f"another rank's chunks show that loss_fn is not an unweighted mean over the targets' "
+                             "leading dimension (its error names the chunk); pass chunk_weights")
 
     def _check_mean_reduction(self) -> None:
         """Refuse a loss that is not an unweighted mean over the targets' leading dimension.
@@ -550,9 +572,14 @@ class HessianOperator:
         return out
 
     def _collective_device(self) -> torch.device:
-        """Where this rank's collectives run: its CUDA device for nccl, the CPU for gloo."""
+        """Where this rank's collectives run: the CPU for gloo, else the operator's device.
+
+        A group with a backend per device type (``"cpu:gloo,cuda:nccl"``, what
+        ``experiments.distributed.setup`` makes where CUDA exists) takes
+        tensors on either; an nccl-only group needs the operator on the GPU.
+        """
         backend = torch.distributed.get_backend(self.process_group)
-        return self.device if backend == "nccl" else torch.device("cpu")
+        return torch.device("cpu") if backend == "gloo" else self.device
 
     def _all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
         """Sum (or ``op``) over the process group, in place when the tensor already lives where collectives run."""
@@ -566,13 +593,25 @@ class HessianOperator:
         b = block.to(torch.float64)
         stride = max(1, b.shape[-1] // 101)
         fingerprint = torch.stack([b.sum(), b.square().sum(), b[..., ::stride].sum()])
-        high = self._all_reduce(fingerprint.clone(), torch.distributed.ReduceOp.MAX)
-        low = self._all_reduce(fingerprint.clone(), torch.distributed.ReduceOp.MIN)
+        both = self._all_reduce(torch.cat([fingerprint, -fingerprint]), torch.distributed.ReduceOp.MAX)
+        high, low = both[:3], -both[3:]
         if not torch.equal(high, low):  # sync: debug mode only
             raise RuntimeError(
                 f"rank {torch.distributed.get_rank()}: the ranks passed different vectors to a distributed "
                 f"Hessian product (fingerprints from {low.tolist()} to {high.tolist()}). Every rank must run "
                 "the solver on identical vectors: seed each rank's generator identically.")
+
+    def agree(self, flag: bool) -> bool:
+        """``flag`` on every rank if it holds on every rank (a solver's stop decision); as is without a group.
+
+        Ranks compute identical decisions from identical all-reduced products
+        on identical hardware; this makes them agree even where arithmetic
+        differs (mixed CPUs), so no rank stops while another asks for a product.
+        """
+        if self.process_group is None:
+            return flag
+        agreed = self._all_reduce(torch.tensor([float(not flag)], dtype=torch.float64))
+        return float(agreed) == 0.0  # sync: the solver syncs for its decision anyway
 
     def _apply(self, block: torch.Tensor) -> torch.Tensor:
         if self.process_group is None:
@@ -718,6 +757,8 @@ def hessian_operator(model: nn.Module, loss_fn: Callable, batches: Sequence, *, 
     products are all-reduced over the group (module docstring);
     ``debug_replicated`` checks that every rank passes the same vectors.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # the products never go through DDP's hooks; names without "module."
     op = HessianOperator(model, loss_fn, batches, select_parameters(model, params), method=method,
                          bn_mode=bn_mode, dropout=dropout, dtype=dtype,
                          matmat_chunk_size=matmat_chunk_size, chunk_weights=chunk_weights,

@@ -31,6 +31,13 @@ from dataclasses import dataclass
 import torch
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
+# A stop decision made together: True only if it is True in every process that shares the products
+# (HessianOperator.agree over data-parallel ranks); a single process decides alone.
+Agree = Callable[[bool], bool]
+
+
+def _alone(flag: bool) -> bool:
+    return flag
 
 
 @dataclass
@@ -125,7 +132,7 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
                   dtype: torch.dtype = torch.float64, device=None,
                   generator: torch.Generator | None = None, check_every: int = 2,
                   criterion: str = "residual", keep_history: bool = False,
-                  workspace: KrylovWorkspace | None = None) -> EigResult:
+                  workspace: KrylovWorkspace | None = None, agree: Agree | None = None) -> EigResult:
     """Top-k eigenpairs of a symmetric operator by block Lanczos with full reorthogonalisation.
 
     The Krylov basis ``Q = [Q_1, Q_2, ...]`` (blocks of ``b`` orthonormal
@@ -221,7 +228,7 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
             residuals = (T[m:m + width, m - width:m] @ S[m - width:m]).norm(dim=0)
             scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
             errors = eigenvalue_error_bound(residuals, gaps) if criterion == "eigenvalue" else residuals
-            converged = bool((errors <= tol * scale).all())  # sync: convergence test
+            converged = (agree or _alone)(bool((errors <= tol * scale).all()))  # sync: convergence test
             result = (theta, S, residuals, converged)
             if converged:
                 break
@@ -245,7 +252,7 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
             dtype: torch.dtype = torch.float64, device=None,
             generator: torch.Generator | None = None, check_every: int | None = None,
             criterion: str = "residual", keep_history: bool = False,
-            workspace: KrylovWorkspace | None = None) -> EigResult:
+            workspace: KrylovWorkspace | None = None, agree: Agree | None = None) -> EigResult:
     """Top-k eigenpairs by single-vector Lanczos with full reorthogonalisation.
 
     Step ``j`` computes ``w = A q_j`` and removes from it its components
@@ -287,6 +294,8 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
     every second step on an accelerator (one sync fewer per two products).
     ``workspace``: a :class:`KrylovWorkspace` to keep the basis in between
     solves (a tracker passes its own); without one a basis is allocated.
+    ``agree``: how processes that share the products (data-parallel ranks)
+    make each stop decision together (:data:`Agree`).
     For clusters of equal eigenvalues use :func:`block_lanczos`.
     """
     if which not in ("largest", "smallest"):
@@ -349,7 +358,7 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
             residuals = betas[m - 1].cpu().abs() * S[m - 1].abs()
             scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
             errors = eigenvalue_error_bound(residuals, gaps) if criterion == "eigenvalue" else residuals
-            converged = bool((errors <= tol * scale).all())
+            converged = (agree or _alone)(bool((errors <= tol * scale).all()))
             result = (theta, S, residuals, converged)
             if converged:
                 break
@@ -366,7 +375,8 @@ def _tridiagonal(alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
 def power_iteration(matvec: MatVec, dim: int, *, max_iter: int = 1000, tol: float = 1e-6,
                     v0: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
                     device=None, generator: torch.Generator | None = None,
-                    check_every: int = 4, keep_history: bool = False, which: str = "LM") -> EigResult:
+                    check_every: int = 4, keep_history: bool = False, which: str = "LM",
+                    agree: Agree | None = None) -> EigResult:
     """The eigenpair of largest magnitude (``which="LM"``) or the largest eigenvalue (``"LA"``).
 
     ``v <- A v / |A v|``; the estimate is the Rayleigh quotient ``v^T A v``.
@@ -386,16 +396,17 @@ def power_iteration(matvec: MatVec, dim: int, *, max_iter: int = 1000, tol: floa
     """
     if which not in ("LM", "LA"):
         raise ValueError(f"which must be 'LM' (largest magnitude) or 'LA' (largest algebraic), got {which!r}")
+    agree = agree or _alone
     first = _power_iteration(matvec, dim, max_iter=max_iter, tol=tol, v0=v0, dtype=dtype, device=device,
-                             generator=generator, check_every=check_every, keep_history=keep_history)
+                             generator=generator, check_every=check_every, keep_history=keep_history, agree=agree)
     if which == "LM":
         return first
     mu = float(first.eigenvalues[0])  # sync: is the dominant eigenvalue negative?
-    if mu >= 0:
+    if agree(mu >= 0):
         return first
     second = _power_iteration(matvec, dim, max_iter=max(2, max_iter - first.n_matvecs), tol=tol, v0=v0,
                               dtype=dtype, device=device, generator=generator, check_every=check_every,
-                              keep_history=keep_history, shift=mu)
+                              keep_history=keep_history, shift=mu, agree=agree)
     history = None if not keep_history else torch.cat([first.history, second.history])
     return EigResult(eigenvalues=second.eigenvalues, eigenvectors=second.eigenvectors,
                      residuals=second.residuals, n_matvecs=first.n_matvecs + second.n_matvecs,
@@ -403,7 +414,7 @@ def power_iteration(matvec: MatVec, dim: int, *, max_iter: int = 1000, tol: floa
 
 
 def _power_iteration(matvec: MatVec, dim: int, *, max_iter: int, tol: float, v0, dtype, device, generator,
-                     check_every: int, keep_history: bool, shift: float = 0.0) -> EigResult:
+                     check_every: int, keep_history: bool, shift: float = 0.0, agree: Agree = _alone) -> EigResult:
     """Power iteration on ``A - shift I``; eigenvalue, residual and history are reported for ``A``."""
     _check_common(dim, 1, tol)
     if check_every < 1:
@@ -425,7 +436,7 @@ def _power_iteration(matvec: MatVec, dim: int, *, max_iter: int, tol: float, v0,
         w = w - shift * v if shift else w
         v = w / w.norm()
         if n % check_every == 0 or n == max_iter:
-            converged = bool(residual <= tol * rayleigh.abs())  # sync: convergence test
+            converged = agree(bool(residual <= tol * rayleigh.abs()))  # sync: convergence test
             if converged:
                 break
     return EigResult(eigenvalues=rayleigh.reshape(1), eigenvectors=vec.unsqueeze(1),

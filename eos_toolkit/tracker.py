@@ -160,7 +160,7 @@ class SharpnessTracker:
 
     def _solve(self, op, warm: torch.Tensor | None, workspace: KrylovWorkspace) -> tuple[EigResult, float]:
         kwargs = dict(max_iter=self.max_iter, tol=self.tol, v0=warm, dtype=op.dtype,
-                      device=op.device, generator=self.generator)
+                      device=op.device, generator=self.generator, agree=self.hessian.agree)
         start = time.perf_counter()
         if self.solver == "lanczos":
             result = lanczos(op.matvec, op.dim, self.k, workspace=workspace, **kwargs)

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -98,13 +99,20 @@ def _launch(nproc: int, argv: list[str]) -> None:
     """Run ``python -m experiments <argv>`` on ``nproc`` local processes with torchrun; exit with its status."""
     import subprocess
 
-    from experiments.distributed import torchrun_command
+    from experiments.distributed import LAUNCH_COMMAND, torchrun_command
 
     command = torchrun_command(nproc, argv)
     typer.echo(f"launching {nproc} processes: {' '.join(command)}", err=True)
-    code = subprocess.run(command).returncode
+    env = dict(os.environ, **{LAUNCH_COMMAND: " ".join(["eos", *sys.argv[1:]])})
+    code = subprocess.run(command, env=env).returncode
     if code:
         raise fail(f"the {nproc}-process run exited with status {code} (see the ranks' output above)", code=1)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _run(task: str, config: Optional[Path], set_: list[str], out: Path, name: Optional[str],
@@ -130,6 +138,9 @@ def _run(task: str, config: Optional[Path], set_: list[str], out: Path, name: Op
     if nproc is not None and not distributed.launched():
         import tempfile
 
+        if cfg.device != "cpu" and _cuda_count() and nproc > _cuda_count():
+            raise ValueError(f"--nproc {nproc} asks for one GPU per process but this machine has "
+                             f"{_cuda_count()}; use --nproc {_cuda_count()} or --device cpu")
         run_dir = out / name if name else default_run_dir(cfg, out)
         with tempfile.TemporaryDirectory() as tmp:  # the resolved config, read by every rank
             resolved = Path(tmp) / "config.json"
@@ -138,11 +149,12 @@ def _run(task: str, config: Optional[Path], set_: list[str], out: Path, name: Op
         return
     group = distributed.setup(cfg.device)
     main = group is None or group.is_main
-    run_dir = out / name if name else (default_run_dir(cfg, out) if main else None)
-    if group is not None:
-        run_dir = group.broadcast(run_dir)  # rank 0 named it
-    with progress_bar(cfg.label) if main else contextlib.nullcontext() as on_step:
-        result = train(cfg, run_dir, on_step=on_step)
+    _, run_dir = distributed.on_main_rank(group, lambda: (None, out / name if name else default_run_dir(cfg, out)))
+    try:
+        with progress_bar(cfg.label) if main else contextlib.nullcontext() as on_step:
+            result = train(cfg, run_dir, on_step=on_step)
+    finally:
+        distributed.leave(group)
     if main:
         _print_result(result)
 
@@ -222,8 +234,11 @@ def resume(run_dir: Path = typer.Argument(..., help="A run record directory."),
         return
     group = distributed.setup()
     main = group is None or group.is_main
-    with progress_bar(f"resume {run_dir.name}") if main else contextlib.nullcontext() as on_step:
-        result = resume_run(run_dir, on_step=on_step)
+    try:
+        with progress_bar(f"resume {run_dir.name}") if main else contextlib.nullcontext() as on_step:
+            result = resume_run(run_dir, on_step=on_step)
+    finally:
+        distributed.leave(group)
     if main:
         _print_result(result)
 

@@ -18,24 +18,30 @@ What each rank does (experiments/train.py):
   DistributedDataParallel (which averages, so each rank scales its loss by
   N) with one all-reduce per step; the per-step train loss is summed over
   ranks at each tracking step, one all-reduce for the whole interval.
-* Sharpness: each rank's tracker holds its shard of the tracking chunks and
-  all-reduces every Hessian product (:mod:`eos_toolkit.hvp`), so every rank
-  runs the same solve. Evaluation (tracking loss, validation, test) runs on
-  every rank on the whole split: cheap next to the Hessian, and it needs no
-  communication.
+* Sharpness: each rank's tracker holds its shard of the tracking chunks
+  (whole chunks when BatchNorm is measured with batch statistics, which
+  must stay a chunk's) and all-reduces every Hessian product
+  (:mod:`eos_toolkit.hvp`), so every rank runs the same solve and makes its
+  stop decisions together with the others. Evaluation (tracking loss,
+  validation, test) runs on every rank on the whole split: cheap next to
+  the Hessian, and it needs no communication.
+* Dropout: torch's global generator is reseeded per rank from (seed, rank)
+  once the model is built, and checkpoints keep every rank's state.
 * Rank 0 alone writes the run record and checkpoints; the others write
   nothing. On resume rank 0 reads the record and the checkpoint and sends
   them to the others, so the run directory need only be on rank 0's machine.
 
 Not equal to one process: BatchNorm layers in training mode normalise each
-rank's piece with its own statistics (use SyncBatchNorm or a model without
-BatchNorm when that matters), and dropout masks differ per rank.
+rank's piece of a step's batch with its own statistics (use SyncBatchNorm or
+a model without BatchNorm when that matters), and dropout masks come from
+other streams. Ranks must see the same data files (each reads its own copy).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,39 +74,46 @@ class Distributed:
         """This rank's piece of every ``(inputs, targets, weight)`` chunk, weights rescaled (module docstring).
 
         A chunk with fewer examples than ranks leaves some ranks without a
-        piece of it; every rank must still get some example of the step.
+        piece of it; every rank must still get some example of the step, so
+        the largest chunk must have at least ``world_size`` examples (decided
+        alike on every rank: all of them raise, or none).
         """
+        largest = max((len(t) for _, t, _ in chunks), default=0)
+        if largest < self.world_size:
+            raise ValueError(f"the largest chunk of this step's batch has {largest} examples, fewer than the "
+                             f"{self.world_size} ranks, so some rank would have nothing to train on: use a larger "
+                             "batch_size (or chunk_size) or fewer processes")
         pieces = []
         for inputs, targets, weight in chunks:
             n = len(targets)
             start, stop = _bounds(n, self.rank, self.world_size)
             if stop > start:
                 pieces.append((_slice(inputs, start, stop), targets[start:stop], weight * (stop - start) / n))
-        if not pieces:
-            raise ValueError(f"rank {self.rank} has no example of this step's batch: "
-                             f"{sum(len(t) for _, t, _ in chunks)} examples cannot be split over "
-                             f"{self.world_size} ranks; use a larger batch or fewer processes")
         return pieces
 
-    def shard_batches(self, batches: list, chunk_weights: list[float] | None) -> tuple[list, list[float] | None]:
+    def shard_batches(self, batches: list, chunk_weights: list[float] | None, *,
+                      whole_chunks: bool = False) -> tuple[list, list[float] | None]:
         """This rank's part of fixed ``(inputs, targets)`` chunks, for the Hessian operator.
 
-        By example, as :meth:`shard`, when the loss is a plain mean
-        (``chunk_weights`` None); whole chunks dealt round-robin otherwise,
-        since a chunk's normaliser does not split.
+        By example, as :meth:`shard`, when the loss is a plain mean and the
+        model does not depend on which examples share a chunk; whole chunks
+        dealt round-robin when the chunks carry their own normalisers
+        (``chunk_weights``) or ``whole_chunks`` is set (BatchNorm measured
+        with batch statistics: a chunk's statistics must stay the chunk's).
         """
-        if chunk_weights is None:
+        if chunk_weights is None and not whole_chunks:
             return [(x, y) for x, y, _ in self.shard([(x, y, 1.0) for x, y in batches])], None
+        if len(batches) < self.world_size:
+            why = "with their own normalisers" if chunk_weights is not None else \
+                "normalised by their own batch statistics (BatchNorm)"
+            raise ValueError(f"{len(batches)} tracking chunks {why} cannot be dealt to {self.world_size} ranks "
+                             "whole: use a smaller chunk_size, a larger track_n, or fewer processes")
         mine = list(range(self.rank, len(batches), self.world_size))
-        if not mine:
-            raise ValueError(f"{len(batches)} tracking chunks with their own normalisers cannot be dealt to "
-                             f"{self.world_size} ranks; use a smaller chunk_size or fewer processes")
-        return [batches[i] for i in mine], [chunk_weights[i] for i in mine]
+        return [batches[i] for i in mine], None if chunk_weights is None else [chunk_weights[i] for i in mine]
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks (an all-reduce; on the CPU for gloo)."""
-        where = tensor if self.backend == "nccl" else tensor.cpu()
-        where = where.clone()
+        """The sum over ranks (an all-reduce; on the CPU for a gloo-only group, else where the tensor is)."""
+        where = (tensor.cpu() if self.backend == "gloo" else tensor).clone()
         dist.all_reduce(where)
         return where.to(tensor.device)
 
@@ -140,8 +153,12 @@ def _slice(inputs, start: int, stop: int):
 
 
 def launched() -> bool:
-    """Whether this process was started by torchrun (or another launcher that sets its variables)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """Whether this process was started by torchrun (RANK, WORLD_SIZE and LOCAL_RANK set).
+
+    LOCAL_RANK too: some cluster jobs set RANK and WORLD_SIZE for other
+    purposes, and a sweep worker there must not try to join a group.
+    """
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 def setup(device: str = "auto") -> Distributed | None:
@@ -149,19 +166,67 @@ def setup(device: str = "auto") -> Distributed | None:
 
     A process that already joined a group (a test, a notebook) keeps it.
 
-    Backend: nccl when the run uses CUDA (``device`` auto with a GPU, or
-    cuda), gloo on the CPU. A world of one is still a group, so
-    ``torchrun --nproc-per-node 1`` runs the distributed code paths.
+    Backend: gloo for CPU tensors and, where CUDA exists, nccl for CUDA
+    tensors in the same group (``"cpu:gloo,cuda:nccl"``), so a run on either
+    device, and its resume, which joins before reading the record, can use
+    it. A world of one is still a group, so ``torchrun --nproc-per-node 1``
+    runs the distributed code paths.
     """
     joined = current()
     if joined is not None or not launched():
         return joined
-    local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if cuda:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if torch.cuda.is_available():
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"rank {os.environ['RANK']} is local rank {local} but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s): use at most that many processes per machine")
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
     return current()
+
+
+def on_main_rank(group: Distributed | None, action: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Run ``action()`` on rank 0 (or the only process), which returns ``(kept, shared)``.
+
+    Rank 0 gets both; the other ranks get ``(None, shared)``, or rank 0's
+    error raised: its checks (a record already there, a lock held elsewhere)
+    must stop every rank, not leave the others waiting in a collective.
+    """
+    if group is None:
+        return action()
+    kept = outcome = None
+    if group.is_main:
+        try:
+            kept, shared = action()
+            outcome = ("ok", shared)
+        except Exception as exc:
+            outcome = exc
+    outcome = group.broadcast(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return kept, outcome[1]
+
+
+def leave(group: Distributed | None) -> None:
+    """Leave the process group this command joined (a clean exit for nccl); nothing without one."""
+    if group is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_rank(group: Distributed | None, seed: int) -> None:
+    """Give each rank its own stream of torch's global generator (dropout masks), from (seed, rank).
+
+    Called after the model is built (every rank builds it from the same
+    seed); the tasks draw their batches from their own generators.
+    """
+    if group is not None:
+        import numpy as np
+
+        torch.manual_seed(int(np.random.SeedSequence([seed, 1 << 20, group.rank]).generate_state(1)[0]))
 
 
 def current() -> Distributed | None:
@@ -172,22 +237,15 @@ def current() -> Distributed | None:
                        local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())), backend=dist.get_backend())
 
 
-def torchrun_command(nproc: int, argv: list[str], *, nnodes: int = 1, node_rank: int = 0,
-                     master: str | None = None) -> list[str]:
-    """The command that runs ``python -m experiments <argv>`` on ``nproc`` processes per machine.
+LAUNCH_COMMAND = "EOS_LAUNCH_COMMAND"  # the user's command, for environment.json (the ranks see torchrun's)
 
-    One machine: a local rendezvous (``--standalone``). Several: ``nnodes``,
-    this machine's ``node_rank`` and rank 0's ``master`` address as
-    ``HOST:PORT``, the same command on every machine.
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """The command that runs ``python -m experiments <argv>`` on ``nproc`` processes of this machine.
+
+    Several machines: start torchrun yourself on each (README).
     """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if nnodes == 1:
-        cmd.append("--standalone")
-    else:
-        if not master:
-            raise ValueError("a run over several machines needs --master HOST:PORT (rank 0's machine)")
-        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master.rsplit(':', 1)[0]}",
-                f"--master-port={master.rsplit(':', 1)[1] if ':' in master else 29500}"]
-    return cmd + ["-m", "experiments", *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "experiments", *argv]

@@ -102,7 +102,7 @@ def environment_info(device: torch.device) -> dict:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
-        "command": " ".join(sys.argv),
+        "command": os.environ.get(distributed.LAUNCH_COMMAND) or " ".join(sys.argv),
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
@@ -148,7 +148,10 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=not task.every_parameter_used)
-            track_batches, track_weights = group.shard_batches(track_batches, track_weights)
+            batch_stats = cfg.hessian_bn_mode == "batch_stats" and any(
+                isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+            track_batches, track_weights = group.shard_batches(track_batches, track_weights,
+                                                               whole_chunks=batch_stats)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, task.param_groups(parameter_groups(self.model, cfg)))
         self.adapter = adapter_for(self.optimizer)
@@ -356,8 +359,12 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------
     def _checkpoint(self) -> None:
+        # The ranks hold the same state but their own dropout streams: rank 0 saves the state and every stream.
+        rng = {"rng_torch": torch.get_rng_state(),
+               "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        ranks_rng = None if self.group is None else self.group.gather(rng)  # a collective: every rank
         if self.group is not None and not self.group.is_main:
-            return  # the ranks hold the same state; rank 0 saves it
+            return
         state = {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -371,10 +378,11 @@ class Trainer:
             "last_rate": None if self.last_rate is None else float(self.last_rate),
             "warned_precond": self.warned_precond,
             "initial_loss": self.initial_loss,
-            "rng_torch": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            **rng,
             "rng_python": list(random.getstate()[1]),
         }
+        if ranks_rng is not None:
+            state["rng_ranks"] = ranks_rng
         buf = io.BytesIO()
         torch.save(state, buf)
         directory = self.run_dir / record.CHECKPOINT_DIR
@@ -443,9 +451,12 @@ class Trainer:
         self.last_lr, self.last_rate = state.get("last_lr"), state.get("last_rate")
         self.warned_precond = state.get("warned_precond", False)
         self.initial_loss = state["initial_loss"]
-        torch.set_rng_state(state["rng_torch"].cpu())
-        if state["rng_cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        rng = state
+        if self.group is not None and "rng_ranks" in state:
+            rng = state["rng_ranks"][self.group.rank]  # this rank's own dropout stream
+        torch.set_rng_state(rng["rng_torch"].cpu())
+        if rng["rng_cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["rng_cuda"]])
         random.setstate((3, tuple(state["rng_python"]), None))
 
     # ---- the loop -----------------------------------------------------------
@@ -491,29 +502,8 @@ def _build(cfg: RunConfig, run_dir: Path, group: distributed.Distributed | None 
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     _set_seeds(cfg.seed)
     task = build_task(cfg, device, dtype)
+    distributed.seed_rank(group, cfg.seed)
     return Trainer(cfg, run_dir, task, device, group)
-
-
-def _on_main_rank(group: distributed.Distributed | None, action: Callable[[], tuple[object, object]]):
-    """Run ``action()`` on rank 0 (or the only process), which returns ``(kept, shared)``.
-
-    Rank 0 gets both; the other ranks get ``(None, shared)``, or rank 0's
-    error raised: its checks (a record already there, a lock held elsewhere)
-    must stop every rank, not leave the others waiting in a collective.
-    """
-    if group is None:
-        return action()
-    kept = outcome = None
-    if group.is_main:
-        try:
-            kept, shared = action()
-            outcome = ("ok", shared)
-        except Exception as exc:
-            outcome = exc
-    outcome = group.broadcast(outcome)
-    if isinstance(outcome, Exception):
-        raise outcome
-    return kept, outcome[1]
 
 
 def _environment(trainer: Trainer) -> dict:
@@ -558,7 +548,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], 
                 raise FileExistsError(f"{run_dir} already holds a run record; choose a new directory or resume it")
             return stack.enter_context(record.RunLock(run_dir)), None  # before any setup: a second writer learns at once
 
-        lock, _ = _on_main_rank(group, claim)
+        lock, _ = distributed.on_main_rank(group, claim)
         trainer = _build(cfg, run_dir, group)
         # The record names the data set actually loaded, so a resume cannot pick another one
         # ("auto" may resolve differently once another data set is fetched).
@@ -602,7 +592,7 @@ def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = 
                                  f"(eos resume --nproc {recorded}), not {world}")
             return lock, rec
 
-        lock, rec = _on_main_rank(group, claim)  # rank 0 reads the record; the others get a copy
+        lock, rec = distributed.on_main_rank(group, claim)  # rank 0 reads the record; the others get a copy
         return _resume_locked(run_dir, lock, rec, group, on_step)
 
 

@@ -11,6 +11,7 @@ back by writing files (e.g. ``torch.save`` into ``tmp_path``).
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ needs_gloo = pytest.mark.skipif(
 
 def _entry(rank: int, fn, world_size: int, store: str, args: tuple) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    # A deadlock fails the test in a minute instead of gloo's default half hour.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
     finally:

@@ -9,6 +9,8 @@ the sums differ only in their order of additions, about 1e-16 relative).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -47,7 +49,33 @@ def on_shards(rank: int, world_size: int, out_dir) -> None:
         found["refused"] = None
     except RuntimeError as err:
         found["refused"] = str(err)
+    # The debug flag set on one rank only: every rank runs the check (else their collectives would differ).
+    if rank == 0:
+        os.environ["EOS_DEBUG_DISTRIBUTED"] = "1"
+    one_sided = hessian_operator(tanh_mlp(), mse, shards(rank), process_group=group)
+    os.environ.pop("EOS_DEBUG_DISTRIBUTED", None)
+    found["debug_everywhere"] = one_sided.debug_replicated
+    found["one_sided_product"] = one_sided.matvec(torch.ones(one_sided.dim, dtype=torch.float64))
+    # A summed loss, one chunk per rank: the mean check must run across ranks and stop both, rank 1
+    # too, whose one-example chunk cannot show it (the sum of one loss is its mean).
+    x, y = regression_data(20, 5, 3)
+    mine = [(x[:10], y[:10])] if rank == 0 else [(x[10:11], y[10:11])]
+    try:
+        hessian_operator(tanh_mlp(), lambda o, t: mse(o, t, reduction="sum"), mine, process_group=group)
+        found["sum_refused"] = None
+    except ValueError as err:
+        found["sum_refused"] = str(err)
+    # The tracker handed the DDP wrapper measures the model inside it.
+    wrapped = torch.nn.parallel.DistributedDataParallel(tanh_mlp())
+    found["wrapped"] = SharpnessTracker(wrapped, mse, shards(rank), k=1, tol=1e-10, process_group=group,
+                                        method="double_backward").measure()["sharpness"]
     torch.save(found, out_dir / f"rank{rank}.pt")
+
+
+def single_product() -> torch.Tensor:
+    x, y = regression_data(20, 5, 3)
+    op = hessian_operator(tanh_mlp(), mse, [(x, y)])
+    return op.matvec(torch.ones(op.dim, dtype=torch.float64))
 
 
 def test_distributed_lanczos_hutchinson_and_tracker_equal_one_process(tmp_path):
@@ -64,6 +92,12 @@ def test_distributed_lanczos_hutchinson_and_tracker_equal_one_process(tmp_path):
         assert found["error"].item() == pytest.approx(single["error"].item(), rel=1e-9)
         assert found["tracker"]["sharpness"] == pytest.approx(exact[0].item(), rel=1e-8)
         assert "different vectors" in found["refused"]
+    for found in ranks:
+        assert found["debug_everywhere"] is True
+        assert torch.allclose(found["one_sided_product"], single_product(), rtol=1e-12)
+        assert "not an unweighted mean" in found["sum_refused"]
+        assert found["wrapped"] == pytest.approx(exact[0].item(), rel=1e-8)
+    assert "another rank's chunks" in ranks[1]["sum_refused"] and "chunk 0" in ranks[0]["sum_refused"]
     # Every rank ran the same solve: identical numbers, product counts and method choice.
     assert torch.equal(ranks[0]["eigenvalues"], ranks[1]["eigenvalues"])
     assert ranks[0]["n_matvecs"] == ranks[1]["n_matvecs"] and ranks[0]["method"] == ranks[1]["method"]

@@ -16,6 +16,7 @@ uninterrupted two-rank run, is compared exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -30,7 +31,8 @@ pytestmark = needs_gloo
 TINY = dict(dataset="fashion-mnist", model_options={"hidden": [12]}, device="cpu", dtype="float64",
             hvp_method="forward_over_reverse", track_every=5)
 SCENARIOS = {
-    # 100 examples in chunks of 30: uneven pieces (15 / 15, and 5 / 5 of the last chunk)
+    # 100 examples in chunks of 30: pieces of 15 / 15, and 5 / 5 of the last chunk (the uneven pieces,
+    # 11 / 10 and 5 / 4, are the next two scenarios')
     "fullbatch": dict(task="eos-fullbatch", n_train=100, chunk_size=30, optimizer="gd", lr=0.2, steps=10),
     # minibatches of 21 drawn from (seed, step): pieces of 11 and 10
     "minibatch": dict(task="image-classification", n_train=120, batch_size=21, track_n=40, chunk_size=16,
@@ -40,10 +42,14 @@ SCENARIOS = {
     "gflownet": dict(task="gflownet", ndim=2, height=4, objective="db", batch_size=9, track_n=8, eval_n=16,
                      optimizer="adam", lr=1e-3, steps=6, track_every=3),
 }
+BATCHNORM = dict(task="eos-fullbatch", n_train=100, chunk_size=30, optimizer="gd", lr=0.1, steps=1,
+                 model="cnn-small", model_options={"width": 4, "batchnorm": True}, track_every=1)
 
 
 def config(data_dir, name: str) -> RunConfig:
-    return RunConfig(**{**TINY, **SCENARIOS[name], "data_dir": str(data_dir)})
+    scenario = BATCHNORM if name == "batchnorm" else SCENARIOS[name]
+    return RunConfig(**{**TINY, **scenario, "data_dir": str(data_dir)})
+
 
 
 class Kill(BaseException):
@@ -64,6 +70,15 @@ def on_two_ranks(rank: int, world: int, data_dir, out) -> None:
         except Kill:
             pass
     resume(out / "killed")
+    # A batch of 1 cannot be split over 2 ranks: both ranks stop with the reason (none waits for the other).
+    tiny_batch = dataclasses.replace(config(data_dir, "minibatch"), batch_size=1)
+    try:
+        train(tiny_batch, out / "tiny-batch")
+    except ValueError as err:
+        (out / f"tiny-batch-rank{rank}.txt").write_text(str(err))
+    # BatchNorm measured with batch statistics: the tracking chunks go whole to the ranks, so the
+    # sharpness at step 0 (same parameters everywhere) is the single process's.
+    train(config(data_dir, "batchnorm"), out / "ddp-batchnorm")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +97,7 @@ def records(tmp_path_factory):
         for stem, array in zip(IDX_NAMES[split], _class_patterns(n, 10, rng)):
             (data / f"{stem}.gz").write_bytes(gzip.compress(idx_bytes(array)))
     spawn_ranks(on_two_ranks, root, root / "data", root)
-    for name in SCENARIOS:
+    for name in [*SCENARIOS, "batchnorm"]:
         train(config(root / "data", name), root / f"single-{name}")
     return root
 
@@ -138,3 +153,26 @@ def test_observed_gap_between_two_ranks_and_one_process(records, capsys):
         gap = (abs(a - b) / abs(b).clip(1e-12)).max()
         print(f"{name}: largest relative difference {gap:.2e}")
         assert gap <= 1e-9
+
+
+def test_a_batch_too_small_to_split_stops_every_rank_with_the_reason(records):
+    for rank in range(2):
+        message = (records / f"tiny-batch-rank{rank}.txt").read_text()
+        assert "has 1 examples, fewer than the 2 ranks" in message
+    assert read_run(records / "tiny-batch").events[-1]["event"] == "failed"
+
+
+def test_batchnorm_tracking_chunks_stay_whole(records):
+    """Batch statistics are a chunk's: split by example, the ranks would measure another Hessian."""
+    ddp, single = (values(read_run(records / f"{kind}-batchnorm")) for kind in ("ddp", "single"))
+    at_0 = [v[v.step == 0].set_index("metric")["value"] for v in (ddp, single)]
+    assert at_0[0]["sharpness"] == pytest.approx(at_0[1]["sharpness"], rel=1e-10)
+    assert at_0[0]["track_loss"] == pytest.approx(at_0[1]["track_loss"], rel=1e-12)
+
+
+def test_checkpoints_keep_every_ranks_dropout_stream(records):
+    import torch
+
+    state = torch.load(records / "left-killed" / "checkpoints" / "last.pt", weights_only=True)
+    streams = [r["rng_torch"] for r in state["rng_ranks"]]
+    assert len(streams) == 2 and not torch.equal(streams[0], streams[1])  # seeded from (seed, rank)
