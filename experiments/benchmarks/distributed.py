@@ -25,8 +25,13 @@ from pathlib import Path
 
 import torch
 
+from eos_toolkit.hvp import METHODS
+
 
 def _rank_main(rank: int, world: int, args: argparse.Namespace, store: str, out: str) -> None:
+    import os
+
+    os.environ["LOCAL_RANK"] = str(rank)  # not one inherited from a launcher around this benchmark
     torch.set_num_threads(args.threads)
     backend = "nccl" if args.device == "cuda" else "gloo"
     if backend == "nccl":
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--chunk-size", type=int, default=1000)
-    parser.add_argument("--hvp-method", default="forward_over_reverse")
+    parser.add_argument("--hvp-method", default="forward_over_reverse", choices=METHODS,
+                        help="the product rule timed (auto would time forward-over-reverse: nothing is chosen yet)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--repeats", type=int, default=10)
