@@ -155,6 +155,15 @@ def choose_method(timings: dict[str, MethodTiming], *, products: int = AUTO_PROD
     return min(eligible, key=lambda m: (cost(m), METHODS.index(m)))
 
 
+def _warm_up_autodiff() -> None:
+    """Pay torch's one-off costs of second-order autodiff (lazy imports, first transforms) on a tiny problem."""
+    x = torch.ones(2, requires_grad=True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad((x ** 3).sum(), x, create_graph=True)
+        torch.autograd.grad(g, x, grad_outputs=torch.ones(2))
+    jvp(grad(lambda t: (t ** 3).sum()), (torch.ones(2),), (torch.ones(2),))
+
+
 class NondeterministicOperatorError(RuntimeError):
     """Two products with the same vector disagree: the operator is random (dropout, noise layers)."""
 
@@ -315,6 +324,7 @@ class HessianOperator:
         self.debug_replicated = bool(debug)
         self.chunk_weights = [s / total for s in sizes]
         self.n_matvecs = 0
+        self.failed_methods: dict[str, str] = {}  # time_methods: the methods that failed on this model, and why
         self._plain_kernels = False
         self._measuring = 0  # depth of nested measurement() blocks
         self._graphs = None  # reuse_graph: (versions, [(leaves, grads, live, weight) per chunk])
@@ -457,41 +467,64 @@ class HessianOperator:
             out.add_(flat, alpha=w)
         return out
 
+    def _chunk_graph(self, x, y, w) -> tuple:
+        """One chunk's first-order graph: ``(leaves, live gradients, their indices, weight)``.
+
+        Gradients that do not depend on the parameters (constant rows of H)
+        are left out; a product backpropagates ``<g, v>`` through the rest.
+        """
+        leaves = [p.detach().requires_grad_(True) for p in self._params]
+        with torch.enable_grad():
+            loss = self._chunk_loss(dict(zip(self.names, leaves)), x, y)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        return leaves, [grads[i] for i in live], live, w
+
+    def _through_graph(self, graph: tuple, tangents: list, out: torch.Tensor, *, keep: bool) -> None:
+        """Add ``w H_c v`` for every column of the block to ``out``, one backward through ``graph`` each."""
+        leaves, grads, live, w = graph
+        for j in range(out.shape[0]):
+            if not live:
+                return
+            hv = torch.autograd.grad(grads, leaves, grad_outputs=[tangents[i][j] for i in live],
+                                     retain_graph=keep or j + 1 < out.shape[0], allow_unused=True,
+                                     materialize_grads=True)
+            out[j].add_(self.flatten(hv), alpha=w)
+
     def _double_backward(self, block: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(block.shape, dtype=self.dtype, device=self.device)
         tangents = self.unflatten(block, self.model_dtype)
         for (x, y), w in zip(self.batches, self.chunk_weights):
-            leaves = {n: p.detach().requires_grad_(True) for n, p in zip(self.names, self._params)}
-            with torch.enable_grad():
-                loss = self._chunk_loss(leaves, x, y)
-                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
-                                            allow_unused=True, materialize_grads=True)
-            live = [i for i, g in enumerate(grads) if g.requires_grad]  # constant grads: zero rows of H
-            for j in range(block.shape[0]):
-                if not live:
-                    break
-                hv = torch.autograd.grad([grads[i] for i in live], list(leaves.values()),
-                                         grad_outputs=[tangents[i][j] for i in live],
-                                         retain_graph=j + 1 < block.shape[0],
-                                         allow_unused=True, materialize_grads=True)
-                out[j].add_(self.flatten(hv), alpha=w)
+            self._through_graph(self._chunk_graph(x, y, w), tangents, out, keep=False)  # one chunk's graph at a time
         return out
 
     def _versions(self) -> tuple[int, ...]:
-        """In-place version counters of every parameter and buffer: any optimizer step changes one."""
+        """In-place version counters of every parameter and buffer: any optimizer step changes one.
+
+        (Assigning ``p.data`` bypasses them: parameters must not change that way inside a measurement.)
+        """
         return tuple(t._version for t in (*self.model.parameters(), *self.model.buffers()))
 
-    def _build_graphs(self) -> list:
+    def _build_graphs(self) -> list | None:
+        """Every chunk's graph, or None (and the partial graphs freed) when they do not fit in memory."""
         graphs = []
-        for (x, y), w in zip(self.batches, self.chunk_weights):
-            leaves = {n: p.detach().requires_grad_(True) for n, p in zip(self.names, self._params)}
-            with torch.enable_grad():
-                loss = self._chunk_loss(leaves, x, y)
-                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
-                                            allow_unused=True, materialize_grads=True)
-            live = [i for i, g in enumerate(grads) if g.requires_grad]
-            graphs.append((list(leaves.values()), [grads[i] for i in live], live, w))
-        return graphs
+        try:
+            for (x, y), w in zip(self.batches, self.chunk_weights):
+                graphs.append(self._chunk_graph(x, y, w))
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+                raise
+            reason = str(err).splitlines()[0]
+        else:
+            return graphs
+        graphs.clear()  # outside the handler: the traceback no longer holds the partial graphs
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._reuse_fits = False
+        warnings.warn(f"reuse_graph: the gradient graphs of all {len(self.batches)} chunks do not fit in memory "
+                      f"({reason}); using double_backward (one chunk's graph at a time) for this operator",
+                      RuntimeWarning, stacklevel=5)
+        return None
 
     def _reuse_graph(self, block: torch.Tensor) -> torch.Tensor:
         if not self._reuse_fits:
@@ -501,30 +534,15 @@ class HessianOperator:
             graphs = self._graphs[1]
         else:
             self._graphs = None
-            try:
-                graphs = self._build_graphs()
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
-                    raise
-                graphs = None  # drop the partial graphs before anything else allocates
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self._reuse_fits = False
-                warnings.warn(f"reuse_graph: the gradient graphs of all {len(self.batches)} chunks do not fit in "
-                              f"memory ({str(err).splitlines()[0]}); using double_backward (one chunk's graph at a "
-                              "time) for this operator", RuntimeWarning, stacklevel=4)
+            graphs = self._build_graphs()
+            if graphs is None:
                 return self._double_backward(block)
             if self._measuring:
                 self._graphs = (versions, graphs)
         out = torch.zeros(block.shape, dtype=self.dtype, device=self.device)
         tangents = self.unflatten(block, self.model_dtype)
-        for leaves, grads, live, w in graphs:
-            if not live:
-                continue
-            for j in range(block.shape[0]):
-                hv = torch.autograd.grad(grads, leaves, grad_outputs=[tangents[i][j] for i in live],
-                                         retain_graph=True, allow_unused=True, materialize_grads=True)
-                out[j].add_(self.flatten(hv), alpha=w)
+        for graph in graphs:
+            self._through_graph(graph, tangents, out, keep=True)
         return out
 
     @contextlib.contextmanager
@@ -640,6 +658,7 @@ class HessianOperator:
                 "switching to math attention with cuDNN and oneDNN off for this operator",
                 RuntimeWarning, stacklevel=3)
             self._plain_kernels = True
+            self._graphs = None  # reuse_graph's graphs were built with the fused kernel
             try:
                 with _plain_kernels():
                     return rule(block)
@@ -671,36 +690,51 @@ class HessianOperator:
         return self.matvec(v) if v.dim() == 1 else self.matmat(v)
 
     def time_methods(self, v: torch.Tensor, methods: Sequence[str] = METHODS) -> dict[str, MethodTiming]:
-        """Two products with ``v`` per method, timed, each compared with forward-over-reverse's.
+        """Time each method on the real operator and compare its product with forward-over-reverse's.
 
-        Counted in ``n_matvecs`` (two per method).  A method the model cannot
-        differentiate with (:class:`MissingSecondDerivativeError`) is left
-        out; without forward-over-reverse the reference is double backward.
-        Runs inside one :meth:`measurement` per method, so reuse_graph's first
-        product pays for its graphs.  The operator's ``method`` is restored.
+        One product with ``v`` per method, two for ``"reuse_graph"`` (its first
+        builds the graphs: ``first_seconds``; its second is what every later
+        product of a measurement costs), all counted in ``n_matvecs``.
+        One-off costs that are not the method's (torch's lazy imports on the
+        first second-order backward, the first functorch transform) are paid
+        before timing on a two-element problem, not on a product.
+        ``"finite_difference"`` is left out when it cannot meet
+        :data:`AUTO_RTOL` in the model's dtype (``eps^(2/3)``, its best
+        accuracy, above it: float32 and below). A method that fails on this
+        model is left out (its error in :attr:`failed_methods`); when
+        forward-over-reverse fails the reference is the next method.
+        The operator's ``method`` is restored.
         """
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; allowed: {METHODS}")
+        if torch.finfo(self.model_dtype).eps ** (2 / 3) > AUTO_RTOL:
+            methods = [m for m in methods if m != "finite_difference"]
+        _warm_up_autodiff()
         saved, results, reference = self.method, {}, None
+        self.failed_methods = {}
         try:
             for name in sorted(methods, key=lambda m: m != "forward_over_reverse"):
                 self.method = name
+                fits = self._reuse_fits
                 with self.measurement():
                     try:
-                        start = time.perf_counter()
-                        first = self.matvec(v)
-                        self._synchronize()
-                        middle = time.perf_counter()
-                        self.matvec(v)
-                        self._synchronize()
-                        end = time.perf_counter()
-                    except MissingSecondDerivativeError:
+                        seconds = []
+                        for _ in range(2 if name == "reuse_graph" else 1):
+                            start = time.perf_counter()
+                            product = self.matvec(v)
+                            self._synchronize()
+                            seconds.append(time.perf_counter() - start)
+                    except (RuntimeError, NotImplementedError) as err:  # incl. MissingSecondDerivativeError
+                        self.failed_methods[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
                         continue
+                if name == "reuse_graph" and fits and not self._reuse_fits:
+                    self.failed_methods[name] = "its graphs do not fit in memory"  # timed as double_backward
+                    continue
                 if reference is None:
-                    reference = first
-                error = float((first - reference).norm() / reference.norm().clamp_min(torch.finfo(self.dtype).tiny))
-                results[name] = MethodTiming(middle - start, end - middle, error)
+                    reference = product
+                error = float((product - reference).norm() / reference.norm().clamp_min(torch.finfo(self.dtype).tiny))
+                results[name] = MethodTiming(seconds[0], seconds[-1], error)
         finally:
             self.method = saved
         if self.process_group is not None and results:
@@ -725,7 +759,9 @@ class HessianOperator:
         if v is None:
             v = torch.randn(self.dim, dtype=self.dtype, device=self.device, generator=generator)
         rtol = torch.finfo(self.model_dtype).eps ** 0.5 if rtol is None else rtol
-        first, second = self.matvec(v), self.matvec(v)
+        first = self.matvec(v)
+        self._graphs = None  # reuse_graph: the second product runs the model again, as every other method does
+        second = self.matvec(v)
         gap = float((first - second).abs().max())
         scale = float(first.abs().max())
         if gap > rtol * scale:

@@ -153,9 +153,11 @@ class SharpnessTracker:
         probe = torch.Generator(device=self.hessian.device).manual_seed(12345)
         v = torch.randn(self.hessian.dim, dtype=self.hessian.dtype, device=self.hessian.device, generator=probe)
         timings = self.hessian.time_methods(v)
-        self.hessian.method = choose_method(timings)
+        # What a warm measurement costs: about five products, twice that with the preconditioned solve.
+        self.hessian.method = choose_method(timings, products=5 * (2 if self.precondition else 1))
         self.method_choice = {"method": self.hessian.method,
-                              "timings": {m: dict(vars(t)) for m, t in timings.items()}}
+                              "timings": {m: dict(vars(t)) for m, t in timings.items()},
+                              **({"failed": dict(self.hessian.failed_methods)} if self.hessian.failed_methods else {})}
         return self.method_choice
 
     def _solve(self, op, warm: torch.Tensor | None, workspace: KrylovWorkspace) -> tuple[EigResult, float]:

@@ -348,8 +348,9 @@ class Trainer:
         """SLQ spectral density of the Hessian, written to the record's density table."""
         op = self.tracker.hessian
         start = time.perf_counter()
-        sld = slq_density(op.matvec, op.dim, n_probes=self.cfg.density_probes, n_steps=self.cfg.density_steps,
-                          device=op.device, generator=self.density_generator)
+        with op.measurement():  # reuse_graph: one set of graphs for all the density's products
+            sld = slq_density(op.matvec, op.dim, n_probes=self.cfg.density_probes, n_steps=self.cfg.density_steps,
+                              device=op.device, generator=self.density_generator)
         lo, hi = sld.nodes.min(), sld.nodes.max()
         pad = 0.05 * (hi - lo)
         grid = torch.linspace(lo - pad, hi + pad, DENSITY_GRID, dtype=sld.nodes.dtype, device=sld.nodes.device)

@@ -331,17 +331,52 @@ def test_reuse_graph_rebuilds_when_a_parameter_changes_in_place():
 
 
 def test_reuse_graph_falls_back_to_double_backward_when_its_graphs_do_not_fit(monkeypatch):
+    """The second chunk's graph does not fit: the first one's is freed before the fallback's product."""
+    import gc
+    import weakref
+
     model = tanh_mlp()
     x, y = regression_data(10, 5, 3)
-    op = hessian_operator(model, mse, [(x, y)], method="reuse_graph")
+    op = hessian_operator(model, mse, [(x[:5], y[:5]), (x[5:], y[5:])], method="reuse_graph")
+    real_graph, real_double_backward = type(op)._chunk_graph, type(op)._double_backward
+    built = []
 
-    def out_of_memory(self):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    def second_does_not_fit(self, *chunk):
+        if built:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        graph = real_graph(self, *chunk)
+        built.append(weakref.ref(graph[1][0]))
+        return graph
 
-    monkeypatch.setattr(type(op), "_build_graphs", out_of_memory)
+    def double_backward_after_freeing(self, block):
+        gc.collect()
+        assert built[0]() is None, "the partial graphs are still alive during the fallback"
+        monkeypatch.setattr(type(op), "_chunk_graph", real_graph)
+        return real_double_backward(self, block)
+
+    monkeypatch.setattr(type(op), "_chunk_graph", second_does_not_fit)
+    monkeypatch.setattr(type(op), "_double_backward", double_backward_after_freeing)
     with op.measurement(), pytest.warns(RuntimeWarning, match="do not fit"):
         assert_products_match(op, dense_hessian(model, mse, x, y))
     assert op._reuse_fits is False and op.method == "reuse_graph"
+
+
+def test_reuse_graph_with_a_fused_kernel_rebuilds_its_graphs_with_plain_kernels(transformer_case):
+    math_model, x, y, H = transformer_case
+    fused_model = CausalBlock(fused=True).to(DT)
+    fused_model.load_state_dict(math_model.state_dict())
+    op = hessian_operator(fused_model, mse, [(x, y)], method="reuse_graph")
+    with op.measurement(), pytest.warns(RuntimeWarning, match="math attention"):
+        assert_products_match(op, H)
+
+
+def test_the_determinism_probe_fires_with_reuse_graph_inside_a_measurement():
+    torch.manual_seed(0)
+    noisy = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).to(DT).train()
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(noisy, mse, [(x, y)], method="reuse_graph", dropout="as_is", determinism_probe=False)
+    with op.measurement(), pytest.raises(NondeterministicOperatorError):
+        op.check_determinism()
 
 
 def test_auto_chooses_by_cost_per_measurement_from_given_timings():
@@ -366,14 +401,32 @@ def test_auto_chooses_by_cost_per_measurement_from_given_timings():
         choose_method({"finite_difference": t(1.0, 1.0, error=1e-3)})
 
 
-def test_time_methods_runs_two_counted_products_each_and_measures_agreement():
+def test_time_methods_counts_its_products_and_measures_agreement():
     model = tanh_mlp()
     x, y = regression_data(10, 5, 3)
     op = hessian_operator(model, mse, [(x[:6], y[:6]), (x[6:], y[6:])])
     timings = op.time_methods(torch.randn(op.dim, dtype=DT, generator=torch.Generator().manual_seed(1)))
-    assert list(timings) == list(METHODS) and op.n_matvecs == 2 * len(METHODS)
+    assert list(timings) == list(METHODS) and op.n_matvecs == len(METHODS) + 1  # reuse_graph's two
     assert op.method == "forward_over_reverse"  # restored
     assert timings["forward_over_reverse"].relative_error == 0.0
     assert timings["double_backward"].relative_error <= 1e-12 and timings["reuse_graph"].relative_error <= 1e-12
     assert 0 < timings["finite_difference"].relative_error <= 1e-6  # float64: about 1e-10
     assert all(t.first_seconds > 0 and t.product_seconds > 0 for t in timings.values())
+    # float32: finite differences cannot reach 1e-5 (eps^(2/3) = 2.4e-5), so they are not timed
+    single = hessian_operator(tanh_mlp().float(), mse, [(x.float(), y.float())])
+    assert "finite_difference" not in single.time_methods(torch.ones(single.dim))
+
+
+def test_a_method_that_fails_on_the_model_is_left_out_and_said(monkeypatch):
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(model, mse, [(x, y)])
+
+    def no_forward_mode(self, block):
+        raise RuntimeError("jvp: this custom Function has no forward-mode rule")
+
+    monkeypatch.setattr(type(op), "_forward_over_reverse", no_forward_mode)
+    timings = op.time_methods(torch.ones(op.dim, dtype=DT))
+    assert "forward_over_reverse" not in timings and "no forward-mode rule" in op.failed_methods["forward_over_reverse"]
+    assert timings["double_backward"].relative_error == 0.0  # the reference now
+    assert timings["reuse_graph"].relative_error <= 1e-12

@@ -103,6 +103,26 @@ def test_long_runs_show_no_ghost_copies_and_keep_an_orthonormal_basis():
     assert (Y.T @ Y - torch.eye(5, dtype=DT)).abs().max() <= 1e-10
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_spectrum_far_from_zero_keeps_the_basis_orthogonal(k):
+    """|alpha_j| >> beta_j at every step: one Gram-Schmidt pass compounds the basis's error by
+    |A q| / |w| a step, and the Ritz values leave the spectrum (660 for a top eigenvalue of 101)."""
+    ev = 100.0 + torch.linspace(0.0, 1.0, 200, dtype=DT)
+    ev[-3:] = torch.tensor([101.01, 101.03, 101.05], dtype=DT)
+    A, _ = spectrum_matrix(ev)
+    res = lanczos(lambda v: A @ v, 200, k, tol=1e-8, max_iter=200, generator=gen())
+    assert res.converged
+    assert relative_error(res.eigenvalues, ev.sort(descending=True).values[:k]) <= 1e-10
+    Y = res.eigenvectors
+    assert (Y.T @ Y - torch.eye(k, dtype=DT)).abs().max() <= 1e-10
+
+
+def test_a_zero_start_vector_falls_back_to_a_random_one():
+    A, Q = spectrum_matrix(known_spectrum())
+    res = lanczos(lambda v: A @ v, A.shape[0], 1, tol=1e-8, v0=torch.zeros(A.shape[0], dtype=DT), generator=gen())
+    assert res.converged and abs(float(res.eigenvalues[0]) - 10.0) <= 1e-6
+
+
 def test_an_invariant_subspace_restarts_from_a_fresh_vector():
     """Two distinct eigenvalues: one start vector's Krylov space is 2-dimensional, so three Ritz
     pairs exist only if the solver goes on (coupling 0) from a fresh vector, whose own Krylov space
@@ -123,10 +143,11 @@ def test_a_workspace_is_reused_across_solves_and_changes_nothing(mlp_hessian):
     op, _, exact = mlp_hessian
     workspace = KrylovWorkspace()
     first = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=40, generator=gen(), workspace=workspace)
-    buffer = workspace.basis(41, op.dim, DT, "cpu")
+    buffer = workspace._buffer
+    assert first.n_matvecs + 1 <= buffer.shape[0] < 2 * (first.n_matvecs + 1)  # grown as needed, not to max_iter
     again = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=40, generator=gen(), workspace=workspace)
     alone = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=40, generator=gen())
-    assert workspace.basis(41, op.dim, DT, "cpu").data_ptr() == buffer.data_ptr()  # not reallocated
+    assert workspace._buffer is buffer  # not reallocated
     for res in (again, alone):
         assert torch.equal(res.eigenvalues, first.eigenvalues) and res.n_matvecs == first.n_matvecs
     assert relative_error(first.eigenvalues, exact[:2]) <= 1e-8
