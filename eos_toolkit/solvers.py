@@ -72,6 +72,22 @@ def _check_common(dim: int, k: int, tol: float) -> None:
         raise ValueError(f"tol must be >= 0, got {tol}")
 
 
+def _check_krylov(dim: int, k: int, tol: float, *, which: str, check_every: int | None, criterion: str,
+                  max_iter: int) -> int:
+    """The Lanczos solvers' arguments checked; returns ``max_iter`` capped at ``dim``."""
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    _check_common(dim, k, tol)
+    if check_every is not None and check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if criterion not in ("residual", "eigenvalue"):
+        raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
+    max_iter = min(max_iter, dim)
+    if max_iter < k:
+        raise ValueError(f"max_iter={max_iter} is below k={k}")
+    return max_iter
+
+
 def _orthogonalise(block: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove from the rows of ``block`` their components along the orthonormal rows of ``basis``, twice.
 
@@ -172,19 +188,11 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
     once more after its QR to guard rank-deficient blocks; ``workspace``
     keeps the basis between solves as in :func:`lanczos`.
     """
-    if which not in ("largest", "smallest"):
-        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
-    _check_common(dim, k, tol)
+    max_iter = _check_krylov(dim, k, tol, which=which, check_every=check_every, criterion=criterion,
+                             max_iter=max_iter)
     b = block_size or (1 if v0 is None or v0.dim() == 1 else v0.shape[1])
     if not 1 <= b <= dim:
         raise ValueError(f"block_size must lie in [1, dim={dim}], got {b}")
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
-    if criterion not in ("residual", "eigenvalue"):
-        raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
-    max_iter = min(max_iter, dim)
-    if max_iter < k:
-        raise ValueError(f"max_iter={max_iter} is below k={k}")
     n_blocks = -(-max_iter // b)
     basis_cap = n_blocks * b
     eps = torch.finfo(dtype).eps
@@ -317,16 +325,8 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
     make each stop decision together (:data:`Agree`).
     For clusters of equal eigenvalues use :func:`block_lanczos`.
     """
-    if which not in ("largest", "smallest"):
-        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
-    _check_common(dim, k, tol)
-    if check_every is not None and check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
-    if criterion not in ("residual", "eigenvalue"):
-        raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
-    max_iter = min(max_iter, dim)
-    if max_iter < k:
-        raise ValueError(f"max_iter={max_iter} is below k={k}")
+    max_iter = _check_krylov(dim, k, tol, which=which, check_every=check_every, criterion=criterion,
+                             max_iter=max_iter)
     start = _start_vector(v0, dim, dtype, device, generator)
     device = start.device
     on_host = device.type == "cpu"  # norm tests are free Python branches only where tensors live on the host

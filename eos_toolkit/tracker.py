@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .hvp import AUTO, METHODS, choose_method, hessian_operator
+from .hvp import AUTO, AUTO_RTOL, METHODS, choose_method, hessian_operator
 from .operators import preconditioned_operator
 from .solvers import EigResult, KrylovWorkspace, block_lanczos, lanczos, power_iteration
 
@@ -70,7 +70,8 @@ class SharpnessTracker:
     :data:`~eos_toolkit.hvp.METHODS` on two products of the real operator
     and keeps the cheapest per measurement that agrees with
     forward-over-reverse to :data:`~eos_toolkit.hvp.AUTO_RTOL` (its products
-    are counted in that measurement's ``hessian_matvecs``; the choice and
+    are counted in that measurement's ``hessian_matvecs``; two methods that
+    agree also answer the determinism probe, which then costs nothing; the choice and
     the timings are in :attr:`method_choice`, and in :meth:`state_dict`, so
     a resumed run keeps it).  Each measurement runs inside one
     :meth:`~eos_toolkit.hvp.HessianOperator.measurement`, so
@@ -142,6 +143,29 @@ class SharpnessTracker:
             self.method_choice = state["method_choice"]
             self.hessian.method = self.method_choice["method"]
 
+    def _choose_and_probe(self) -> None:
+        """:meth:`choose_method`, which also settles the determinism probe when it can.
+
+        Two methods whose products of one vector agree to ``AUTO_RTOL`` ran the
+        model twice and got the same Hessian: the probe's question, answered
+        without its two products. When no method agrees, the probe (if it is
+        on) says whether the operator is random, which is the likely cause.
+        """
+        try:
+            choice = self.choose_method()
+        except ValueError:
+            if self._probe_pending:
+                self.hessian.check_determinism(generator=self._probe_generator())  # raises for a random operator
+            raise
+        timings = choice["timings"]
+        reference = next(iter(timings))
+        if any(m != reference and t["relative_error"] <= AUTO_RTOL for m, t in timings.items()):
+            self._probe_pending = False
+
+    def _probe_generator(self) -> torch.Generator:
+        """The determinism probe's own stream: whether it runs leaves the solves' random stream alone."""
+        return torch.Generator(device=self.hessian.device).manual_seed(54321)
+
     def choose_method(self) -> dict:
         """Time every product method on this operator and keep the fastest accurate one (``method="auto"``).
 
@@ -206,9 +230,9 @@ class SharpnessTracker:
     def _measure(self, preconditioner) -> dict[str, float]:
         before, start = self.hessian.n_matvecs, time.perf_counter()
         if self.auto and self.method_choice is None:
-            self.choose_method()
+            self._choose_and_probe()
         if self._probe_pending:
-            self.hessian.check_determinism(generator=self.generator)
+            self.hessian.check_determinism(generator=self._probe_generator())
             self._probe_pending = False
         result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace)
         self.eigenvectors = align_signs(result.eigenvectors, self.eigenvectors)

@@ -206,7 +206,7 @@ def test_matvec_counts_include_the_determinism_probe():
     start = torch.randn(sum(p.numel() for p in model.parameters()), 1, dtype=DT)
     counts = []
     for probe in (True, False):  # the same warm start, so the solves take the same products
-        tracker = SharpnessTracker(model, mse, [(x, y)], tol=1e-8, determinism_probe=probe)
+        tracker = SharpnessTracker(model, mse, [(x, y)], tol=1e-8, determinism_probe=probe, method="double_backward")
         tracker.eigenvectors = start / start.norm()
         counts.append(tracker.measure()["hessian_matvecs"])
     assert counts[0] == counts[1] + 2
@@ -230,8 +230,9 @@ def test_auto_method_is_chosen_once_counted_and_kept_by_a_resumed_tracker():
     assert auto.hessian.method == chosen and set(auto.method_choice["timings"]) == set(METHODS)
     fixed = SharpnessTracker(model, mse, [(x[:9], y[:9]), (x[9:], y[9:])], k=2, tol=1e-9, method=chosen)
     alone = fixed.measure()
-    # The timing products are counted, and they leave the measurements' random stream alone.
-    assert first["hessian_matvecs"] == alone["hessian_matvecs"] + len(METHODS) + 1  # reuse_graph's two
+    # The timing products are counted (four), they answer the determinism probe (whose two products
+    # the fixed-method tracker pays), and they leave the measurements' random stream alone.
+    assert first["hessian_matvecs"] == alone["hessian_matvecs"] + 4 - 2
     assert first["hessian_eig_1"] == pytest.approx(alone["hessian_eig_1"], rel=1e-12)
     assert auto.measure()["hessian_matvecs"] == fixed.measure()["hessian_matvecs"]  # chosen once
     resumed = SharpnessTracker(model, mse, [(x[:9], y[:9]), (x[9:], y[9:])], k=2, tol=1e-9)
@@ -239,6 +240,14 @@ def test_auto_method_is_chosen_once_counted_and_kept_by_a_resumed_tracker():
     assert resumed.hessian.method == chosen and resumed.method_choice == auto.method_choice
     with pytest.raises(ValueError, match="method must be 'auto' or one of"):
         SharpnessTracker(model, mse, [(x, y)], method="fast")
+
+
+def test_auto_on_a_random_operator_says_it_is_random():
+    torch.manual_seed(0)
+    noisy = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).to(DT).train()
+    x, y = regression_data(16, 5, 3)
+    with pytest.raises(NondeterministicOperatorError):
+        SharpnessTracker(noisy, mse, [(x, y)], dropout="as_is").measure()
 
 
 def test_power_solver_reports_lambda_max_on_an_indefinite_hessian():
