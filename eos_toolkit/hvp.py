@@ -422,7 +422,7 @@ class HessianOperator:
         if vec.shape[-1] != self.dim:
             raise ValueError(f"vector has {vec.shape[-1]} entries, the operator has dim {self.dim}")
         parts = torch.split(vec if dtype is None else vec.to(dtype), self.numels, dim=-1)
-        return [p.reshape(*lead, *s) for p, s in zip(parts, self.shapes)]
+        return [p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes)]  # () for a scalar parameter
 
     def flat_parameters(self) -> torch.Tensor:
         """Current values of the selected parameters as one vector of ``dtype``."""
