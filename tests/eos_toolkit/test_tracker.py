@@ -139,6 +139,7 @@ def test_tracker_preconditioned_metrics_with_adam():
 
 
 def test_tracker_probe_fires_on_dropout_and_batchnorm_statistics_survive():
+    """With the default hvp method, auto: its rules disagree on a random operator, and the probe says why."""
     torch.manual_seed(0)
     noisy = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT).train()
     x, y = regression_data(16, 5, 3)
@@ -241,13 +242,6 @@ def test_auto_method_is_chosen_once_counted_and_kept_by_a_resumed_tracker():
     with pytest.raises(ValueError, match="method must be 'auto' or one of"):
         SharpnessTracker(model, mse, [(x, y)], method="fast")
 
-
-def test_auto_on_a_random_operator_says_it_is_random():
-    torch.manual_seed(0)
-    noisy = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).to(DT).train()
-    x, y = regression_data(16, 5, 3)
-    with pytest.raises(NondeterministicOperatorError):
-        SharpnessTracker(noisy, mse, [(x, y)], dropout="as_is").measure()
 
 
 def test_power_solver_reports_lambda_max_on_an_indefinite_hessian():
