@@ -326,6 +326,7 @@ class HessianOperator:
         self.chunk_weights = [s / total for s in sizes]
         self.n_matvecs = 0
         self.failed_methods: dict[str, str] = {}  # time_methods: the methods that failed on this model, and why
+        self.derived_methods: dict[str, str] = {}  # time_methods: a method timed by another's product (no run)
         self._plain_kernels = False
         self._measuring = 0  # depth of nested measurement() blocks
         self._graphs = None  # reuse_graph: (versions, [(leaves, grads, live, weight) per chunk])
@@ -718,13 +719,14 @@ class HessianOperator:
             methods = [m for m in methods if m != "finite_difference"]
         _warm_up_autodiff()
         saved, results, reference = self.method, {}, None
-        self.failed_methods = {}
+        self.failed_methods, self.derived_methods = {}, {}
         try:
             order = ("forward_over_reverse", "reuse_graph", "double_backward", "finite_difference")
             for name in sorted(methods, key=order.index):
                 if name == "double_backward" and "reuse_graph" in results:
                     first = results["reuse_graph"]
                     results[name] = MethodTiming(first.first_seconds, first.first_seconds, first.relative_error)
+                    self.derived_methods[name] = "reuse_graph"
                     continue
                 self.method = name
                 fits = self._reuse_fits

@@ -285,3 +285,29 @@ def test_power_iteration_does_not_claim_a_wrong_lambda_max_on_a_clustered_spectr
     assert not short.converged or abs(float(short.eigenvalues[0]) / 5.3 - 1) < 1e-3
     long = power_iteration(lambda v: A @ v, 200, tol=1e-3, max_iter=20000, generator=g, which="LA")
     assert long.converged and abs(float(long.eigenvalues[0]) / 5.3 - 1) < 1e-3
+
+
+def test_a_method_timed_by_the_references_own_product_does_not_settle_the_probe(monkeypatch):
+    """Without forward-over-reverse, reuse_graph is the reference and double backward's figure is its
+    product: no second forward pass, so the probe must still run."""
+    from eos_toolkit.hvp import HessianOperator
+
+    def no_forward_mode(self, block):
+        raise RuntimeError("jvp: no forward-mode rule")
+
+    monkeypatch.setattr(HessianOperator, "_forward_over_reverse", no_forward_mode)
+    model = tanh_mlp(sizes=(5, 8, 3))
+    x, y = regression_data(16, 5, 3)
+    tracker = SharpnessTracker(model, mse, [(x, y)], k=1, tol=1e-9)
+    calls = []
+    real = HessianOperator.check_determinism
+    monkeypatch.setattr(HessianOperator, "check_determinism", lambda op, **kw: calls.append(1) or real(op, **kw))
+    tracker.measure()
+    assert tracker.hessian.derived_methods == {"double_backward": "reuse_graph"}
+    assert next(iter(tracker.method_choice["timings"])) == "reuse_graph"
+    # finite differences (float64) ran their own forward passes and agree: that settles it
+    assert calls == [] and "finite_difference" in tracker.method_choice["timings"]
+    model32 = tanh_mlp(sizes=(5, 8, 3)).float()
+    tracker32 = SharpnessTracker(model32, mse, [(x.float(), y.float())], k=1, tol=1e-5)
+    tracker32.measure()  # float32: no finite differences, only the reference and a derived figure
+    assert calls == [1]
