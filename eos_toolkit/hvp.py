@@ -694,9 +694,11 @@ class HessianOperator:
     def time_methods(self, v: torch.Tensor, methods: Sequence[str] = METHODS) -> dict[str, MethodTiming]:
         """Time each method on the real operator and compare its product with forward-over-reverse's.
 
-        One product with ``v`` per method, two for ``"reuse_graph"`` (its first
-        builds the graphs: ``first_seconds``; its second is what every later
-        product of a measurement costs), all counted in ``n_matvecs``.
+        Two products with ``v`` for forward-over-reverse (the first is the
+        reference and carries first-call costs, the second is timed) and for
+        ``"reuse_graph"`` (its first builds the graphs: ``first_seconds``; its
+        second is what every later product of a measurement costs), one for
+        finite differences, all counted in ``n_matvecs``.
         ``"double_backward"`` is not run when reuse_graph's graphs fit: its
         product is the same computation as reuse_graph's first (build a
         chunk's graph, one backward through it), so that time and that
@@ -733,19 +735,27 @@ class HessianOperator:
                 with self.measurement():
                     try:
                         seconds = []
-                        for _ in range(2 if name == "reuse_graph" else 1):
+                        for _ in range(1 if name in ("double_backward", "finite_difference") else 2):
                             start = time.perf_counter()
                             product = self.matvec(v)
                             self._synchronize()
                             seconds.append(time.perf_counter() - start)
                     except (RuntimeError, NotImplementedError) as err:  # incl. MissingSecondDerivativeError
+                        if self.process_group is not None:
+                            raise  # the other ranks are inside this product's all-reduce: stop them all
                         self.failed_methods[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
                         continue
-                if name == "reuse_graph" and fits and not self._reuse_fits:
+                fell_back = name == "reuse_graph" and fits and not self._reuse_fits
+                if name == "reuse_graph" and self.process_group is not None:
+                    # Graphs that do not fit on one rank: every rank drops reuse_graph, so that all of
+                    # them time double backward with a product of its own (the same collectives).
+                    fell_back = bool(self._all_reduce(torch.tensor([float(fell_back)], dtype=torch.float64),
+                                                      torch.distributed.ReduceOp.MAX) > 0)
+                if fell_back:
                     self.failed_methods[name] = "its graphs do not fit in memory"  # timed as double_backward
                     continue
                 if reference is None:
-                    reference = product
+                    reference = product  # forward-over-reverse's second product: its first agrees with it
                 error = float((product - reference).norm() / reference.norm().clamp_min(torch.finfo(self.dtype).tiny))
                 results[name] = MethodTiming(seconds[0], seconds[-1], error)
         finally:

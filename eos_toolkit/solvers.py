@@ -118,7 +118,8 @@ def eigenvalue_error_bound(residuals: torch.Tensor, gaps: torch.Tensor) -> torch
     other Ritz value, the usual estimate of ``delta``; in a tight cluster it is
     small and the bound falls back to ``r``, as it does without another Ritz value (``gap = inf``).
     """
-    return torch.where(torch.isfinite(gaps), torch.minimum(residuals, residuals ** 2 / gaps), residuals)
+    usable = torch.isfinite(gaps) & (gaps > 0)  # a zero gap (equal Ritz values) gives no second-order bound
+    return torch.where(usable, torch.minimum(residuals, residuals ** 2 / torch.where(usable, gaps, 1.0)), residuals)
 
 
 class KrylovWorkspace:
@@ -305,7 +306,10 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
     extra products.  When ``w`` vanishes (an invariant subspace: exact
     arithmetic has found every eigenvalue the start vector sees), the basis
     continues from a random vector orthogonal to it with a zero coupling, so
-    ``T`` splits and nothing is lost.
+    ``T`` splits.  Which copies of a repeated eigenvalue a single start
+    vector finds before every residual is 0 is luck (a rank-3 operator
+    asked for 4 eigenvalues may answer its 3 and one 0, and stop): for
+    multiplicities use :func:`block_lanczos`.
 
     ``v0`` may be one vector or a ``(dim, m)`` block of previous eigenvectors;
     a block is summed into one start vector, whose Krylov space contains all
@@ -383,11 +387,15 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
         if checks <= check_every or checks % check_every == 0 or m >= max_iter:
             # sync: convergence test, in numpy on a host copy of the small tridiagonal.
             coefficients = torch.stack([alphas[:m], betas[:m]]).cpu().double().numpy()
+            if not np.isfinite(coefficients).all():
+                raise ValueError(f"the operator returned non-finite values (Lanczos step {m}): inf or NaN in the "
+                                 "products, or overflow; check the model and loss at the current parameters")
             theta, S, gaps = _tridiagonal_ritz(coefficients[0], coefficients[1, :m - 1], k, which)
             residuals = abs(coefficients[1, m - 1]) * np.abs(S[m - 1])
             scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
-            errors = np.minimum(residuals, np.where(np.isfinite(gaps), residuals ** 2 / gaps, residuals)) \
-                if criterion == "eigenvalue" else residuals  # eigenvalue_error_bound, in numpy
+            usable = np.isfinite(gaps) & (gaps > 0)  # eigenvalue_error_bound, in numpy
+            bound = np.divide(residuals ** 2, gaps, out=residuals.copy(), where=usable)
+            errors = np.minimum(residuals, bound) if criterion == "eigenvalue" else residuals
             converged = (agree or _alone)(bool((errors <= tol * scale).all()))
             result = (theta, S, residuals, converged)
             if converged:

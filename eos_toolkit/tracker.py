@@ -66,8 +66,8 @@ class SharpnessTracker:
     products are counted in that measurement's ``hessian_matvecs``).
 
     ``method="auto"`` (the default) picks the product rule on the first
-    measurement: :meth:`choose_method` times every method in
-    :data:`~eos_toolkit.hvp.METHODS` on two products of the real operator
+    measurement: :meth:`choose_method` times the methods in
+    :data:`~eos_toolkit.hvp.METHODS` on a few products of the real operator
     and keeps the cheapest per measurement that agrees with
     forward-over-reverse to :data:`~eos_toolkit.hvp.AUTO_RTOL` (its products
     are counted in that measurement's ``hessian_matvecs``; two methods that
@@ -160,7 +160,8 @@ class SharpnessTracker:
         timings = choice["timings"]
         reference = next(iter(timings))
         ran = [m for m in timings if m != reference and m not in self.hessian.derived_methods]  # own forward passes
-        if any(timings[m]["relative_error"] <= AUTO_RTOL for m in ran):
+        probe_rtol = min(AUTO_RTOL, torch.finfo(self.hessian.model_dtype).eps ** 0.5)  # the probe's own tolerance
+        if any(timings[m]["relative_error"] <= probe_rtol for m in ran):
             self._probe_pending = False
 
     def _probe_generator(self) -> torch.Generator:
@@ -180,6 +181,8 @@ class SharpnessTracker:
         timings = self.hessian.time_methods(v)
         # What a warm measurement costs: about five products, twice that with the preconditioned solve.
         self.hessian.method = choose_method(timings, products=5 * (2 if self.precondition else 1))
+        if self.hessian.method != "reuse_graph":
+            self.hessian._graphs = None  # the timing's graphs: not to be held through the measurement
         self.method_choice = {"method": self.hessian.method,
                               "timings": {m: dict(vars(t)) for m, t in timings.items()},
                               **({"failed": dict(self.hessian.failed_methods)} if self.hessian.failed_methods else {})}

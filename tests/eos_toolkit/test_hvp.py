@@ -407,8 +407,9 @@ def test_time_methods_counts_its_products_and_measures_agreement():
     op = hessian_operator(model, mse, [(x[:6], y[:6]), (x[6:], y[6:])])
     timings = op.time_methods(torch.randn(op.dim, dtype=DT, generator=torch.Generator().manual_seed(1)))
     assert set(timings) == set(METHODS) and next(iter(timings)) == "forward_over_reverse"  # the reference first
-    # one each, two for reuse_graph, none for double_backward (its product is reuse_graph's first)
-    assert op.n_matvecs == 4
+    # two for forward-over-reverse and reuse_graph, one for finite differences, none for double
+    # backward (its product is reuse_graph's first)
+    assert op.n_matvecs == 5
     assert timings["double_backward"].product_seconds == timings["reuse_graph"].first_seconds
     assert op.method == "forward_over_reverse"  # restored
     assert timings["forward_over_reverse"].relative_error == 0.0

@@ -117,6 +117,21 @@ def test_a_spectrum_far_from_zero_keeps_the_basis_orthogonal(k):
     assert (Y.T @ Y - torch.eye(k, dtype=DT)).abs().max() <= 1e-10
 
 
+def test_equal_ritz_values_converge_under_the_eigenvalue_rule():
+    """A zero gap gives no second-order bound (r^2 / 0); the rule falls back to the residual."""
+    A = 2.0 * torch.eye(10, dtype=DT)
+    res = lanczos(lambda v: A @ v, 10, 2, tol=1e-8, criterion="eigenvalue", generator=gen())
+    assert res.converged and res.n_matvecs < 10
+    assert torch.allclose(res.eigenvalues, torch.full((2,), 2.0, dtype=DT))
+    assert torch.equal(eigenvalue_error_bound(torch.tensor([0.0, 1e-3]), torch.tensor([0.0, 0.0])),
+                       torch.tensor([0.0, 1e-3]))
+
+
+def test_non_finite_products_are_named():
+    with pytest.raises(ValueError, match="non-finite values"):
+        lanczos(lambda v: v * float("nan"), 20, 1, generator=gen())
+
+
 def test_a_zero_start_vector_falls_back_to_a_random_one():
     A, Q = spectrum_matrix(known_spectrum())
     res = lanczos(lambda v: A @ v, A.shape[0], 1, tol=1e-8, v0=torch.zeros(A.shape[0], dtype=DT), generator=gen())
