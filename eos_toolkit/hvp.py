@@ -547,6 +547,10 @@ class HessianOperator:
             self._through_graph(graph, tangents, out, keep=True)
         return out
 
+    def drop_graphs(self) -> None:
+        """Free reuse_graph's kept graphs now; the next product builds them again (inside a measurement too)."""
+        self._graphs = None
+
     @contextlib.contextmanager
     def measurement(self):
         """A block of products at fixed parameters: ``"reuse_graph"`` keeps its graphs until the block ends.
@@ -660,7 +664,7 @@ class HessianOperator:
                 "switching to math attention with cuDNN and oneDNN off for this operator",
                 RuntimeWarning, stacklevel=3)
             self._plain_kernels = True
-            self._graphs = None  # reuse_graph's graphs were built with the fused kernel
+            self.drop_graphs()  # reuse_graph's graphs were built with the fused kernel
             try:
                 with _plain_kernels():
                     return rule(block)
@@ -784,7 +788,7 @@ class HessianOperator:
             v = torch.randn(self.dim, dtype=self.dtype, device=self.device, generator=generator)
         rtol = torch.finfo(self.model_dtype).eps ** 0.5 if rtol is None else rtol
         first = self.matvec(v)
-        self._graphs = None  # reuse_graph: the second product runs the model again, as every other method does
+        self.drop_graphs()  # reuse_graph: the second product runs the model again, as every other method does
         second = self.matvec(v)
         gap = float((first - second).abs().max())
         scale = float(first.abs().max())

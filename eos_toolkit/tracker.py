@@ -182,7 +182,7 @@ class SharpnessTracker:
         # What a warm measurement costs: about five products, twice that with the preconditioned solve.
         self.hessian.method = choose_method(timings, products=5 * (2 if self.precondition else 1))
         if self.hessian.method != "reuse_graph":
-            self.hessian._graphs = None  # the timing's graphs: not to be held through the measurement
+            self.hessian.drop_graphs()  # the timing's graphs: not to be held through the measurement
         self.method_choice = {"method": self.hessian.method,
                               "timings": {m: dict(vars(t)) for m, t in timings.items()},
                               **({"failed": dict(self.hessian.failed_methods)} if self.hessian.failed_methods else {})}

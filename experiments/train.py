@@ -400,21 +400,26 @@ class Trainer:
         Under data parallelism rank 0 chooses and reads the file and sends it
         to the other ranks.
         """
+        if self.group is None:
+            name, passed_over, _, state = self._pick_checkpoint(metrics)
+            self._apply_checkpoint(state)
+            return name, passed_over
         found = None
-        if self.group is None or self.group.is_main:
+        if self.group.is_main:
             try:
-                found = self._pick_checkpoint(metrics)
+                name, passed_over, data, _ = self._pick_checkpoint(metrics)
+                found = (name, passed_over, data)  # the file's bytes travel; each rank loads them onto its device
             except (ValueError, FileNotFoundError) as exc:
                 found = exc
-        if self.group is not None:
-            found = self.group.broadcast(found)
+        found = self.group.broadcast(found)
         if isinstance(found, Exception):
             raise found
         name, passed_over, data = found
         self._apply_checkpoint(torch.load(io.BytesIO(data), map_location=self.device, weights_only=True))
         return name, passed_over
 
-    def _pick_checkpoint(self, metrics) -> tuple[str, list[str], bytes]:
+    def _pick_checkpoint(self, metrics) -> tuple[str, list[str], bytes, dict]:
+        """The newest usable checkpoint: its name, why newer ones were passed over, its bytes and its state."""
         directory = self.run_dir / record.CHECKPOINT_DIR
         passed_over = []
         for name in (CHECKPOINT_NAME, PREVIOUS_CHECKPOINT):
@@ -423,7 +428,7 @@ class Trainer:
                 continue
             data = path.read_bytes()
             try:
-                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                state = torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
             except Exception as exc:  # truncated or corrupt file: torch says why in its own words
                 passed_over.append(f"{name} does not load ({type(exc).__name__}: {str(exc)[:120]})")
                 continue
@@ -433,7 +438,7 @@ class Trainer:
                 if reached < state["step"] - 1:
                     passed_over.append(f"{name} is at step {state['step']} but metrics.csv ends at step {reached}")
                     continue
-            return name, passed_over, data
+            return name, passed_over, data, state
         if not passed_over:
             raise FileNotFoundError(f"{self.run_dir} has no checkpoint (in {directory}); it cannot be resumed")
         raise ValueError(f"{self.run_dir} cannot be resumed without losing results: " + "; ".join(passed_over))
