@@ -336,38 +336,40 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
     on_host = device.type == "cpu"  # norm tests are free Python branches only where tensors live on the host
     check_every = check_every or (1 if on_host else 2)
     eps = torch.finfo(dtype).eps
-    reorth_below = 0.5 ** 0.5  # DGKS: more than 1/sqrt(2) of the norm cancelled
     workspace = workspace or KrylovWorkspace()
     Q = workspace.basis(min(max_iter + 1, 16), dim, dtype, device)
-    alphas = torch.zeros(max_iter, dtype=dtype, device=device)
-    betas = torch.zeros(max_iter, dtype=dtype, device=device)
+    # The tridiagonal's coefficients, in float64: on the host the convergence test reads them in place.
+    coefficients = torch.zeros(2, max_iter, dtype=torch.float64, device=device)
+    alphas, betas = coefficients
     torch.div(start, start.norm(), out=Q[0])
     history = [] if keep_history else None
     result, checks, m = None, 0, 0
+    q_prev, beta = None, None  # q_{j-1} and beta_{j-1}, the coupling to it
     while m < max_iter:
         j, m = m, m + 1
         if Q.shape[0] < m + 1:
             Q = workspace.basis(min(max_iter + 1, 2 * Q.shape[0]), dim, dtype, device, keep=m)
-        basis = Q[:m]
-        w = matvec(Q[j]).to(dtype)
+        basis, q = Q[:m], Q[j]
+        w = matvec(q).to(dtype)
         # The three-term recurrence, O(dim): the large components, along q_j and q_{j-1}.
-        alpha = torch.dot(Q[j], w)
-        w = torch.addcmul(w, Q[j], alpha, value=-1)  # a new tensor: the product may be its input itself
-        if j > 0:
-            w.addcmul_(Q[j - 1], betas[j - 1], value=-1)
-        local = w.norm()
-        size_in = (alpha.square() + local.square() + (betas[j - 1].square() if j > 0 else 0)).sqrt()  # |A q_j|
+        alpha = torch.dot(q, w)
+        w = torch.addcmul(w, q, alpha, value=-1)  # a new tensor: the product may be its input itself
+        if beta is not None:
+            w.addcmul_(q_prev, beta, value=-1)
         # One classical Gram-Schmidt pass over the whole basis: what rounding left along it, removed.
-        coeff = basis @ w
-        w = torch.addmv(w, basis.T, coeff, alpha=-1)
+        coeff = torch.mv(basis, w)
+        w.addmv_(basis.T, coeff, alpha=-1)  # in place: w is the solver's own tensor from here on
         size = w.norm()
-        if not on_host or bool(size < reorth_below * local):  # the pass cancelled much: once more
-            again = basis @ w
-            w = torch.addmv(w, basis.T, again, alpha=-1)
+        # |w|^2 before the pass is removed + size^2 (Pythagoras), so no pass over w measures it.
+        removed = coeff.dot(coeff)
+        if not on_host or bool(size.square() < removed):  # DGKS: the pass cancelled over 1/sqrt 2 of |w|
+            again = torch.mv(basis, w)
+            w.addmv_(basis.T, again, alpha=-1)
             coeff = coeff + again
             size = w.norm()
         alphas[j] = alpha + coeff[j]
-        dead = size <= dim ** 0.5 * eps * size_in.clamp_min(torch.finfo(dtype).tiny)
+        # alpha^2 + removed <= |A q_j|^2: a w below the rounding of that is noise, the space is invariant.
+        dead = size <= eps * (dim * (alpha.square() + removed)).sqrt()
         if m < max_iter and (not on_host or bool(dead)):
             # Invariant subspace: go on from a random vector orthogonal to the basis, with coupling 0.
             fresh = torch.randn(dim, dtype=dtype, device=device, generator=generator)
@@ -375,7 +377,11 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
                 fresh = torch.addmv(fresh, basis.T, basis @ fresh, alpha=-1)
             w = torch.where(dead, fresh, w)
             size = torch.where(dead, fresh.norm(), size)
-        betas[j] = torch.where(dead, torch.zeros_like(size), size)
+            beta = torch.where(dead, torch.zeros_like(size), size)
+        else:
+            beta = size
+        betas[j] = beta
+        q_prev = q
         if m < max_iter:
             torch.div(w, size, out=Q[m])
         if keep_history:
@@ -385,13 +391,13 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
             continue
         checks += 1
         if checks <= check_every or checks % check_every == 0 or m >= max_iter:
-            # sync: convergence test, in numpy on a host copy of the small tridiagonal.
-            coefficients = torch.stack([alphas[:m], betas[:m]]).cpu().double().numpy()
-            if not np.isfinite(coefficients).all():
+            # sync: convergence test, in numpy on the small tridiagonal (a copy from an accelerator).
+            host = coefficients[:, :m].cpu().numpy()
+            if not np.isfinite(host).all():
                 raise ValueError(f"the operator returned non-finite values (Lanczos step {m}): inf or NaN in the "
                                  "products, or overflow; check the model and loss at the current parameters")
-            theta, S, gaps = _tridiagonal_ritz(coefficients[0], coefficients[1, :m - 1], k, which)
-            residuals = abs(coefficients[1, m - 1]) * np.abs(S[m - 1])
+            theta, S, gaps = _tridiagonal_ritz(host[0], host[1, :m - 1], k, which)
+            residuals = abs(host[1, m - 1]) * np.abs(S[m - 1])
             scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
             usable = np.isfinite(gaps) & (gaps > 0)  # eigenvalue_error_bound, in numpy
             bound = np.divide(residuals ** 2, gaps, out=residuals.copy(), where=usable)
@@ -418,7 +424,14 @@ def _tridiagonal_ritz(alphas: np.ndarray, betas: np.ndarray, k: int, which: str)
     few dozen rows numpy answers in microseconds where a chain of torch
     calls costs a noticeable share of a fast product.
     """
-    theta, S = scipy.linalg.eigh_tridiagonal(alphas, betas) if len(alphas) > 1 else (alphas, np.ones((1, 1)))
+    if len(alphas) > 1:
+        # LAPACK's stev directly: scipy's eigh_tridiagonal wrapper validates its input in Python, which
+        # costs more than the solve on a basis of a few dozen rows, once per product.
+        theta, S, info = scipy.linalg.lapack.dstev(alphas, betas, compute_v=1)
+        if info != 0:
+            raise ValueError(f"the Lanczos tridiagonal's eigenvalues did not converge (LAPACK stev info {info})")
+    else:
+        theta, S = alphas, np.ones((1, 1))
     idx = np.arange(len(theta) - 1, len(theta) - 1 - k, -1) if which == "largest" else np.arange(k)
     distance = np.abs(theta[idx][:, None] - theta[None, :])
     distance[np.arange(k), idx] = np.inf

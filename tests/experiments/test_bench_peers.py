@@ -217,3 +217,25 @@ def test_configs_parse_and_bad_ones_are_named():
     for bad in ("resnet", "mlp:-1", "mlp:", "cnn:x"):
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(bad))):
             parse_config(bad)
+
+
+def test_peer_section_runs_end_to_end_on_a_tiny_model(capsys):
+    """The whole peer section (reference, peers where installed, ours cold, first of a run, both warm rows, the
+    overhead) on a small float32 MLP: every goal line is printed, and ours is within the accuracy target."""
+    from experiments.benchmarks import sharpness
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(2)
+    chunks = [(torch.randn(64, 12, generator=g), torch.randn(64, 4, generator=g))]
+    args = argparse.Namespace(seed=0, lr=0.05, peer_tols=[1e-3], peer_max_iter=60, peer_trials=2, reference_iter=60)
+    verdict = sharpness.peer_table(("tiny", "mlp", 0), model, chunks, args)
+    out = capsys.readouterr().out
+    assert sharpness.SAME_START in out and sharpness.OWN_START in out
+    for goal in ("ours cold", "ours first of a run", "ours warm, same start",  # compared, or SKIP without peers
+                 "ours warm from its own previous vector <= 5 products", "solver overhead"):
+        assert any(text.startswith(goal) for text in verdict), goal
+    rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ours ")}
+    for name in ("ours cold", "ours first of a run", sharpness.SAME_START, sharpness.OWN_START):
+        error = float(rows[name].split()[len(name.split()) + 2])
+        assert error <= sharpness.REL_TARGET, rows[name]
