@@ -117,6 +117,12 @@ def eigenvalue_error_bound(residuals: torch.Tensor, gaps: torch.Tensor) -> torch
     lies within ``delta`` of ``theta``.  ``gap`` is the distance to the nearest
     other Ritz value, the usual estimate of ``delta``; in a tight cluster it is
     small and the bound falls back to ``r``, as it does without another Ritz value (``gap = inf``).
+    It is an estimate, not a guarantee: after a few products the nearest
+    Ritz value lies below the eigenvalue it approaches, the estimated gap is
+    too large and the bound too small.  Measured: a warm start on the
+    sharpness benchmark's CNN stopped after 2 products at 1.2e-3 relative
+    error with ``tol=1e-3``.  The tracker stops on residuals, which bound the
+    error without a gap.
     """
     usable = torch.isfinite(gaps) & (gaps > 0)  # a zero gap (equal Ritz values) gives no second-order bound
     return torch.where(usable, torch.minimum(residuals, residuals ** 2 / torch.where(usable, gaps, 1.0)), residuals)
