@@ -350,7 +350,8 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
     torch.div(start, start.norm(), out=Q[0])
     history = [] if keep_history else None
     result, checks, m = None, 0, 0
-    q_prev, beta = None, None  # q_{j-1} and beta_{j-1}, the coupling to it
+    zero = torch.zeros((), dtype=dtype, device=device)
+    beta = None  # beta_{j-1}, the coupling to q_{j-1}
     while m < max_iter:
         j, m = m, m + 1
         if Q.shape[0] < m + 1:
@@ -361,21 +362,22 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
         alpha = torch.dot(q, w)
         w = torch.addcmul(w, q, alpha, value=-1)  # a new tensor: the product may be its input itself
         if beta is not None:
-            w.addcmul_(q_prev, beta, value=-1)
+            w.addcmul_(Q[j - 1], beta, value=-1)
         # One classical Gram-Schmidt pass over the whole basis: what rounding left along it, removed.
         coeff = torch.mv(basis, w)
         w.addmv_(basis.T, coeff, alpha=-1)  # in place: w is the solver's own tensor from here on
         size = w.norm()
-        # |w|^2 before the pass is removed + size^2 (Pythagoras), so no pass over w measures it.
-        removed = coeff.dot(coeff)
-        if not on_host or bool(size.square() < removed):  # DGKS: the pass cancelled over 1/sqrt 2 of |w|
+        # |w|^2 before the pass is |coeff|^2 + size^2 (Pythagoras): no pass over w measures it.
+        local_sq = coeff.dot(coeff) + size.square()
+        # |A q_j|^2, from the same parts: alpha^2 + beta_{j-1}^2 + |w|^2 before the pass.
+        size_in = (alpha.square() + local_sq + (beta.square() if beta is not None else 0)).sqrt()
+        if not on_host or bool(2 * size.square() < local_sq):  # DGKS: the pass cancelled over 1/sqrt 2 of |w|
             again = torch.mv(basis, w)
             w.addmv_(basis.T, again, alpha=-1)
             coeff = coeff + again
             size = w.norm()
         alphas[j] = alpha + coeff[j]
-        # alpha^2 + removed <= |A q_j|^2: a w below the rounding of that is noise, the space is invariant.
-        dead = size <= eps * (dim * (alpha.square() + removed)).sqrt()
+        dead = size <= dim ** 0.5 * eps * size_in  # w is rounding noise: the space is invariant
         if m < max_iter and (not on_host or bool(dead)):
             # Invariant subspace: go on from a random vector orthogonal to the basis, with coupling 0.
             fresh = torch.randn(dim, dtype=dtype, device=device, generator=generator)
@@ -383,11 +385,7 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
                 fresh = torch.addmv(fresh, basis.T, basis @ fresh, alpha=-1)
             w = torch.where(dead, fresh, w)
             size = torch.where(dead, fresh.norm(), size)
-            beta = torch.where(dead, torch.zeros_like(size), size)
-        else:
-            beta = size
-        betas[j] = beta
-        q_prev = q
+        betas[j] = beta = torch.where(dead, zero, size)
         if m < max_iter:
             torch.div(w, size, out=Q[m])
         if keep_history:
@@ -423,6 +421,9 @@ def _tridiagonal(alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     return torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
 
 
+_STEV_ROWS = 32  # up to this size LAPACK's stev (O(m^3), no Python checks) beats scipy's eigh_tridiagonal
+
+
 def _tridiagonal_ritz(alphas: np.ndarray, betas: np.ndarray, k: int, which: str):
     """:func:`_top_ritz` for the symmetric tridiagonal ``(alphas, betas)``, in numpy (float64).
 
@@ -430,14 +431,16 @@ def _tridiagonal_ritz(alphas: np.ndarray, betas: np.ndarray, k: int, which: str)
     few dozen rows numpy answers in microseconds where a chain of torch
     calls costs a noticeable share of a fast product.
     """
-    if len(alphas) > 1:
+    if len(alphas) == 1:
+        theta, S = alphas, np.ones((1, 1))
+    elif len(alphas) <= _STEV_ROWS:
         # LAPACK's stev directly: scipy's eigh_tridiagonal wrapper validates its input in Python, which
         # costs more than the solve on a basis of a few dozen rows, once per product.
         theta, S, info = scipy.linalg.lapack.dstev(alphas, betas, compute_v=1)
         if info != 0:
             raise ValueError(f"the Lanczos tridiagonal's eigenvalues did not converge (LAPACK stev info {info})")
     else:
-        theta, S = alphas, np.ones((1, 1))
+        theta, S = scipy.linalg.eigh_tridiagonal(alphas, betas)  # MRRR, O(m^2): stev's O(m^3) loses beyond
     idx = np.arange(len(theta) - 1, len(theta) - 1 - k, -1) if which == "largest" else np.arange(k)
     distance = np.abs(theta[idx][:, None] - theta[None, :])
     distance[np.arange(k), idx] = np.inf
