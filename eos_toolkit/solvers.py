@@ -218,7 +218,7 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
         start[: given.shape[0]] = given
     Q = (workspace or KrylovWorkspace()).basis(basis_cap + b, dim, dtype, start.device)
     T = torch.zeros(basis_cap + b, basis_cap, dtype=dtype, device=device)
-    on_host = start.device.type == "cpu"
+    on_host = _on_host(start.device)
     Q[:b] = torch.linalg.qr(start.T).Q.T
     history = [] if keep_history else None
     m = 0
@@ -263,6 +263,26 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
     return EigResult(eigenvalues=theta, eigenvectors=Q[:m].T @ S, residuals=residuals,
                      n_matvecs=m, converged=converged,
                      history=torch.stack(history) if keep_history else None)
+
+
+def _on_host(device: torch.device) -> bool:
+    """Whether the solver's scalars live on the host, where reading them is free (a Python branch, no sync)."""
+    return device.type == "cpu"
+
+
+def _reorthogonalise(w: torch.Tensor, basis: torch.Tensor, coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A second classical Gram-Schmidt pass of ``w`` (in place) over ``basis``: the coefficients in all, and ``|w|``."""
+    again = torch.mv(basis, w)
+    w.addmv_(basis.T, again, alpha=-1)
+    return coeff + again, w.norm()
+
+
+def _orthogonal_random(basis: torch.Tensor, generator) -> torch.Tensor:
+    """A random vector orthogonal to ``basis`` (two passes): where a Krylov space turned out invariant."""
+    fresh = torch.randn(basis.shape[1], dtype=basis.dtype, device=basis.device, generator=generator)
+    for _ in range(2):
+        fresh = torch.addmv(fresh, basis.T, basis @ fresh, alpha=-1)
+    return fresh
 
 
 def _start_vector(v0, dim: int, dtype, device, generator) -> torch.Tensor:
@@ -339,19 +359,21 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
                              max_iter=max_iter)
     start = _start_vector(v0, dim, dtype, device, generator)
     device = start.device
-    on_host = device.type == "cpu"  # norm tests are free Python branches only where tensors live on the host
+    on_host = _on_host(device)
     check_every = check_every or (1 if on_host else 2)
     eps = torch.finfo(dtype).eps
+    noise = dim ** 0.5 * eps  # |w| below noise * |A q_j| is rounding: the Krylov space is invariant
     workspace = workspace or KrylovWorkspace()
     Q = workspace.basis(min(max_iter + 1, 16), dim, dtype, device)
     # The tridiagonal's coefficients, in float64: on the host the convergence test reads them in place.
     coefficients = torch.zeros(2, max_iter, dtype=torch.float64, device=device)
     alphas, betas = coefficients
+    on_host_coefficients = coefficients.numpy() if on_host else None  # the same memory
     torch.div(start, start.norm(), out=Q[0])
     history = [] if keep_history else None
     result, checks, m = None, 0, 0
     zero = torch.zeros((), dtype=dtype, device=device)
-    beta = None  # beta_{j-1}, the coupling to q_{j-1}
+    beta, beta_value = None, 0.0  # beta_{j-1}, the coupling to q_{j-1} (a tensor, and on the host its value)
     while m < max_iter:
         j, m = m, m + 1
         if Q.shape[0] < m + 1:
@@ -367,25 +389,38 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
         coeff = torch.mv(basis, w)
         w.addmv_(basis.T, coeff, alpha=-1)  # in place: w is the solver's own tensor from here on
         size = w.norm()
-        # |w|^2 before the pass is |coeff|^2 + size^2 (Pythagoras): no pass over w measures it.
-        local_sq = coeff.dot(coeff) + size.square()
-        # |A q_j|^2, from the same parts: alpha^2 + beta_{j-1}^2 + |w|^2 before the pass.
-        size_in = (alpha.square() + local_sq + (beta.square() if beta is not None else 0)).sqrt()
-        if not on_host or bool(2 * size.square() < local_sq):  # DGKS: the pass cancelled over 1/sqrt 2 of |w|
-            again = torch.mv(basis, w)
-            w.addmv_(basis.T, again, alpha=-1)
-            coeff = coeff + again
-            size = w.norm()
-        alphas[j] = alpha + coeff[j]
-        dead = size <= dim ** 0.5 * eps * size_in  # w is rounding noise: the space is invariant
-        if m < max_iter and (not on_host or bool(dead)):
-            # Invariant subspace: go on from a random vector orthogonal to the basis, with coupling 0.
-            fresh = torch.randn(dim, dtype=dtype, device=device, generator=generator)
-            for _ in range(2):
-                fresh = torch.addmv(fresh, basis.T, basis @ fresh, alpha=-1)
-            w = torch.where(dead, fresh, w)
-            size = torch.where(dead, fresh.norm(), size)
-        betas[j] = beta = torch.where(dead, zero, size)
+        # |w|^2 before the pass is |coeff|^2 + size^2 (Pythagoras): no pass over w measures it; and
+        # |A q_j|^2 is alpha^2 + beta_{j-1}^2 + that.
+        coeff_sq = coeff.dot(coeff)
+        if on_host:
+            # Python numbers and free branches: on the host an operation on a 0-d tensor costs about as
+            # much as a short vector operation, and this bookkeeping in tensors would take twenty.
+            alpha_value, size_value, coeff_sq_value = torch.stack([alpha, size, coeff_sq]).tolist()
+            local_sq = coeff_sq_value + size_value ** 2
+            size_in = (alpha_value ** 2 + beta_value ** 2 + local_sq) ** 0.5
+            if 2 * size_value ** 2 < local_sq:  # DGKS: the pass cancelled over 1/sqrt 2 of |w|, once more
+                coeff, size = _reorthogonalise(w, basis, coeff)
+                size_value = size.item()
+            on_host_coefficients[0, j] = alpha_value + coeff[j].item()
+            dead = size_value <= noise * size_in
+            if dead and m < max_iter:  # invariant subspace: on from a random vector, with coupling 0
+                w = _orthogonal_random(basis, generator)
+                size = w.norm()
+            beta, beta_value = (zero, 0.0) if dead else (size, size_value)
+            on_host_coefficients[1, j] = beta_value
+        else:
+            # The same steps without host syncs: the second pass always runs, and a restart vector is
+            # always drawn and kept only where the space is invariant.
+            beta_sq = beta.square() if beta is not None else 0
+            size_in = (alpha.square() + beta_sq + coeff_sq + size.square()).sqrt()
+            coeff, size = _reorthogonalise(w, basis, coeff)
+            alphas[j] = alpha + coeff[j]
+            dead = size <= noise * size_in
+            if m < max_iter:
+                fresh = _orthogonal_random(basis, generator)
+                w = torch.where(dead, fresh, w)
+                size = torch.where(dead, fresh.norm(), size)
+            betas[j] = beta = torch.where(dead, zero, size)
         if m < max_iter:
             torch.div(w, size, out=Q[m])
         if keep_history:
@@ -396,7 +431,7 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
         checks += 1
         if checks <= check_every or checks % check_every == 0 or m >= max_iter:
             # sync: convergence test, in numpy on the small tridiagonal (a copy from an accelerator).
-            host = coefficients[:, :m].cpu().numpy()
+            host = on_host_coefficients[:, :m] if on_host else coefficients[:, :m].cpu().numpy()
             if not np.isfinite(host).all():
                 raise ValueError(f"the operator returned non-finite values (Lanczos step {m}): inf or NaN in the "
                                  "products, or overflow; check the model and loss at the current parameters")
