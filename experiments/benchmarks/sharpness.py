@@ -375,66 +375,60 @@ def summarize(results: list, reference: float) -> dict:
             "stop": middle.stop_reason}
 
 
-def tracker_runs(model, chunks, args, snapshot, start: torch.Tensor) -> tuple[list, list, list, list, list, str]:
-    """Ours, per trial: a run's first measure() (the method choice and the determinism probe inside
-    it), a measure() from a random start again at the same parameters with that once-per-run work
-    done ("cold"), the solver's own overhead, and two measure()s one GD step later: from the
-    tracker's own previous eigenvector ("warm", as a run measures) and from ``start``, the vector
-    the warm peers start from ("warm, same start"; the two alternate in order between trials).
+def tracker_trial(model, chunks, args, snapshot, start: torch.Tensor, trial: int) -> dict:
+    """One trial of ours: a run's first measure() (the method choice and the determinism probe inside
+    it, "first"), a measure() from a random start again at the same parameters with that once-per-run
+    work done ("cold"), the solver's own overhead ("overhead"), and two measure()s one GD step later:
+    from the tracker's own previous eigenvector ("warm", as a run measures) and from ``start``, the
+    vector the warm peers start from ("same"; the two alternate in order between trials).
 
-    Each trial starts a fresh :class:`~eos_toolkit.tracker.SharpnessTracker`
+    The trial starts a fresh :class:`~eos_toolkit.tracker.SharpnessTracker`
     (default ``tol``, ``k=1``, ``method="auto"``, seed ``args.seed + trial``)
-    on the snapshot's parameters. "Cold" is its first measurement, as a run
-    pays it: the timing of the product rules (``choose_method``) included.
+    on the snapshot's parameters, and leaves the model at the snapshot.
     """
     from eos_toolkit.tracker import SharpnessTracker
     from experiments.benchmarks.peers import PeerResult
 
     tol = inspect.signature(SharpnessTracker).parameters["tol"].default  # the tracker's default tolerance
-    first, known, warm, same_start, overheads = [], [], [], [], []
 
     def row(metrics, seconds, what) -> PeerResult:
         stop = "residual < tol" if metrics["hessian_converged"] else "max_iter reached"
         return PeerResult("ours", metrics["sharpness"], int(metrics["hessian_matvecs"]), metrics["hessian_seconds"],
                           bool(metrics["hessian_converged"]), f"{stop}; {what}measure() {seconds:.2f} s")
 
-    for trial in range(args.peer_trials):
-        model.load_state_dict(snapshot)
-        tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, tol=tol, seed=args.seed + trial)
-        metrics, seconds = timed_result(tracker.measure, model_device(model))
-        chosen = tracker.method_choice["method"]
-        first.append(row(metrics, seconds, f"chose {chosen}; "))
-        # Cold: the same parameters, from a random start again, with the once-per-run work done.
-        saved, tracker.eigenvectors = tracker.eigenvectors, None
-        known.append(row(*timed_result(tracker.measure, model_device(model)), ""))
-        tracker.eigenvectors = saved
-        # The solver's own cost: a cold solve whose products are timed one by one.
-        op, spent = tracker.hessian, []
-
-        def timed_matvec(v, op=op, spent=spent):
-            product, seconds = timed_result(lambda: op.matvec(v), model_device(model))
-            spent.append(seconds)
-            return product
-
-        # As in a tracker: the basis lives in a workspace that an earlier solve has already sized.
-        workspace = KrylovWorkspace()
-
-        def solve(matvec, seed, workspace=workspace, op=op):
-            return lanczos(matvec, op.dim, 1, tol=tol, max_iter=tracker.max_iter, dtype=op.dtype, device=op.device,
-                           generator=torch.Generator(op.device).manual_seed(seed), workspace=workspace)
-
-        with op.measurement():
-            solve(op.matvec, trial)  # untimed, the same solve: reuse_graph's graphs and the workspace's rows exist
-            _, total = timed_result(lambda: solve(timed_matvec, trial), model_device(model))
-        overheads.append((total - sum(spent)) / sum(spent))
-        gd_step(model, chunks, args.lr)
-        own = tracker.eigenvectors
-        for which in ("own", "same") if trial % 2 == 0 else ("same", "own"):
-            tracker.eigenvectors = own if which == "own" else start.reshape(-1, 1).to(own)
-            (warm if which == "own" else same_start).append(row(*timed_result(tracker.measure, model_device(model)),
-                                                                ""))
     model.load_state_dict(snapshot)
-    return first, known, warm, same_start, overheads, f"SharpnessTracker(k=1, tol={tol:g}, method='auto')"
+    tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, tol=tol, seed=args.seed + trial)
+    metrics, seconds = timed_result(tracker.measure, model_device(model))
+    out = {"first": row(metrics, seconds, f"chose {tracker.method_choice['method']}; ")}
+    # Cold: the same parameters, from a random start again, with the once-per-run work done.
+    saved, tracker.eigenvectors = tracker.eigenvectors, None
+    out["cold"] = row(*timed_result(tracker.measure, model_device(model)), "")
+    tracker.eigenvectors = saved
+    # The solver's own cost: a cold solve whose products are timed one by one.
+    op, spent = tracker.hessian, []
+
+    def timed_matvec(v):
+        product, seconds = timed_result(lambda: op.matvec(v), model_device(model))
+        spent.append(seconds)
+        return product
+
+    workspace = KrylovWorkspace()  # as in a tracker: the basis lives in a workspace an earlier solve has sized
+
+    def solve(matvec):
+        return lanczos(matvec, op.dim, 1, tol=tol, max_iter=tracker.max_iter, dtype=op.dtype, device=op.device,
+                       generator=torch.Generator(op.device).manual_seed(trial), workspace=workspace)
+
+    with op.measurement():
+        solve(op.matvec)  # untimed, the same solve: reuse_graph's graphs and the workspace's rows exist
+        _, total = timed_result(lambda: solve(timed_matvec), model_device(model))
+    out["overhead"] = (total - sum(spent)) / sum(spent)
+    gd_step(model, chunks, args.lr)
+    own = tracker.eigenvectors
+    for which in ("warm", "same") if trial % 2 == 0 else ("same", "warm"):
+        tracker.eigenvectors = own if which == "warm" else start.reshape(-1, 1).to(own)
+        out[which] = row(*timed_result(tracker.measure, model_device(model)), "")
+    model.load_state_dict(snapshot)
+    return out
 
 
 def tracker_run(model, chunks, args, snapshot) -> list[int]:
@@ -512,6 +506,7 @@ def peer_table(config, model, chunks, args, device=None) -> dict[str, bool | Non
 
     Returns the goals it printed (True PASS, False FAIL, None SKIP).
     """
+    from eos_toolkit.tracker import SharpnessTracker
     from experiments.benchmarks.peers import PEERS, best_accurate, peer_availability
 
     out = Printer()
@@ -528,35 +523,42 @@ def peer_table(config, model, chunks, args, device=None) -> dict[str, bool | Non
     start = ref_vector.to(next(model.parameters()).dtype)
 
     available = peer_availability()
-    cold: dict[str, dict] = {}
-    warm: dict[str, dict] = {}
+    present = []
     for peer in PEERS.values():
         if available[peer.name] is not None:
             out.append(f"  {peer.label}: skipped: {available[peer.name]}")
             continue
+        present.append(peer)
         # Untimed warm-up, two products on the same data: first-call costs (allocations at these shapes,
         # torch.func set-up, ARPACK) stay out of the rows, as our reference run keeps them out of ours.
         peer.run(model, loss, chunks, tol=REL_TARGET, max_iter=2, seed=args.seed)
-        for tol in args.peer_tols:
-            runs = [peer.run(model, loss, chunks, tol=tol, max_iter=args.peer_max_iter, seed=args.seed + trial)
-                    for trial in range(args.peer_trials)]
-            cold[f"{peer.label} (tol {tol:g})"] = progress(f"{peer.label} (tol {tol:g})", summarize(runs, reference))
-            if peer.takes_start:
-                runs = []
-                for _ in range(args.peer_trials):
+    cold_runs: dict[str, list] = {}
+    warm_runs: dict[str, list] = {}
+    ours_runs: dict[str, list] = {}
+    for trial in range(args.peer_trials):
+        # Trial by trial, every row in turn: a slow spell of a shared machine falls on all rows alike.
+        for peer in present:
+            for tol in args.peer_tols:
+                cold_runs.setdefault(f"{peer.label} (tol {tol:g})", []).append(
+                    peer.run(model, loss, chunks, tol=tol, max_iter=args.peer_max_iter, seed=args.seed + trial))
+                if peer.takes_start:
                     gd_step(model, chunks, args.lr)
-                    runs.append(peer.run(model, loss, chunks, tol=tol, max_iter=args.peer_max_iter, seed=args.seed,
-                                         v0=start))
+                    warm_runs.setdefault(f"{peer.label} warm (tol {tol:g})", []).append(
+                        peer.run(model, loss, chunks, tol=tol, max_iter=args.peer_max_iter, seed=args.seed, v0=start))
                     model.load_state_dict(snapshot)
-                name = f"{peer.label} warm (tol {tol:g})"
-                warm[name] = progress(name, summarize(runs, after))
-    ours_first, ours_known, ours_warm, ours_same, overheads, ours_text = tracker_runs(model, chunks, args, snapshot,
-                                                                                      start)
+        for key, value in tracker_trial(model, chunks, args, snapshot, start, trial).items():
+            ours_runs.setdefault(key, []).append(value)
+        print(f"  .. trial {trial + 1} of {args.peer_trials} done", file=sys.stderr, flush=True)
+    cold = {name: progress(name, summarize(runs, reference)) for name, runs in cold_runs.items()}
+    warm = {name: progress(name, summarize(runs, after)) for name, runs in warm_runs.items()}
+    overheads = ours_runs["overhead"]
+    ours_text = (f"SharpnessTracker(k=1, tol={inspect.signature(SharpnessTracker).parameters['tol'].default:g}, "
+                 "method='auto')")
     peer_rows = {name: (s["products"], s["seconds"], s["error"]) for name, s in cold.items()}
     best = best_accurate(peer_rows, REL_TARGET)
     table = dict(cold)
-    table["ours cold"] = summarize(ours_known, reference)
-    table["ours first of a run"] = summarize(ours_first, reference)
+    table["ours cold"] = summarize(ours_runs["cold"], reference)
+    table["ours first of a run"] = summarize(ours_runs["first"], reference)
     print_peer_table(out, "cold: each solver from a random start", table, best)
     out.append(f"  ours: {ours_text}; products and seconds are its hessian_matvecs and hessian_seconds; "
                "'cold' is a measurement from a random start, 'first of a run' the same measurement with the "
@@ -571,8 +573,8 @@ def peer_table(config, model, chunks, args, device=None) -> dict[str, bool | Non
     warm_rows = {name: (s["products"], s["seconds"], s["error"]) for name, s in warm.items()}
     best_warm = best_accurate(warm_rows, REL_TARGET) if warm else None
     warm_table = dict(warm)
-    warm_table[SAME_START] = summarize(ours_same, after)
-    warm_table[OWN_START] = summarize(ours_warm, after)
+    warm_table[SAME_START] = summarize(ours_runs["same"], after)
+    warm_table[OWN_START] = summarize(ours_runs["warm"], after)
     print_peer_table(out, "warm, one GD step later: the peers that take a start vector and ours start from the same "
                      "vector, the previous reference eigenvector (ratios to the best accurate peer among them)",
                      warm_table, best_warm)
