@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -265,6 +266,11 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
                      history=torch.stack(history) if keep_history else None)
 
 
+def _non_finite(step: int) -> ValueError:
+    return ValueError(f"the operator returned non-finite values (Lanczos step {step}): inf or NaN in the "
+                      "products, or overflow; check the model and loss at the current parameters")
+
+
 def _on_host(device: torch.device) -> bool:
     """Whether the solver's scalars live on the host, where reading them is free (a Python branch, no sync)."""
     return device.type == "cpu"
@@ -343,8 +349,8 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
     from an exact eigenvector the solve ends after one product.  Stopping
     rule: every wanted pair has ``residual <= tol * max |theta|``
     (``criterion="residual"``) or ``eigenvalue_error_bound(residual, gap) <=
-    tol * max |theta|`` (``criterion="eigenvalue"``), tested (one host sync,
-    on a copy of the small ``T``) after each of the first ``check_every``
+    tol * max |theta|`` (``criterion="eigenvalue"``), tested (in numpy on
+    the small ``T``: one host sync on an accelerator) after each of the first ``check_every``
     steps once ``k`` vectors exist and every ``check_every`` steps after;
     by default after every step on the CPU (where the test costs nothing
     next to a product, and a warm start stops the moment it converges) and
@@ -398,6 +404,8 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
             alpha_value, size_value, coeff_sq_value = torch.stack([alpha, size, coeff_sq]).tolist()
             local_sq = coeff_sq_value + size_value ** 2
             size_in = (alpha_value ** 2 + beta_value ** 2 + local_sq) ** 0.5
+            if not math.isfinite(size_in):  # a norm that overflowed would pass for an invariant subspace below
+                raise _non_finite(m)
             if 2 * size_value ** 2 < local_sq:  # DGKS: the pass cancelled over 1/sqrt 2 of |w|, once more
                 coeff, size = _reorthogonalise(w, basis, coeff)
                 size_value = size.item()
@@ -415,7 +423,7 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
             size_in = (alpha.square() + beta_sq + coeff_sq + size.square()).sqrt()
             coeff, size = _reorthogonalise(w, basis, coeff)
             alphas[j] = alpha + coeff[j]
-            dead = size <= noise * size_in
+            dead = (size <= noise * size_in) & size_in.isfinite()  # an overflow is the convergence test's to name
             if m < max_iter:
                 fresh = _orthogonal_random(basis, generator)
                 w = torch.where(dead, fresh, w)
@@ -433,8 +441,7 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
             # sync: convergence test, in numpy on the small tridiagonal (a copy from an accelerator).
             host = on_host_coefficients[:, :m] if on_host else coefficients[:, :m].cpu().numpy()
             if not np.isfinite(host).all():
-                raise ValueError(f"the operator returned non-finite values (Lanczos step {m}): inf or NaN in the "
-                                 "products, or overflow; check the model and loss at the current parameters")
+                raise _non_finite(m)
             theta, S, gaps = _tridiagonal_ritz(host[0], host[1, :m - 1], k, which)
             residuals = abs(host[1, m - 1]) * np.abs(S[m - 1])
             scale = max(np.abs(theta).max(), np.finfo(np.float64).tiny)
