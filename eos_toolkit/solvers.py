@@ -285,10 +285,8 @@ def _reorthogonalise(w: torch.Tensor, basis: torch.Tensor, coeff: torch.Tensor) 
 
 def _orthogonal_random(basis: torch.Tensor, generator) -> torch.Tensor:
     """A random vector orthogonal to ``basis`` (two passes): where a Krylov space turned out invariant."""
-    fresh = torch.randn(basis.shape[1], dtype=basis.dtype, device=basis.device, generator=generator)
-    for _ in range(2):
-        fresh = torch.addmv(fresh, basis.T, basis @ fresh, alpha=-1)
-    return fresh
+    fresh = torch.randn(1, basis.shape[1], dtype=basis.dtype, device=basis.device, generator=generator)
+    return _orthogonalise(fresh, basis)[0][0]
 
 
 def _start_vector(v0, dim: int, dtype, device, generator) -> torch.Tensor:

@@ -389,15 +389,13 @@ def tracker_trial(model, chunks, args, snapshot, start: torch.Tensor, trial: int
     from eos_toolkit.tracker import SharpnessTracker
     from experiments.benchmarks.peers import PeerResult
 
-    tol = inspect.signature(SharpnessTracker).parameters["tol"].default  # the tracker's default tolerance
-
     def row(metrics, seconds, what) -> PeerResult:
         stop = "residual < tol" if metrics["hessian_converged"] else "max_iter reached"
         return PeerResult("ours", metrics["sharpness"], int(metrics["hessian_matvecs"]), metrics["hessian_seconds"],
                           bool(metrics["hessian_converged"]), f"{stop}; {what}measure() {seconds:.2f} s")
 
     model.load_state_dict(snapshot)
-    tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, tol=tol, seed=args.seed + trial)
+    tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, seed=args.seed + trial)  # default tol
     metrics, seconds = timed_result(tracker.measure, model_device(model))
     out = {"first": row(metrics, seconds, f"chose {tracker.method_choice['method']}; ")}
     # Cold: the same parameters, from a random start again, with the once-per-run work done.
@@ -415,8 +413,8 @@ def tracker_trial(model, chunks, args, snapshot, start: torch.Tensor, trial: int
     workspace = KrylovWorkspace()  # as in a tracker: the basis lives in a workspace an earlier solve has sized
 
     def solve(matvec):
-        return lanczos(matvec, op.dim, 1, tol=tol, max_iter=tracker.max_iter, dtype=op.dtype, device=op.device,
-                       generator=torch.Generator(op.device).manual_seed(trial), workspace=workspace)
+        return lanczos(matvec, op.dim, 1, tol=tracker.tol, max_iter=tracker.max_iter, dtype=op.dtype,
+                       device=op.device, generator=torch.Generator(op.device).manual_seed(trial), workspace=workspace)
 
     with op.measurement():
         solve(op.matvec)  # untimed, the same solve: reuse_graph's graphs and the workspace's rows exist
