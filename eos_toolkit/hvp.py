@@ -109,7 +109,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 METHODS = ("forward_over_reverse", "double_backward", "reuse_graph", "finite_difference")
-AUTO = "auto"  # a tracker's choice among METHODS by timing (SharpnessTracker.choose_method)
+AUTO = "auto"  # a tracker's choice among METHODS by timing (MethodTrial, on its first measurement)
 AUTO_RTOL = 1e-5  # a method is eligible for "auto" when its product agrees with forward-over-reverse to this
 AUTO_PRODUCTS_PER_MEASUREMENT = 10  # what "auto" amortises reuse_graph's graph building over
 BN_MODES = ("eval", "batch_stats")
@@ -150,9 +150,10 @@ def choose_method(timings: dict[str, MethodTiming], *, products: int = AUTO_PROD
 
     eligible = [m for m in METHODS if m in timings and timings[m].relative_error <= rtol]
     if not eligible:
-        raise ValueError(f"no Hessian-vector product method agrees with forward-over-reverse to {rtol:g}: "
-                         + ", ".join(f"{m}: {t.relative_error:.2g}" for m, t in timings.items())
-                         + " (a random operator, dropout='as_is' in train mode, gives this: name a method)")
+        errors = ", ".join(f"{m}: {t.relative_error:.2g}" for m, t in timings.items())
+        raise NoAccurateMethodError(f"no Hessian-vector product method agrees with forward-over-reverse to "
+                                    f"{rtol:g}: {errors} (a random operator, dropout='as_is' in train mode, "
+                                    "gives this: name a method)")
     return min(eligible, key=lambda m: (cost(m), METHODS.index(m)))
 
 
@@ -171,6 +172,10 @@ class NondeterministicOperatorError(RuntimeError):
 
 class MissingSecondDerivativeError(RuntimeError):
     """An operation in the model has no second derivative for the chosen HVP method."""
+
+
+class NoAccurateMethodError(ValueError):
+    """No Hessian-vector product method agrees with the reference to :data:`AUTO_RTOL`."""
 
 
 def _chunk_size(targets: torch.Tensor) -> int:
@@ -698,79 +703,21 @@ class HessianOperator:
     def time_methods(self, v: torch.Tensor, methods: Sequence[str] = METHODS) -> dict[str, MethodTiming]:
         """Time each method on the real operator and compare its product with forward-over-reverse's.
 
-        Two products with ``v`` for forward-over-reverse (the first is the
-        reference and carries first-call costs, the second is timed) and for
-        ``"reuse_graph"`` (its first builds the graphs: ``first_seconds``; its
-        second is what every later product of a measurement costs), one for
-        finite differences, all counted in ``n_matvecs``.
-        ``"double_backward"`` is not run when reuse_graph's graphs fit: its
-        product is the same computation as reuse_graph's first (build a
-        chunk's graph, one backward through it), so that time and that
-        product are its own.  The first entry of the result is the
-        reference (forward-over-reverse unless it failed).
-        One-off costs that are not the method's (torch's lazy imports on the
-        first second-order backward, the first functorch transform) are paid
-        before timing on a two-element problem, not on a product.
-        ``"finite_difference"`` is left out when it cannot meet
-        :data:`AUTO_RTOL` in the model's dtype (``eps^(2/3)``, its best
-        accuracy, above it: float32 and below). A method that fails on this
-        model is left out (its error in :attr:`failed_methods`); when
-        forward-over-reverse fails the reference is the next method.
-        The operator's ``method`` is restored.
+        A :class:`MethodTrial` fed the one vector ``v`` until it is done:
+        two products for forward-over-reverse (the first is the reference's
+        first call, with its one-off costs; the second is timed, and is the
+        reference product), two for ``"reuse_graph"`` (its first builds the
+        graphs; its second is what every later product of a measurement
+        costs), one for finite differences, none for double backward when
+        reuse_graph's graphs fit; all counted in ``n_matvecs``.  The first
+        entry of the result is the reference.  The operator's ``method`` is
+        restored.
         """
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; allowed: {METHODS}")
-        if torch.finfo(self.model_dtype).eps ** (2 / 3) > AUTO_RTOL:
-            methods = [m for m in methods if m != "finite_difference"]
-        _warm_up_autodiff()
-        saved, results, reference = self.method, {}, None
-        self.failed_methods, self.derived_methods = {}, {}
-        try:
-            order = ("forward_over_reverse", "reuse_graph", "double_backward", "finite_difference")
-            for name in sorted(methods, key=order.index):
-                if name == "double_backward" and "reuse_graph" in results:
-                    first = results["reuse_graph"]
-                    results[name] = MethodTiming(first.first_seconds, first.first_seconds, first.relative_error)
-                    self.derived_methods[name] = "reuse_graph"
-                    continue
-                self.method = name
-                fits = self._reuse_fits
-                with self.measurement():
-                    try:
-                        seconds = []
-                        for _ in range(1 if name in ("double_backward", "finite_difference") else 2):
-                            start = time.perf_counter()
-                            product = self.matvec(v)
-                            self._synchronize()
-                            seconds.append(time.perf_counter() - start)
-                    except (RuntimeError, NotImplementedError) as err:  # incl. MissingSecondDerivativeError
-                        if self.process_group is not None:
-                            raise  # the other ranks are inside this product's all-reduce: stop them all
-                        self.failed_methods[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                        continue
-                fell_back = name == "reuse_graph" and fits and not self._reuse_fits
-                if name == "reuse_graph" and self.process_group is not None:
-                    # Graphs that do not fit on one rank: every rank drops reuse_graph, so that all of
-                    # them time double backward with a product of its own (the same collectives).
-                    fell_back = bool(self._all_reduce(torch.tensor([float(fell_back)], dtype=torch.float64),
-                                                      torch.distributed.ReduceOp.MAX) > 0)
-                if fell_back:
-                    self.failed_methods[name] = "its graphs do not fit in memory"  # timed as double_backward
-                    continue
-                if reference is None:
-                    reference = product  # forward-over-reverse's second product: its first agrees with it
-                error = float((product - reference).norm() / reference.norm().clamp_min(torch.finfo(self.dtype).tiny))
-                results[name] = MethodTiming(seconds[0], seconds[-1], error)
-        finally:
-            self.method = saved
-        results = {m: results[m] for m in sorted(results, key=order.index)}
-        if self.process_group is not None and results:
-            # The slowest rank's times, so every rank chooses the same method.
-            times = torch.tensor([[t.first_seconds, t.product_seconds] for t in results.values()], dtype=torch.float64)
-            times = self._all_reduce(times, torch.distributed.ReduceOp.MAX).tolist()
-            results = {m: MethodTiming(f, p, t.relative_error) for (m, t), (f, p) in zip(results.items(), times)}
-        return results
+        trial = MethodTrial(self, methods)
+        with self.measurement():
+            while not trial.done:
+                trial(v)
+        return trial.timings
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -798,6 +745,169 @@ class HessianOperator:
                 f"(max |Hv| = {scale:.3g}): the model is random during the product (dropout or a "
                 "noise layer in train mode). Use dropout='off' (the default), put the noisy "
                 "modules in eval mode, or fix their random seed inside forward().")
+
+
+class MethodTrial:
+    """The first products of a solve, made by each method in turn and timed: what ``"auto"`` chooses from.
+
+    Call it where the operator's product would be called (``trial(x)`` is
+    ``H x`` for a vector or a ``(dim, b)`` block), e.g. as a solver's
+    ``matvec``.  Its first calls run the methods of ``methods`` in turn, on
+    the vectors the solver passes, ``x1, x2, x3``:
+
+    1. the reference (forward-over-reverse, or the first method that works
+       on this model) on ``x1``: its first call, with one-off costs (tracing)
+       a run pays once;
+    2. the reference again on ``x2`` (its steady cost, and the reference
+       product), then every other method once on ``x2``, each compared with
+       the reference: reuse_graph's product builds its graphs; double
+       backward's figure is that product when the graphs fit (the same
+       computation: build a chunk's graph, one backward through it);
+    3. reuse_graph on ``x3`` (its steady cost), when it agreed with the
+       reference to :data:`AUTO_RTOL`.
+
+    Every call returns a product that agrees with the reference to
+    :data:`AUTO_RTOL`, so a solve fed by the trial is the reference's solve
+    to rounding, and the only products beyond the solve's own are the
+    comparisons of step 2: one (reuse_graph), two with finite differences
+    (float64 only: in float32 their best accuracy, ``eps^(2/3)``, is worse
+    than :data:`AUTO_RTOL`, so they are not tried), against four or five
+    timing products before the solve when the trial ran on a vector of its
+    own.  Then :attr:`timings` is complete (the reference first) and
+    :attr:`done` is set; with ``products`` given, the operator's method is
+    :func:`choose_method`'s choice for a measurement of that many products
+    (:attr:`choice`), and it answers every later call; without, the
+    operator's method is restored.  A method that fails on this model is left
+    out (its error in the operator's ``failed_methods``); when
+    reuse_graph's graphs do not fit, it is left out too and double backward
+    is timed on its own product.  Under a process group every rank takes the
+    slowest rank's times, so all choose alike.  Torch's one-off costs of
+    second-order autodiff (lazy imports, the first transform) are paid first,
+    on a two-element problem.
+    """
+
+    ORDER = ("forward_over_reverse", "reuse_graph", "double_backward", "finite_difference")
+
+    def __init__(self, op: HessianOperator, methods: Sequence[str] = METHODS, *, products: int | None = None):
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; allowed: {METHODS}")
+        if torch.finfo(op.model_dtype).eps ** (2 / 3) > AUTO_RTOL:
+            methods = [m for m in methods if m != "finite_difference"]
+        _warm_up_autodiff()
+        self.op, self.products = op, products
+        self.methods = sorted(methods, key=self.ORDER.index)
+        self.timings: dict[str, MethodTiming] = {}
+        self.choice: str | None = None
+        self.done = False
+        self._restore = op.method
+        self._reference: str | None = None
+        self._reference_first = 0.0
+        self._calls = 0
+        op.failed_methods, op.derived_methods = {}, {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.done:
+            return self.op @ x
+        self._calls += 1
+        if self._calls == 1:
+            return self._first(x)
+        if self._calls == 2:
+            product = self._compare(x)
+        else:
+            product = self._steady(x)
+        if self._calls == 3 or not self._needs_steady():
+            self._finish()
+        return product
+
+    def _run(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """``name``'s product of ``x`` and its seconds; None (and the error kept) when it fails on this model."""
+        self.op.method = name
+        try:
+            start = time.perf_counter()
+            product = self.op @ x
+            self.op._synchronize()
+            return product, time.perf_counter() - start
+        except (RuntimeError, NotImplementedError) as err:  # incl. MissingSecondDerivativeError
+            if self.op.process_group is not None:
+                raise  # the other ranks are inside this product's all-reduce: stop them all
+            self.op.failed_methods[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            return None
+        finally:
+            self.op.method = self._restore
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.methods:
+            ran = self._run(name, x)
+            if ran is not None:
+                self._reference, self._reference_first = name, ran[1]
+                return ran[0]
+        raise NoAccurateMethodError("no Hessian-vector product method works on this model: "
+                                    + "; ".join(f"{m}: {e}" for m, e in self.op.failed_methods.items()))
+
+    def _compare(self, x: torch.Tensor) -> torch.Tensor:
+        ran = self._run(self._reference, x)
+        if ran is None:  # it worked on x1: a failure now is not the model's missing derivative
+            raise RuntimeError(f"{self._reference} failed on its second product: "
+                               f"{self.op.failed_methods[self._reference]}")
+        reference, seconds = ran
+        self.timings[self._reference] = MethodTiming(self._reference_first, seconds, 0.0)
+        scale = reference.norm().clamp_min(torch.finfo(self.op.dtype).tiny)
+        for name in self.methods:
+            if name == self._reference or name in self.op.failed_methods:
+                continue
+            if name == "double_backward" and "reuse_graph" in self.timings:
+                first = self.timings["reuse_graph"]
+                self.timings[name] = MethodTiming(first.first_seconds, first.first_seconds, first.relative_error)
+                self.op.derived_methods[name] = "reuse_graph"
+                continue
+            fits = self.op._reuse_fits
+            ran = self._run(name, x)
+            if ran is None:
+                continue
+            if name == "reuse_graph" and self._fell_back(fits):
+                self.op.failed_methods[name] = "its graphs do not fit in memory"  # double_backward times its own
+                continue
+            error = float((ran[0] - reference).norm() / scale)  # sync: one number per method, once per run
+            self.timings[name] = MethodTiming(ran[1], ran[1], error)
+        return reference
+
+    def _fell_back(self, fitted: bool) -> bool:
+        """Whether reuse_graph's graphs just turned out not to fit (on any rank: then every rank drops it)."""
+        fell_back = fitted and not self.op._reuse_fits
+        if self.op.process_group is not None:
+            flag = torch.tensor([float(fell_back)], dtype=torch.float64)
+            fell_back = bool(self.op._all_reduce(flag, torch.distributed.ReduceOp.MAX) > 0)
+        return fell_back
+
+    def _needs_steady(self) -> bool:
+        timing = self.timings.get("reuse_graph")
+        return self._reference != "reuse_graph" and timing is not None and timing.relative_error <= AUTO_RTOL
+
+    def _steady(self, x: torch.Tensor) -> torch.Tensor:
+        ran = self._run("reuse_graph", x)
+        if ran is None:
+            raise RuntimeError(f"reuse_graph failed on its second product: {self.op.failed_methods['reuse_graph']}")
+        first = self.timings["reuse_graph"]
+        self.timings["reuse_graph"] = MethodTiming(first.first_seconds, ran[1], first.relative_error)
+        return ran[0]
+
+    def _finish(self) -> None:
+        timings = {m: self.timings[m] for m in sorted(self.timings, key=self.ORDER.index)}
+        timings = {self._reference: timings.pop(self._reference), **timings}  # the reference first
+        if self.op.process_group is not None:
+            # The slowest rank's times, so every rank chooses the same method.
+            times = torch.tensor([[t.first_seconds, t.product_seconds] for t in timings.values()],
+                                 dtype=torch.float64)
+            times = self.op._all_reduce(times, torch.distributed.ReduceOp.MAX).tolist()
+            timings = {m: MethodTiming(f, p, t.relative_error) for (m, t), (f, p) in zip(timings.items(), times)}
+        self.timings, self.done = timings, True
+        if self.products is None:
+            return
+        self.choice = choose_method(timings, products=self.products)
+        self.op.method = self.choice
+        if self.choice != "reuse_graph":
+            self.op.drop_graphs()  # the trial's graphs: not to be held through the measurement
 
 
 def hessian_operator(model: nn.Module, loss_fn: Callable, batches: Sequence, *, params=None,

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .hvp import AUTO, AUTO_RTOL, METHODS, choose_method, hessian_operator
+from .hvp import AUTO, AUTO_RTOL, METHODS, MethodTrial, NoAccurateMethodError, hessian_operator
 from .operators import preconditioned_operator
 from .solvers import EigResult, KrylovWorkspace, block_lanczos, lanczos, power_iteration
 
@@ -66,14 +66,15 @@ class SharpnessTracker:
     products are counted in that measurement's ``hessian_matvecs``).
 
     ``method="auto"`` (the default) picks the product rule on the first
-    measurement: :meth:`choose_method` times the methods in
-    :data:`~eos_toolkit.hvp.METHODS` on a few products of the real operator
-    and keeps the cheapest per measurement that agrees with
-    forward-over-reverse to :data:`~eos_toolkit.hvp.AUTO_RTOL` (its products
-    are counted in that measurement's ``hessian_matvecs``; two methods that
-    agree also answer the determinism probe, which then costs nothing; the choice and
-    the timings are in :attr:`method_choice`, and in :meth:`state_dict`, so
-    a resumed run keeps it).  Each measurement runs inside one
+    measurement: the first products of its solve are a
+    :class:`~eos_toolkit.hvp.MethodTrial`, which times the methods in
+    :data:`~eos_toolkit.hvp.METHODS` on the solve's own vectors and keeps
+    the cheapest per measurement that agrees with forward-over-reverse to
+    :data:`~eos_toolkit.hvp.AUTO_RTOL` (one or two products beyond the
+    solve's, counted in that measurement's ``hessian_matvecs``; two methods
+    that agree also answer the determinism probe, which then costs nothing;
+    the choice and the timings are in :attr:`method_choice`, and in
+    :meth:`state_dict`, so a resumed run keeps it).  Each measurement runs inside one
     :meth:`~eos_toolkit.hvp.HessianOperator.measurement`, so
     ``"reuse_graph"`` builds its graphs once per measurement (for the
     Hessian and the preconditioned solve together) and frees them after.
@@ -143,61 +144,45 @@ class SharpnessTracker:
             self.method_choice = state["method_choice"]
             self.hessian.method = self.method_choice["method"]
 
-    def _choose_and_probe(self) -> None:
-        """:meth:`choose_method`, which also settles the determinism probe when it can.
+    def _settle_choice(self, trial: MethodTrial) -> None:
+        """Complete the method trial (a solve may stop before it is done), record the choice, settle the probe.
 
         Two methods whose products of one vector agree to ``AUTO_RTOL`` ran the
-        model twice and got the same Hessian: the probe's question, answered
-        without its two products. When no method agrees, the probe (if it is
-        on) says whether the operator is random, which is the likely cause.
+        model twice and got the same Hessian: the determinism probe's
+        question, answered without its two products.
         """
-        try:
-            choice = self.choose_method()
-        except ValueError:
-            if self._probe_pending:
-                self.hessian.check_determinism(generator=self._probe_generator())  # raises for a random operator
-            raise
-        timings = choice["timings"]
+        if not trial.done:  # the solve stopped within two or three products: finish on a vector of its own
+            v = torch.randn(self.hessian.dim, dtype=self.hessian.dtype, device=self.hessian.device,
+                            generator=self._probe_generator())
+            while not trial.done:
+                trial(v)
+        timings = trial.timings
+        self.method_choice = {"method": trial.choice,
+                              "timings": {m: dict(vars(t)) for m, t in timings.items()},
+                              **({"failed": dict(self.hessian.failed_methods)} if self.hessian.failed_methods else {})}
         reference = next(iter(timings))
         ran = [m for m in timings if m != reference and m not in self.hessian.derived_methods]  # own forward passes
         probe_rtol = min(AUTO_RTOL, torch.finfo(self.hessian.model_dtype).eps ** 0.5)  # the probe's own tolerance
-        if any(timings[m]["relative_error"] <= probe_rtol for m in ran):
+        if any(timings[m].relative_error <= probe_rtol for m in ran):
             self._probe_pending = False
 
     def _probe_generator(self) -> torch.Generator:
         """The determinism probe's own stream: whether it runs leaves the solves' random stream alone."""
         return torch.Generator(device=self.hessian.device).manual_seed(54321)
 
-    def choose_method(self) -> dict:
-        """Time every product method on this operator and keep the fastest accurate one (``method="auto"``).
-
-        Returns (and stores in :attr:`method_choice`) ``{"method", "timings"}``
-        with each method's ``first_seconds``, ``product_seconds`` and
-        ``relative_error``.  The probe vector comes from its own generator,
-        so the measurements' random stream is the one a fixed method sees.
-        """
-        probe = torch.Generator(device=self.hessian.device).manual_seed(12345)
-        v = torch.randn(self.hessian.dim, dtype=self.hessian.dtype, device=self.hessian.device, generator=probe)
-        timings = self.hessian.time_methods(v)
-        # What a warm measurement costs: about five products, twice that with the preconditioned solve.
-        self.hessian.method = choose_method(timings, products=5 * (2 if self.precondition else 1))
-        if self.hessian.method != "reuse_graph":
-            self.hessian.drop_graphs()  # the timing's graphs: not to be held through the measurement
-        self.method_choice = {"method": self.hessian.method,
-                              "timings": {m: dict(vars(t)) for m, t in timings.items()},
-                              **({"failed": dict(self.hessian.failed_methods)} if self.hessian.failed_methods else {})}
-        return self.method_choice
-
-    def _solve(self, op, warm: torch.Tensor | None, workspace: KrylovWorkspace) -> tuple[EigResult, float]:
+    def _solve(self, op, warm: torch.Tensor | None, workspace: KrylovWorkspace,
+               product: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[EigResult, float]:
+        """One solve on ``op``; ``product`` (a :class:`~eos_toolkit.hvp.MethodTrial`) replaces ``op @ x``."""
         kwargs = dict(max_iter=self.max_iter, tol=self.tol, v0=warm, dtype=op.dtype,
                       device=op.device, generator=self.generator, agree=self.hessian.agree)
         start = time.perf_counter()
         if self.solver == "lanczos":
-            result = lanczos(op.matvec, op.dim, self.k, workspace=workspace, **kwargs)
+            result = lanczos(product or op.matvec, op.dim, self.k, workspace=workspace, **kwargs)
         elif self.solver == "block_lanczos":
-            result = block_lanczos(op.matmat, op.dim, self.k, block_size=self.k, workspace=workspace, **kwargs)
+            result = block_lanczos(product or op.matmat, op.dim, self.k, block_size=self.k, workspace=workspace,
+                                   **kwargs)
         else:
-            result = power_iteration(op.matvec, op.dim, which="LA", **kwargs)
+            result = power_iteration(product or op.matvec, op.dim, which="LA", **kwargs)
         if op.device.type == "cuda":
             torch.cuda.synchronize(op.device)  # sync: wall time of the solve
         return result, time.perf_counter() - start
@@ -233,12 +218,24 @@ class SharpnessTracker:
 
     def _measure(self, preconditioner) -> dict[str, float]:
         before, start = self.hessian.n_matvecs, time.perf_counter()
+        trial = None
         if self.auto and self.method_choice is None:
-            self._choose_and_probe()
-        if self._probe_pending:
+            # What a warm measurement costs: about five products, twice that with the preconditioned solve.
+            trial = MethodTrial(self.hessian, products=5 * (2 if self.precondition else 1))
+        elif self._probe_pending:
             self.hessian.check_determinism(generator=self._probe_generator())
             self._probe_pending = False
-        result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace)
+        try:
+            result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace, trial)
+            if trial is not None:
+                self._settle_choice(trial)
+        except NoAccurateMethodError:
+            if self._probe_pending:  # a random operator is the likely cause: say so if it is
+                self.hessian.check_determinism(generator=self._probe_generator())
+            raise
+        if self._probe_pending:  # the trial's methods did not run the model twice (it settles the probe otherwise)
+            self.hessian.check_determinism(generator=self._probe_generator())
+            self._probe_pending = False
         self.eigenvectors = align_signs(result.eigenvectors, self.eigenvectors)
         metrics = self._metrics("hessian", result, seconds)
         # Every product of the measurement, and its time: the method choice and the probe included.

@@ -421,6 +421,56 @@ def test_time_methods_counts_its_products_and_measures_agreement():
     assert "finite_difference" not in single.time_methods(torch.ones(single.dim))
 
 
+def test_a_method_trial_answers_each_vector_exactly_and_chooses_from_its_timings(monkeypatch):
+    """The trial runs the methods on the caller's vectors; every answer is H x of the dense Hessian."""
+    import eos_toolkit.hvp as hvp
+
+    model = tanh_mlp()
+    x, y = regression_data(10, 5, 3)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    H = dense_hessian(model, mse, x, y)
+    op = hessian_operator(model, mse, batches)
+    seen = []
+    monkeypatch.setattr(hvp, "choose_method", lambda timings, products: seen.append((timings, products)) or "reuse_graph")
+    trial = hvp.MethodTrial(op, products=7)
+    g = torch.Generator().manual_seed(3)
+    vectors = torch.randn(5, op.dim, dtype=DT, generator=g)
+    counts = []
+    with op.measurement():
+        for v in vectors:
+            product = trial(v)
+            assert (product - H @ v).abs().max() <= 1e-10 * (H @ v).abs().max()
+            counts.append(op.n_matvecs)
+            if len(counts) == 3:
+                assert trial.done and op._graphs is not None  # the chosen reuse_graph keeps the trial's graphs
+    # forward-over-reverse on x1; on x2 again, with reuse_graph and finite differences beside it; reuse_graph
+    # on x3; then the choice alone
+    assert counts == [1, 4, 5, 6, 7]
+    assert list(trial.timings) == ["forward_over_reverse", "reuse_graph", "double_backward", "finite_difference"]
+    assert seen == [(trial.timings, 7)] and trial.choice == "reuse_graph" == op.method
+    assert op.derived_methods == {"double_backward": "reuse_graph"}
+    assert trial.timings["reuse_graph"].relative_error <= 1e-12
+    assert 0 < trial.timings["finite_difference"].relative_error <= 1e-6
+
+
+def test_a_trial_never_answers_with_a_method_that_disagrees(monkeypatch):
+    """reuse_graph off by 1%: not timed again, never answers, never chosen; the reference answers throughout."""
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(tanh_mlp().float(), mse, [(x.float(), y.float())])
+    exact = hessian_operator(tanh_mlp().float(), mse, [(x.float(), y.float())])
+    monkeypatch.setattr(type(op), "_reuse_graph", lambda self, block: 1.01 * self._double_backward(block))
+    from eos_toolkit.hvp import MethodTrial
+
+    trial = MethodTrial(op, products=5)
+    counts = []
+    for v in torch.randn(3, op.dim, generator=torch.Generator().manual_seed(0)):
+        assert torch.equal(trial(v), exact.matvec(v))  # forward-over-reverse's product, bitwise
+        counts.append(op.n_matvecs)
+    assert counts == [1, 3, 4]  # float32: no finite differences; reuse_graph compared once, no steady product
+    assert trial.timings["reuse_graph"].relative_error == pytest.approx(0.01, rel=1e-3)
+    assert trial.choice == "forward_over_reverse" == op.method
+
+
 def test_a_method_that_fails_on_the_model_is_left_out_and_said(monkeypatch):
     model = tanh_mlp()
     x, y = regression_data(10, 5, 3)

@@ -231,10 +231,12 @@ def test_auto_method_is_chosen_once_counted_and_kept_by_a_resumed_tracker():
     assert auto.hessian.method == chosen and set(auto.method_choice["timings"]) == set(METHODS)
     fixed = SharpnessTracker(model, mse, [(x[:9], y[:9]), (x[9:], y[9:])], k=2, tol=1e-9, method=chosen)
     alone = fixed.measure()
-    # The timing products are counted (five in float64), they answer the determinism probe (whose two
-    # products the fixed-method tracker pays), and they leave the measurements' random stream alone.
-    assert first["hessian_matvecs"] == alone["hessian_matvecs"] + 5 - 2
+    # The trial times the methods on the solve's own vectors: two products beyond the solve's (reuse_graph
+    # and finite differences compared with forward-over-reverse, in float64), counted; they answer the
+    # determinism probe (whose two products the fixed-method tracker pays); the random stream is the same.
+    assert first["hessian_matvecs"] == alone["hessian_matvecs"] + 2 - 2
     assert first["hessian_eig_1"] == pytest.approx(alone["hessian_eig_1"], rel=1e-12)
+    assert first["hessian_eig_2"] == pytest.approx(alone["hessian_eig_2"], rel=1e-12)
     assert auto.measure()["hessian_matvecs"] == fixed.measure()["hessian_matvecs"]  # chosen once
     resumed = SharpnessTracker(model, mse, [(x[:9], y[:9]), (x[9:], y[9:])], k=2, tol=1e-9)
     resumed.load_state_dict(auto.state_dict())
@@ -242,6 +244,21 @@ def test_auto_method_is_chosen_once_counted_and_kept_by_a_resumed_tracker():
     with pytest.raises(ValueError, match="method must be 'auto' or one of"):
         SharpnessTracker(model, mse, [(x, y)], method="fast")
 
+
+
+def test_a_solve_that_stops_before_the_trial_is_done_still_chooses():
+    """Two parameters: Lanczos stops after two products, before reuse_graph's steady product; the trial
+    finishes on a vector of its own, and the sharpness is the dense Hessian's."""
+    A, _ = spectrum_matrix(torch.tensor([3.0, -1.0], dtype=DT))
+    model = Quadratic(2)
+    tracker = SharpnessTracker(model, quadratic_loss(A), [(torch.zeros(1), torch.zeros(1))], tol=1e-10)
+    first = tracker.measure()
+    timings = tracker.method_choice["timings"]
+    assert set(timings) == {"forward_over_reverse", "reuse_graph", "double_backward", "finite_difference"}
+    # the solve's two, reuse_graph and finite differences on the second vector, reuse_graph's steady one
+    assert first["hessian_matvecs"] == 2 + 2 + 1 == tracker.hessian.n_matvecs
+    assert first["sharpness"] == pytest.approx(3.0, rel=1e-10)
+    assert tracker.hessian.method == tracker.method_choice["method"]
 
 
 def test_power_solver_reports_lambda_max_on_an_indefinite_hessian():

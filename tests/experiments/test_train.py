@@ -151,14 +151,11 @@ def train_killed_at(cfg, run_dir, at: int) -> None:
          schedule="CosineAnnealingLR", warmup_steps=3),
 ])
 def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides, monkeypatch):
-    from eos_toolkit.hvp import METHODS, HessianOperator, MethodTiming
+    import eos_toolkit.hvp as hvp
 
     # hvp_method "auto" times the methods, and two runs may choose differently (their sharpness then
-    # agrees to 1e-5, not bitwise); fixed timings make both runs choose reuse_graph.
-    def fixed_timings(op, v, methods=METHODS):
-        return {m: MethodTiming(2.0, 1.0 if m == "reuse_graph" else 3.0, 0.0) for m in methods}
-
-    monkeypatch.setattr(HessianOperator, "time_methods", fixed_timings)
+    # agrees to 1e-5, not bitwise); a fixed choice makes both runs choose reuse_graph.
+    monkeypatch.setattr(hvp, "choose_method", lambda timings, products: "reuse_graph")
     cfg = tiny(tiny_data_dir, **overrides)
     train(cfg, tmp_path / "whole")
 
@@ -169,7 +166,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides
     with pytest.raises(SimulatedKill):
         train(cfg, tmp_path / "killed", on_step=kill_at_13)
     assert read_run(tmp_path / "killed").status == "incomplete"
-    monkeypatch.setattr(HessianOperator, "time_methods", lambda *a, **k: pytest.fail("resume chose again"))
+    monkeypatch.setattr(hvp.MethodTrial, "__init__", lambda *a, **k: pytest.fail("resume chose again"))
     result = resume(tmp_path / "killed")
     assert result.status == "finished"
 
