@@ -125,7 +125,7 @@ _MISSING_DERIVATIVE = re.compile(
 
 @dataclass(frozen=True)
 class MethodTiming:
-    """One method's trial on the real operator (:meth:`HessianOperator.time_methods`)."""
+    """One method's timing on the real operator (:class:`MethodTrial`)."""
 
     first_seconds: float  # the first product: includes one-off work (reuse_graph builds its graphs here)
     product_seconds: float  # a second product with the same vector: the steady cost
@@ -330,8 +330,8 @@ class HessianOperator:
         self.debug_replicated = bool(debug)
         self.chunk_weights = [s / total for s in sizes]
         self.n_matvecs = 0
-        self.failed_methods: dict[str, str] = {}  # time_methods: the methods that failed on this model, and why
-        self.derived_methods: dict[str, str] = {}  # time_methods: a method timed by another's product (no run)
+        self.failed_methods: dict[str, str] = {}  # MethodTrial: the methods that failed on this model, and why
+        self.derived_methods: dict[str, str] = {}  # MethodTrial: a method timed by another's product (no run)
         self._plain_kernels = False
         self._measuring = 0  # depth of nested measurement() blocks
         self._graphs = None  # reuse_graph: (versions, [(leaves, grads, live, weight) per chunk])
@@ -771,9 +771,8 @@ class MethodTrial:
     to rounding, and the only products beyond the solve's own are the
     comparisons of step 2: one (reuse_graph), two with finite differences
     (float64 only: in float32 their best accuracy, ``eps^(2/3)``, is worse
-    than :data:`AUTO_RTOL`, so they are not tried), against four or five
-    timing products before the solve when the trial ran on a vector of its
-    own.  Then :attr:`timings` is complete (the reference first) and
+    than :data:`AUTO_RTOL`, so they are not tried); timing on a vector of
+    its own before the solve would cost four or five.  Then :attr:`timings` is complete (the reference first) and
     :attr:`done` is set; with ``products`` given, the operator's method is
     :func:`choose_method`'s choice for a measurement of that many products
     (:attr:`choice`), and it answers every later call; without, the
