@@ -151,9 +151,8 @@ def choose_method(timings: dict[str, MethodTiming], *, products: int = AUTO_PROD
     eligible = [m for m in METHODS if m in timings and timings[m].relative_error <= rtol]
     if not eligible:
         errors = ", ".join(f"{m}: {t.relative_error:.2g}" for m, t in timings.items())
-        raise NoAccurateMethodError(f"no Hessian-vector product method agrees with forward-over-reverse to "
-                                    f"{rtol:g}: {errors} (a random operator, dropout='as_is' in train mode, "
-                                    "gives this: name a method)")
+        raise ValueError(f"no Hessian-vector product method agrees with forward-over-reverse to {rtol:g}: "
+                         f"{errors or 'none was timed'}")
     return min(eligible, key=lambda m: (cost(m), METHODS.index(m)))
 
 
@@ -172,10 +171,6 @@ class NondeterministicOperatorError(RuntimeError):
 
 class MissingSecondDerivativeError(RuntimeError):
     """An operation in the model has no second derivative for the chosen HVP method."""
-
-
-class NoAccurateMethodError(ValueError):
-    """No Hessian-vector product method agrees with the reference to :data:`AUTO_RTOL`."""
 
 
 def _chunk_size(targets: torch.Tensor) -> int:
@@ -767,27 +762,39 @@ class MethodTrial:
        reference to :data:`AUTO_RTOL`.
 
     Every call returns a product that agrees with the reference to
-    :data:`AUTO_RTOL`, so a solve fed by the trial is the reference's solve
-    to rounding, and the only products beyond the solve's own are the
-    comparisons of step 2: one (reuse_graph), two with finite differences
-    (float64 only: in float32 their best accuracy, ``eps^(2/3)``, is worse
-    than :data:`AUTO_RTOL`, so they are not tried); timing on a vector of
-    its own before the solve would cost four or five.  Then :attr:`timings` is complete (the reference first) and
-    :attr:`done` is set; with ``products`` given, the operator's method is
-    :func:`choose_method`'s choice for a measurement of that many products
-    (:attr:`choice`), and it answers every later call; without, the
-    operator's method is restored.  A method that fails on this model is left
-    out (its error in the operator's ``failed_methods``); when
-    reuse_graph's graphs do not fit, it is left out too and double backward
-    is timed on its own product.  Under a process group every rank takes the
-    slowest rank's times, so all choose alike.  Torch's one-off costs of
-    second-order autodiff (lazy imports, the first transform) are paid first,
-    on a two-element problem.
+    :data:`AUTO_RTOL` (the reference's own, or reuse_graph's on ``x3``), so
+    a solve fed by the trial is the reference's solve to that accuracy, and
+    the only products beyond the solve's own are the comparisons of step 2:
+    one (reuse_graph), two with finite differences (float64 only: in float32
+    their best accuracy, ``eps^(2/3)``, is worse than :data:`AUTO_RTOL`, so
+    they are not tried), three when reuse_graph's graphs do not fit (it is
+    then left out, and double backward runs its own product); each of
+    ``b`` products when the calls are ``(dim, b)`` blocks.  Timing on a
+    vector of its own before the solve would cost four or five.  A solve
+    that stops within three calls leaves the trial to :meth:`complete`.
+
+    Use it inside :meth:`HessianOperator.measurement`, as a tracker does:
+    outside one, reuse_graph's second product builds its graphs again and
+    its steady cost is not measured.  When the last step is done,
+    :attr:`timings` is complete (the reference first) and :attr:`done` set;
+    with ``products`` given, the operator's method becomes
+    :func:`choose_method`'s choice for a measurement of that many calls
+    (:attr:`choice`), and answers every later call; without, the operator's
+    method is restored.  Then ``on_done(trial)`` is called, if given (a
+    tracker settles its determinism probe there, before the solve goes on).
+    A method that fails on this model is left out (its error in the
+    operator's ``failed_methods``); if every method fails,
+    :class:`MissingSecondDerivativeError` lists why.  Under a process group
+    the ranks take the slowest rank's times and the largest errors, and
+    decide together whether reuse_graph is timed again, so all choose alike.
+    Torch's one-off costs of second-order autodiff (lazy imports, the first
+    transform) are paid first, on a two-element problem.
     """
 
     ORDER = ("forward_over_reverse", "reuse_graph", "double_backward", "finite_difference")
 
-    def __init__(self, op: HessianOperator, methods: Sequence[str] = METHODS, *, products: int | None = None):
+    def __init__(self, op: HessianOperator, methods: Sequence[str] = METHODS, *, products: int | None = None,
+                 on_done: Callable[[MethodTrial], None] | None = None):
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; allowed: {METHODS}")
@@ -802,20 +809,21 @@ class MethodTrial:
         self._restore = op.method
         self._reference: str | None = None
         self._reference_first = 0.0
-        self._calls = 0
+        self.on_done = on_done
+        self._calls, self._shape, self._steady_wanted = 0, None, False
         op.failed_methods, op.derived_methods = {}, {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.done:
             return self.op @ x
-        self._calls += 1
+        self._calls, self._shape = self._calls + 1, tuple(x.shape)
         if self._calls == 1:
             return self._first(x)
         if self._calls == 2:
             product = self._compare(x)
         else:
             product = self._steady(x)
-        if self._calls == 3 or not self._needs_steady():
+        if self._calls == 3 or not self._steady_wanted:
             self._finish()
         return product
 
@@ -823,6 +831,7 @@ class MethodTrial:
         """``name``'s product of ``x`` and its seconds; None (and the error kept) when it fails on this model."""
         self.op.method = name
         try:
+            self.op._synchronize()  # the caller's queued work is not this product's
             start = time.perf_counter()
             product = self.op @ x
             self.op._synchronize()
@@ -841,8 +850,8 @@ class MethodTrial:
             if ran is not None:
                 self._reference, self._reference_first = name, ran[1]
                 return ran[0]
-        raise NoAccurateMethodError("no Hessian-vector product method works on this model: "
-                                    + "; ".join(f"{m}: {e}" for m, e in self.op.failed_methods.items()))
+        raise MissingSecondDerivativeError("no Hessian-vector product method works on this model: "
+                                           + "; ".join(f"{m}: {e}" for m, e in self.op.failed_methods.items()))
 
     def _compare(self, x: torch.Tensor) -> torch.Tensor:
         ran = self._run(self._reference, x)
@@ -869,6 +878,10 @@ class MethodTrial:
                 continue
             error = float((ran[0] - reference).norm() / scale)  # sync: one number per method, once per run
             self.timings[name] = MethodTiming(ran[1], ran[1], error)
+        timing = self.timings.get("reuse_graph")
+        # Made together: ranks whose arithmetic differs must not split over a product.
+        self._steady_wanted = self._reference != "reuse_graph" and timing is not None \
+            and self.op.agree(timing.relative_error <= AUTO_RTOL)
         return reference
 
     def _fell_back(self, fitted: bool) -> bool:
@@ -878,10 +891,6 @@ class MethodTrial:
             flag = torch.tensor([float(fell_back)], dtype=torch.float64)
             fell_back = bool(self.op._all_reduce(flag, torch.distributed.ReduceOp.MAX) > 0)
         return fell_back
-
-    def _needs_steady(self) -> bool:
-        timing = self.timings.get("reuse_graph")
-        return self._reference != "reuse_graph" and timing is not None and timing.relative_error <= AUTO_RTOL
 
     def _steady(self, x: torch.Tensor) -> torch.Tensor:
         ran = self._run("reuse_graph", x)
@@ -895,18 +904,25 @@ class MethodTrial:
         timings = {m: self.timings[m] for m in sorted(self.timings, key=self.ORDER.index)}
         timings = {self._reference: timings.pop(self._reference), **timings}  # the reference first
         if self.op.process_group is not None:
-            # The slowest rank's times, so every rank chooses the same method.
-            times = torch.tensor([[t.first_seconds, t.product_seconds] for t in timings.values()],
-                                 dtype=torch.float64)
-            times = self.op._all_reduce(times, torch.distributed.ReduceOp.MAX).tolist()
-            timings = {m: MethodTiming(f, p, t.relative_error) for (m, t), (f, p) in zip(timings.items(), times)}
+            # The slowest rank's times and the largest errors, so every rank chooses the same method.
+            figures = torch.tensor([[t.first_seconds, t.product_seconds, t.relative_error] for t in timings.values()],
+                                   dtype=torch.float64)
+            figures = self.op._all_reduce(figures, torch.distributed.ReduceOp.MAX).tolist()
+            timings = {m: MethodTiming(*row) for m, row in zip(timings, figures)}
         self.timings, self.done = timings, True
-        if self.products is None:
-            return
-        self.choice = choose_method(timings, products=self.products)
-        self.op.method = self.choice
-        if self.choice != "reuse_graph":
-            self.op.drop_graphs()  # the trial's graphs: not to be held through the measurement
+        if self.products is not None:
+            self.choice = choose_method(timings, products=self.products)
+            self.op.method = self.choice
+            if self.choice != "reuse_graph":
+                self.op.drop_graphs()  # the trial's graphs: not to be held through the measurement
+        if self.on_done is not None:
+            self.on_done(self)
+
+    def complete(self, generator: torch.Generator | None = None) -> None:
+        """Finish on random inputs shaped like the last call's: for a solve that stopped within three calls."""
+        shape = self._shape or (self.op.dim,)
+        while not self.done:
+            self(torch.randn(shape, dtype=self.op.dtype, device=self.op.device, generator=generator))
 
 
 def hessian_operator(model: nn.Module, loss_fn: Callable, batches: Sequence, *, params=None,

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .hvp import AUTO, AUTO_RTOL, METHODS, MethodTrial, NoAccurateMethodError, hessian_operator
+from .hvp import AUTO, AUTO_RTOL, METHODS, MethodTrial, hessian_operator
 from .operators import preconditioned_operator
 from .solvers import EigResult, KrylovWorkspace, block_lanczos, lanczos, power_iteration
 
@@ -144,18 +144,14 @@ class SharpnessTracker:
             self.method_choice = state["method_choice"]
             self.hessian.method = self.method_choice["method"]
 
-    def _settle_choice(self, trial: MethodTrial) -> None:
-        """Complete the method trial (a solve may stop before it is done), record the choice, settle the probe.
+    def _chosen(self, trial: MethodTrial) -> None:
+        """The method trial is done (inside the first solve): record the choice, settle the determinism probe.
 
         Two methods whose products of one vector agree to ``AUTO_RTOL`` ran the
-        model twice and got the same Hessian: the determinism probe's
-        question, answered without its two products.
+        model twice and got the same Hessian: the probe's question, answered
+        without its two products.  Otherwise the probe runs now, before the
+        solve goes on, so a random operator is named after a few products.
         """
-        if not trial.done:  # the solve stopped within two or three products: finish on a vector of its own
-            v = torch.randn(self.hessian.dim, dtype=self.hessian.dtype, device=self.hessian.device,
-                            generator=self._probe_generator())
-            while not trial.done:
-                trial(v)
         timings = trial.timings
         self.method_choice = {"method": trial.choice,
                               "timings": {m: dict(vars(t)) for m, t in timings.items()},
@@ -163,11 +159,13 @@ class SharpnessTracker:
         reference = next(iter(timings))
         ran = [m for m in timings if m != reference and m not in self.hessian.derived_methods]  # own forward passes
         probe_rtol = min(AUTO_RTOL, torch.finfo(self.hessian.model_dtype).eps ** 0.5)  # the probe's own tolerance
-        if any(timings[m].relative_error <= probe_rtol for m in ran):
-            self._probe_pending = False
+        if self._probe_pending and not any(timings[m].relative_error <= probe_rtol for m in ran):
+            self.hessian.check_determinism(generator=self._probe_generator())  # raises for a random operator
+        self._probe_pending = False
 
     def _probe_generator(self) -> torch.Generator:
-        """The determinism probe's own stream: whether it runs leaves the solves' random stream alone."""
+        """A stream of its own for the determinism probe and for completing a method trial after a short solve:
+        whether they run leaves the solves' random stream alone."""
         return torch.Generator(device=self.hessian.device).manual_seed(54321)
 
     def _solve(self, op, warm: torch.Tensor | None, workspace: KrylovWorkspace,
@@ -221,21 +219,13 @@ class SharpnessTracker:
         trial = None
         if self.auto and self.method_choice is None:
             # What a warm measurement costs: about five products, twice that with the preconditioned solve.
-            trial = MethodTrial(self.hessian, products=5 * (2 if self.precondition else 1))
+            trial = MethodTrial(self.hessian, products=5 * (2 if self.precondition else 1), on_done=self._chosen)
         elif self._probe_pending:
             self.hessian.check_determinism(generator=self._probe_generator())
             self._probe_pending = False
-        try:
-            result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace, trial)
-            if trial is not None:
-                self._settle_choice(trial)
-        except NoAccurateMethodError:
-            if self._probe_pending:  # a random operator is the likely cause: say so if it is
-                self.hessian.check_determinism(generator=self._probe_generator())
-            raise
-        if self._probe_pending:  # the trial's methods did not run the model twice (it settles the probe otherwise)
-            self.hessian.check_determinism(generator=self._probe_generator())
-            self._probe_pending = False
+        result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace, trial)
+        if trial is not None and not trial.done:  # the solve stopped within three products
+            trial.complete(self._probe_generator())
         self.eigenvectors = align_signs(result.eigenvectors, self.eigenvectors)
         metrics = self._metrics("hessian", result, seconds)
         # Every product of the measurement, and its time: the method choice and the probe included.

@@ -482,5 +482,5 @@ def test_a_method_that_fails_on_the_model_is_left_out_and_said(monkeypatch):
     monkeypatch.setattr(type(op), "_forward_over_reverse", no_forward_mode)
     timings = op.time_methods(torch.ones(op.dim, dtype=DT))
     assert "forward_over_reverse" not in timings and "no forward-mode rule" in op.failed_methods["forward_over_reverse"]
-    assert timings["double_backward"].relative_error == 0.0  # the reference now
-    assert timings["reuse_graph"].relative_error <= 1e-12
+    assert next(iter(timings)) == "reuse_graph" and timings["reuse_graph"].relative_error == 0.0  # the reference now
+    assert timings["double_backward"].relative_error == 0.0  # its figure is the reference's own product

@@ -143,8 +143,12 @@ def test_tracker_probe_fires_on_dropout_and_batchnorm_statistics_survive():
     torch.manual_seed(0)
     noisy = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT).train()
     x, y = regression_data(16, 5, 3)
+    tracker = SharpnessTracker(noisy, mse, [(x, y)], dropout="as_is")
     with pytest.raises(NondeterministicOperatorError):
-        SharpnessTracker(noisy, mse, [(x, y)], dropout="as_is").measure()
+        tracker.measure()
+    # named as soon as the method trial is done: forward-over-reverse twice, reuse_graph and finite
+    # differences once, the probe's two; not after a whole solve on a random operator
+    assert tracker.hessian.n_matvecs == 6
     SharpnessTracker(noisy, mse, [(x, y)]).measure()  # dropout off by policy
     assert noisy.training
 
@@ -259,6 +263,38 @@ def test_a_solve_that_stops_before_the_trial_is_done_still_chooses():
     assert first["hessian_matvecs"] == 2 + 2 + 1 == tracker.hessian.n_matvecs
     assert first["sharpness"] == pytest.approx(3.0, rel=1e-10)
     assert tracker.hessian.method == tracker.method_choice["method"]
+
+
+def test_auto_with_blocks_times_every_method_on_blocks_of_the_solves_width(monkeypatch):
+    """block_lanczos with k=2 on four parameters stops after two block products, before the trial is done:
+    the trial is completed on a block of the same width, so no method is timed on fewer columns."""
+    from eos_toolkit.hvp import HessianOperator
+
+    widths = []
+    real = HessianOperator.__matmul__
+    monkeypatch.setattr(HessianOperator, "__matmul__", lambda op, v: widths.append(tuple(v.shape)) or real(op, v))
+    A, _ = spectrum_matrix(torch.tensor([3.0, 2.0, -1.0, 0.5], dtype=DT))
+    tracker = SharpnessTracker(Quadratic(4), quadratic_loss(A), [(torch.zeros(1), torch.zeros(1))], k=2,
+                               solver="block_lanczos", tol=1e-10)
+    metrics = tracker.measure()
+    # the solve's two blocks; reuse_graph and finite differences beside the second; reuse_graph's steady one
+    assert widths == [(4, 2)] * 5 and metrics["hessian_matvecs"] == 10
+    assert [metrics["hessian_eig_1"], metrics["hessian_eig_2"]] == pytest.approx([3.0, 2.0], rel=1e-10)
+
+
+def test_a_model_no_method_can_differentiate_twice_is_named_with_every_reason(monkeypatch):
+    from eos_toolkit.hvp import METHODS, HessianOperator, MissingSecondDerivativeError
+
+    def fails(self, block):
+        raise RuntimeError("no derivative here")
+
+    for name in METHODS:
+        monkeypatch.setattr(HessianOperator, f"_{name}", fails)
+    model = tanh_mlp(sizes=(5, 8, 3))
+    x, y = regression_data(16, 5, 3)
+    with pytest.raises(MissingSecondDerivativeError, match="no Hessian-vector product method works") as caught:
+        SharpnessTracker(model, mse, [(x, y)]).measure()
+    assert all(f"{name}: RuntimeError: no derivative here" in str(caught.value) for name in METHODS)
 
 
 def test_power_solver_reports_lambda_max_on_an_indefinite_hessian():
