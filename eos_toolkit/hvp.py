@@ -128,7 +128,7 @@ class MethodTiming:
     """One method's timing on the real operator (:class:`MethodTrial`)."""
 
     first_seconds: float  # the first product: includes one-off work (reuse_graph builds its graphs here)
-    product_seconds: float  # a second product with the same vector: the steady cost
+    product_seconds: float  # a later product: the steady cost (seconds per column of a block)
     relative_error: float  # |H v - H v (forward-over-reverse)| / |H v (forward-over-reverse)|
 
 
@@ -767,11 +767,13 @@ class MethodTrial:
     the only products beyond the solve's own are the comparisons of step 2:
     one (reuse_graph), two with finite differences (float64 only: in float32
     their best accuracy, ``eps^(2/3)``, is worse than :data:`AUTO_RTOL`, so
-    they are not tried), three when reuse_graph's graphs do not fit (it is
-    then left out, and double backward runs its own product); each of
-    ``b`` products when the calls are ``(dim, b)`` blocks.  Timing on a
-    vector of its own before the solve would cost four or five.  A solve
-    that stops within three calls leaves the trial to :meth:`complete`.
+    they are not tried), one more when reuse_graph's graphs do not fit (it
+    is then left out, and double backward runs its own product); each of
+    ``b`` products when the calls are ``(dim, b)`` blocks.  Times are per
+    column, so calls of different widths compare.  Timing on a vector of
+    its own before the solve would cost four or five.  A solve that stops
+    within three calls leaves the trial to :meth:`complete`, whose products
+    are extra too.
 
     Use it inside :meth:`HessianOperator.measurement`, as a tracker does:
     outside one, reuse_graph's second product builds its graphs again and
@@ -785,6 +787,8 @@ class MethodTrial:
     A method that fails on this model is left out (its error in the
     operator's ``failed_methods``); if every method fails,
     :class:`MissingSecondDerivativeError` lists why.  Under a process group
+    a failure is raised instead (the other ranks may be inside the
+    product's all-reduce): name a method that works.  Under a process group
     the ranks take the slowest rank's times and the largest errors, and
     decide together whether reuse_graph is timed again, so all choose alike.
     Torch's one-off costs of second-order autodiff (lazy imports, the first
@@ -828,14 +832,14 @@ class MethodTrial:
         return product
 
     def _run(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        """``name``'s product of ``x`` and its seconds; None (and the error kept) when it fails on this model."""
+        """``name``'s product of ``x`` and its seconds per column; None (and the error kept) when it fails."""
+        self.op._synchronize()  # the caller's queued work (and any error of it) is not this product's
         self.op.method = name
         try:
-            self.op._synchronize()  # the caller's queued work is not this product's
             start = time.perf_counter()
             product = self.op @ x
             self.op._synchronize()
-            return product, time.perf_counter() - start
+            return product, (time.perf_counter() - start) / (1 if x.dim() == 1 else x.shape[1])
         except (RuntimeError, NotImplementedError) as err:  # incl. MissingSecondDerivativeError
             if self.op.process_group is not None:
                 raise  # the other ranks are inside this product's all-reduce: stop them all

@@ -71,10 +71,13 @@ class SharpnessTracker:
     :data:`~eos_toolkit.hvp.METHODS` on the solve's own vectors and keeps
     the cheapest per measurement that agrees with forward-over-reverse to
     :data:`~eos_toolkit.hvp.AUTO_RTOL` (one or two products beyond the
-    solve's, counted in that measurement's ``hessian_matvecs``; two methods
-    that agree also answer the determinism probe, which then costs nothing;
-    the choice and the timings are in :attr:`method_choice`, and in
-    :meth:`state_dict`, so a resumed run keeps it).  Each measurement runs inside one
+    solve's, per column of a block solve, and a few more when the solve
+    stops within three products; all counted in that measurement's
+    ``hessian_matvecs``).  Two methods that agree also answer the
+    determinism probe, which then costs nothing; otherwise the probe runs
+    right after the trial, inside the solve.  The choice and the timings
+    are in :attr:`method_choice`, and in :meth:`state_dict`, so a resumed
+    run keeps it.  Each measurement runs inside one
     :meth:`~eos_toolkit.hvp.HessianOperator.measurement`, so
     ``"reuse_graph"`` builds its graphs once per measurement (for the
     Hessian and the preconditioned solve together) and frees them after.
@@ -147,9 +150,9 @@ class SharpnessTracker:
     def _chosen(self, trial: MethodTrial) -> None:
         """The method trial is done (inside the first solve): record the choice, settle the determinism probe.
 
-        Two methods whose products of one vector agree to ``AUTO_RTOL`` ran the
-        model twice and got the same Hessian: the probe's question, answered
-        without its two products.  Otherwise the probe runs now, before the
+        Two methods whose products of one vector agree to ``min(AUTO_RTOL,
+        sqrt(eps))`` ran the model twice and got the same Hessian: the probe's
+        question, answered without its two products.  Otherwise the probe runs now, before the
         solve goes on, so a random operator is named after a few products.
         """
         timings = trial.timings

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from eos_toolkit.hvp import hessian_operator
+from eos_toolkit.hvp import MethodTrial, hessian_operator
 from eos_toolkit.solvers import hutchinson_trace, lanczos
 from eos_toolkit.tracker import SharpnessTracker
 from tests.eos_toolkit.reference import dense_hessian, regression_data, tanh_mlp
@@ -69,6 +69,24 @@ def on_shards(rank: int, world_size: int, out_dir) -> None:
     wrapped = torch.nn.parallel.DistributedDataParallel(tanh_mlp())
     found["wrapped"] = SharpnessTracker(wrapped, mse, shards(rank), k=1, tol=1e-10, process_group=group,
                                         method="double_backward").measure()["sharpness"]
+    # Arithmetic that differs between ranks: rank 1 alone sees reuse_graph off by 2e-5 (above AUTO_RTOL) in
+    # the method trial. The ranks must still make the same decisions (time it again or not, which to
+    # choose), or their collectives would part.
+    real_run = MethodTrial._run
+
+    def skewed(trial, name, block):
+        ran = real_run(trial, name, block)
+        if ran is not None and name == "reuse_graph" and rank == 1 and trial._calls == 2:
+            ran = ((1 + 2e-5) * ran[0], ran[1])
+        return ran
+
+    MethodTrial._run = skewed
+    try:
+        skew = SharpnessTracker(tanh_mlp(), mse, shards(rank), k=2, tol=1e-10, process_group=group)
+        found["skewed"] = skew.measure()
+        found["skewed_choice"] = skew.method_choice
+    finally:
+        MethodTrial._run = real_run
     torch.save(found, out_dir / f"rank{rank}.pt")
 
 
@@ -102,3 +120,10 @@ def test_distributed_lanczos_hutchinson_and_tracker_equal_one_process(tmp_path):
     assert torch.equal(ranks[0]["eigenvalues"], ranks[1]["eigenvalues"])
     assert ranks[0]["n_matvecs"] == ranks[1]["n_matvecs"] and ranks[0]["method"] == ranks[1]["method"]
     assert ranks[0]["tracker"]["hessian_matvecs"] == ranks[1]["tracker"]["hessian_matvecs"]
+    # Rank 1's skewed reuse_graph: both ranks see its largest error, neither chooses it, same solve.
+    skewed = [found["skewed_choice"] for found in ranks]
+    assert skewed[0] == skewed[1] and skewed[0]["method"] != "reuse_graph"
+    assert skewed[0]["timings"]["reuse_graph"]["relative_error"] >= 1.9e-5
+    same = ("hessian_eig_1", "hessian_eig_2", "hessian_matvecs", "hessian_converged")
+    assert [ranks[0]["skewed"][key] for key in same] == [ranks[1]["skewed"][key] for key in same]
+    assert ranks[0]["skewed"]["sharpness"] == pytest.approx(exact[0].item(), rel=1e-8)

@@ -453,6 +453,27 @@ def test_a_method_trial_answers_each_vector_exactly_and_chooses_from_its_timings
     assert 0 < trial.timings["finite_difference"].relative_error <= 1e-6
 
 
+def test_a_trial_syncs_before_each_timed_product_and_times_per_column(monkeypatch):
+    """Queued work of the caller is not charged to the product timed next; a block's time is per column."""
+    import eos_toolkit.hvp as hvp
+
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(tanh_mlp(), mse, [(x, y)])
+    events, clock = [], iter(range(1000))
+    real_apply = type(op)._apply
+    monkeypatch.setattr(type(op), "_synchronize", lambda self: events.append("sync"))
+    monkeypatch.setattr(type(op), "_apply", lambda self, block: events.append("product") or real_apply(self, block))
+    monkeypatch.setattr(hvp.time, "perf_counter", lambda: events.append("clock") or float(next(clock)))
+    trial = hvp.MethodTrial(op, products=5)
+    with op.measurement():
+        for block in torch.randn(3, op.dim, 2, dtype=DT, generator=torch.Generator().manual_seed(0)):
+            trial(block)
+    starts = [i for i, e in enumerate(events) if e == "product"]
+    assert len(starts) == 5 and all(events[i - 2:i] == ["sync", "clock"] for i in starts)
+    # the fake clock moves by 1 between a product's two readings: half a second a column of the 2-column blocks
+    assert all(t.first_seconds == t.product_seconds == 0.5 for t in trial.timings.values())
+
+
 def test_a_trial_never_answers_with_a_method_that_disagrees(monkeypatch):
     """reuse_graph off by 1%: not timed again, never answers, never chosen; the reference answers throughout."""
     x, y = regression_data(10, 5, 3)
