@@ -79,7 +79,7 @@ def _grads(gen, params, scale: float, missing: set[tuple[int, int]]):
 
 def make_scenario(
     name: str, *, gate="velocity", power=2.0, norm_scope="global", dtype=torch.float32,
-    moment_dtype=torch.float32, hypers=(HYPER_A, HYPER_B), steps=4, grad_scale=1.0,
+    moment_dtype=torch.float32, hypers=(HYPER_A, HYPER_B), steps=3, grad_scale=1.0,
     missing_at=None, step_counts="device", lr_tensor=False, variant="exact", seed=0,
 ) -> dict:
     """Everything the child needs to run one case, as tensors and plain values."""
