@@ -805,15 +805,14 @@ class MethodTrial:
         if torch.finfo(op.model_dtype).eps ** (2 / 3) > AUTO_RTOL:
             methods = [m for m in methods if m != "finite_difference"]
         _warm_up_autodiff()
-        self.op, self.products = op, products
+        self.op, self.products, self.on_done = op, products, on_done
         self.methods = sorted(methods, key=self.ORDER.index)
         self.timings: dict[str, MethodTiming] = {}
         self.choice: str | None = None
         self.done = False
-        self._restore = op.method
+        self._restore = op.method  # the operator's method between the trial's own products
         self._reference: str | None = None
-        self._reference_first = 0.0
-        self.on_done = on_done
+        self._reference_first = 0.0  # the reference's first call, with its one-off costs
         self._calls, self._shape, self._steady_wanted = 0, None, False
         op.failed_methods, op.derived_methods = {}, {}
 

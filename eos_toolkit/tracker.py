@@ -167,8 +167,10 @@ class SharpnessTracker:
         self._probe_pending = False
 
     def _probe_generator(self) -> torch.Generator:
-        """A stream of its own for the determinism probe and for completing a method trial after a short solve:
-        whether they run leaves the solves' random stream alone."""
+        """The determinism probe's stream, also for completing a method trial after a short solve.
+
+        Its own, so whether they run leaves the solves' random stream alone.
+        """
         return torch.Generator(device=self.hessian.device).manual_seed(54321)
 
     def _solve(self, op, warm: torch.Tensor | None, workspace: KrylovWorkspace,
