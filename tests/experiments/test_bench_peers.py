@@ -244,3 +244,19 @@ def test_peer_section_runs_end_to_end_on_a_tiny_model(capsys):
     for name in ("ours cold", "ours first of a run", sharpness.SAME_START, sharpness.OWN_START):
         error = float(rows[name].split()[len(name.split()) + 2])
         assert error <= sharpness.REL_TARGET, rows[name]
+    overhead = next(text for text in verdict if text.startswith("solver overhead"))
+    assert re.search(r"\(-?[\d.]+%, .*without reorthogonalisation: -?[\d.]+%\)$", overhead), overhead
+
+
+def test_three_term_floor_is_a_lanczos():
+    """The overhead baseline computes what a Lanczos computes: after as many products as the dimension, the top
+    Ritz pair of a diagonal matrix is its largest entry and that coordinate vector (closed form)."""
+    from experiments.benchmarks.sharpness import three_term_lanczos
+
+    diagonal = torch.tensor([0.5, -2.0, 3.0, 1.0, 2.5, -1.0], dtype=torch.float64)
+    value, vector = three_term_lanczos(lambda v: diagonal * v, 6, 6, torch.float64, "cpu",
+                                       torch.Generator().manual_seed(0))
+    assert value == pytest.approx(3.0, abs=1e-10)
+    assert vector.abs().tolist() == pytest.approx([0, 0, 1, 0, 0, 0], abs=1e-8)
+    value, _ = three_term_lanczos(lambda v: diagonal * v, 6, 1, torch.float64, "cpu", torch.Generator().manual_seed(0))
+    assert -2.0 <= value <= 3.0  # one product: the Rayleigh quotient of the start vector
