@@ -63,7 +63,7 @@ from torch import nn
 
 from eos_toolkit.hvp import METHODS, hessian_operator
 from eos_toolkit.operators import as_scipy_linear_operator
-from eos_toolkit.solvers import KrylovWorkspace, lanczos, power_iteration
+from eos_toolkit.solvers import KrylovWorkspace, _tridiagonal, lanczos, power_iteration
 
 REL_TARGET = 1e-3
 SAME_START = "ours warm, same start"
@@ -398,11 +398,7 @@ def three_term_lanczos(matvec, dim: int, steps: int, dtype, device, generator) -
         torch.div(w, beta, out=Q[j + 1])
         alphas.append(alpha)
         betas.append(beta)
-    T = torch.diag(torch.stack(alphas))
-    if steps > 1:
-        off = torch.stack(betas[:-1])
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    theta, S = torch.linalg.eigh(T)
+    theta, S = torch.linalg.eigh(_tridiagonal(torch.stack(alphas), torch.stack(betas)[:-1]))
     return float(theta[-1]), Q[:steps].T @ S[:, -1]
 
 
