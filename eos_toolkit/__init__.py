@@ -1,12 +1,16 @@
 """eos_toolkit: curvature and stability measurement for edge-of-stability research.
 
 Modules:
-  record      the run-record format (standard library only; no torch)
-  thresholds  stability thresholds: 2/eta, heavy ball, Nesterov, 2(1+beta1)/((1-beta1) eta)
-  hvp         Hessian-vector products and the Hessian operator
-  operators   the preconditioned Hessian P^-1/2 H P^-1/2 for a given P, dense and scipy adapters
-  solvers     Lanczos, block Lanczos, power iteration, Hutchinson, SLQ density
-  tracker     sharpness tracking during training
+  record          the run-record format (standard library only; no torch)
+  thresholds      stability thresholds: 2/eta, heavy ball, Nesterov, 2(1+beta1)/((1-beta1) eta)
+  operators       the operator interface; the preconditioned P^-1/2 A P^-1/2, dense and scipy adapters
+  hvp             the Hessian operator of a model's loss and its four product rules
+  method_choice   "auto": the cheapest accurate product rule, timed once per run
+  modes           module modes during products, and the plain-kernel fallback
+  loss_reduction  the check that a loss is a mean over examples (chunk weighting needs it)
+  collectives     products summed over data-parallel ranks, and decisions made together
+  solvers         Lanczos, block Lanczos, power iteration, Hutchinson, SLQ density (on any operator)
+  tracker         sharpness tracking during training
 
 The names below are imported on first use, so ``import eos_toolkit.record``
 (what the analysis uses) does not import torch.
@@ -22,9 +26,11 @@ import importlib
 _EXPORTS = {
     "thresholds": ("gd_threshold", "momentum_threshold", "adam_threshold", "heavy_ball_threshold",
                    "nesterov_threshold"),
-    "hvp": ("HessianOperator", "hessian_operator", "select_parameters", "module_mode",
-            "NondeterministicOperatorError", "MissingSecondDerivativeError"),
-    "operators": ("PreconditionedOperator", "preconditioned_operator", "MatrixOperator", "as_scipy_linear_operator"),
+    "hvp": ("HessianOperator", "hessian_operator", "select_parameters", "NondeterministicOperatorError"),
+    "modes": ("module_mode", "MissingSecondDerivativeError", "KernelFallbackWarning"),
+    "method_choice": ("choose_method", "MethodChoice"),
+    "operators": ("LinearOperator", "PreconditionedOperator", "preconditioned_operator", "MatrixOperator",
+                  "as_scipy_linear_operator"),
     "solvers": ("EigResult", "KrylovWorkspace", "lanczos", "block_lanczos", "power_iteration", "hutchinson_trace", "slq_density",
                 "SpectralDensity", "gaussian_density", "eigenvalue_error_bound"),
     "tracker": ("SharpnessTracker",),

@@ -1,7 +1,10 @@
-"""Eigensolvers and spectral estimators that only need ``v -> A v`` for a symmetric ``A``.
+"""Eigensolvers and spectral estimators on a :class:`~eos_toolkit.operators.LinearOperator`.
 
-Every function is pure in the product it is given and keeps all vectors on
-one device: the loop bodies queue device work only.  The one kind of host
+Every function takes the operator (a symmetric ``A`` known by its products:
+``dim``, ``dtype``, ``device``, ``matvec`` / ``matmat``, ``agree``) and keeps
+all vectors on its device: the loop bodies queue device work only.  Vectors
+are in the operator's dtype unless ``dtype`` says otherwise (float64
+solver arithmetic on a float32 model, say).  The one kind of host
 synchronisation is the convergence test, which reads a few residual norms;
 each such place is marked ``# sync:``.
 
@@ -18,8 +21,9 @@ each such place is marked ``# sync:``.
 Example::
 
     >>> import torch
-    >>> A = torch.diag(torch.tensor([3.0, 1.0, -5.0], dtype=torch.float64))
-    >>> res = lanczos(lambda v: A @ v, 3, k=1, tol=1e-10, dtype=torch.float64)
+    >>> from eos_toolkit.operators import MatrixOperator
+    >>> A = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -5.0], dtype=torch.float64)))
+    >>> res = lanczos(A, k=1, tol=1e-10)
     >>> round(float(res.eigenvalues[0]), 6)
     3.0
 """
@@ -27,21 +31,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 import torch
 
-MatVec = Callable[[torch.Tensor], torch.Tensor]
-# A stop decision made together: True only if it is True in every process that shares the products
-# (HessianOperator.agree over data-parallel ranks); a single process decides alone.
-Agree = Callable[[bool], bool]
-
-
-def _alone(flag: bool) -> bool:
-    return flag
+from .operators import LinearOperator
 
 
 @dataclass
@@ -162,13 +158,11 @@ class KrylovWorkspace:
         return buf[:rows]
 
 
-def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: int = 1, *,
-                  block_size: int | None = None, max_iter: int = 200, tol: float = 1e-6,
-                  v0: torch.Tensor | None = None, which: str = "largest",
-                  dtype: torch.dtype = torch.float64, device=None,
-                  generator: torch.Generator | None = None, check_every: int = 2,
-                  criterion: str = "residual", keep_history: bool = False,
-                  workspace: KrylovWorkspace | None = None, agree: Agree | None = None) -> EigResult:
+def block_lanczos(op: LinearOperator, k: int = 1, *, block_size: int | None = None, max_iter: int = 200,
+                  tol: float = 1e-6, v0: torch.Tensor | None = None, which: str = "largest",
+                  dtype: torch.dtype | None = None, generator: torch.Generator | None = None,
+                  check_every: int = 2, criterion: str = "residual", keep_history: bool = False,
+                  workspace: KrylovWorkspace | None = None) -> EigResult:
     """Top-k eigenpairs of a symmetric operator by block Lanczos with full reorthogonalisation.
 
     The Krylov basis ``Q = [Q_1, Q_2, ...]`` (blocks of ``b`` orthonormal
@@ -182,7 +176,7 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
     ``eigenvalue_error_bound(residual, gap) <= tol * max |theta|``
     (``criterion="eigenvalue"``: eigenvalues to ``tol``, fewer products, looser vectors).
 
-    matmat: ``(dim, b) -> (dim, b)``.  max_iter: most products (basis size).
+    ``op.matmat`` takes the ``(dim, b)`` blocks.  max_iter: most products (basis size).
     v0: ``(dim,)`` or ``(dim, m)`` starting vectors (previous eigenvectors
     for a warm start); missing columns are random.  which: ``"largest"`` or
     ``"smallest"`` (algebraic).  The convergence test (a host sync) runs after
@@ -196,6 +190,7 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
     once more after its QR to guard rank-deficient blocks; ``workspace``
     keeps the basis between solves as in :func:`lanczos`.
     """
+    dim, dtype, device = op.dim, dtype or op.dtype, op.device
     max_iter = _check_krylov(dim, k, tol, which=which, check_every=check_every, criterion=criterion,
                              max_iter=max_iter)
     b = block_size or (1 if v0 is None or v0.dim() == 1 else v0.shape[1])
@@ -228,7 +223,7 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
     while m < max_iter:
         width = min(b, max_iter - m)
         block = Q[m:m + width]
-        W = matmat(block.T.contiguous()).T.to(dtype)
+        W = op.matmat(block.T.contiguous()).T.to(dtype)
         norms_in = W.norm(dim=1)
         W, coeff = _orthogonalise(W, Q[:m + width])
         # Columns with nothing left are an invariant subspace: continue from random vectors,
@@ -256,7 +251,7 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], dim: int, k: i
             residuals = (T[m:m + width, m - width:m] @ S[m - width:m]).norm(dim=0)
             scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
             errors = eigenvalue_error_bound(residuals, gaps) if criterion == "eigenvalue" else residuals
-            converged = (agree or _alone)(bool((errors <= tol * scale).all()))  # sync: convergence test
+            converged = op.agree(bool((errors <= tol * scale).all()))  # sync: convergence test
             result = (theta, S, residuals, converged)
             if converged:
                 break
@@ -300,12 +295,11 @@ def _start_vector(v0, dim: int, dtype, device, generator) -> torch.Tensor:
     return torch.randn(dim, dtype=dtype, device=device, generator=generator)
 
 
-def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: float = 1e-6,
-            v0: torch.Tensor | None = None, which: str = "largest",
-            dtype: torch.dtype = torch.float64, device=None,
+def lanczos(op: LinearOperator, k: int = 1, *, max_iter: int = 200, tol: float = 1e-6,
+            v0: torch.Tensor | None = None, which: str = "largest", dtype: torch.dtype | None = None,
             generator: torch.Generator | None = None, check_every: int | None = None,
             criterion: str = "residual", keep_history: bool = False,
-            workspace: KrylovWorkspace | None = None, agree: Agree | None = None) -> EigResult:
+            workspace: KrylovWorkspace | None = None) -> EigResult:
     """Top-k eigenpairs by single-vector Lanczos with full reorthogonalisation.
 
     Step ``j`` computes ``w = A q_j``, first applies the three-term
@@ -358,14 +352,14 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
     every second step on an accelerator (one sync fewer per two products).
     ``workspace``: a :class:`KrylovWorkspace` to keep the basis in between
     solves (a tracker passes its own); without one a basis is allocated.
-    ``agree``: how processes that share the products (data-parallel ranks)
-    make each stop decision together (:data:`Agree`).
+    Processes that share the products (data-parallel ranks) make each stop
+    decision together through ``op.agree``.
     For clusters of equal eigenvalues use :func:`block_lanczos`.
     """
+    dim, dtype, device = op.dim, dtype or op.dtype, op.device
     max_iter = _check_krylov(dim, k, tol, which=which, check_every=check_every, criterion=criterion,
                              max_iter=max_iter)
     start = _start_vector(v0, dim, dtype, device, generator)
-    device = start.device
     on_host = _on_host(device)
     check_every = check_every or (1 if on_host else 2)
     eps = torch.finfo(dtype).eps
@@ -386,7 +380,7 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
         if Q.shape[0] < m + 1:
             Q = workspace.basis(min(max_iter + 1, 2 * Q.shape[0]), dim, dtype, device, keep=m)
         basis, q = Q[:m], Q[j]
-        w = matvec(q).to(dtype)
+        w = op.matvec(q).to(dtype)
         # The three-term recurrence, O(dim): the large components, along q_j and q_{j-1}.
         alpha = torch.dot(q, w)
         w = torch.addcmul(w, q, alpha, value=-1)  # a new tensor: the product may be its input itself
@@ -449,7 +443,7 @@ def lanczos(matvec: MatVec, dim: int, k: int = 1, *, max_iter: int = 200, tol: f
             usable = np.isfinite(gaps) & (gaps > 0)  # eigenvalue_error_bound, in numpy
             bound = np.divide(residuals ** 2, gaps, out=residuals.copy(), where=usable)
             errors = np.minimum(residuals, bound) if criterion == "eigenvalue" else residuals
-            converged = (agree or _alone)(bool((errors <= tol * scale).all()))
+            converged = op.agree(bool((errors <= tol * scale).all()))
             result = (theta, S, residuals, converged)
             if converged:
                 break
@@ -490,11 +484,10 @@ def _tridiagonal_ritz(alphas: np.ndarray, betas: np.ndarray, k: int, which: str)
     return theta[idx], S[:, idx], distance.min(axis=1)
 
 
-def power_iteration(matvec: MatVec, dim: int, *, max_iter: int = 1000, tol: float = 1e-6,
-                    v0: torch.Tensor | None = None, dtype: torch.dtype = torch.float64,
-                    device=None, generator: torch.Generator | None = None,
-                    check_every: int = 4, keep_history: bool = False, which: str = "LM",
-                    agree: Agree | None = None) -> EigResult:
+def power_iteration(op: LinearOperator, *, max_iter: int = 1000, tol: float = 1e-6,
+                    v0: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                    generator: torch.Generator | None = None, check_every: int = 4,
+                    keep_history: bool = False, which: str = "LM") -> EigResult:
     """The eigenpair of largest magnitude (``which="LM"``) or the largest eigenvalue (``"LA"``).
 
     ``v <- A v / |A v|``; the estimate is the Rayleigh quotient ``v^T A v``.
@@ -514,26 +507,26 @@ def power_iteration(matvec: MatVec, dim: int, *, max_iter: int = 1000, tol: floa
     """
     if which not in ("LM", "LA"):
         raise ValueError(f"which must be 'LM' (largest magnitude) or 'LA' (largest algebraic), got {which!r}")
-    agree = agree or _alone
-    first = _power_iteration(matvec, dim, max_iter=max_iter, tol=tol, v0=v0, dtype=dtype, device=device,
-                             generator=generator, check_every=check_every, keep_history=keep_history, agree=agree)
+    dtype = dtype or op.dtype
+    first = _power_iteration(op, max_iter=max_iter, tol=tol, v0=v0, dtype=dtype, generator=generator,
+                             check_every=check_every, keep_history=keep_history)
     if which == "LM":
         return first
     mu = float(first.eigenvalues[0])  # sync: is the dominant eigenvalue negative?
-    if agree(mu >= 0):
+    if op.agree(mu >= 0):
         return first
-    second = _power_iteration(matvec, dim, max_iter=max(2, max_iter - first.n_matvecs), tol=tol, v0=v0,
-                              dtype=dtype, device=device, generator=generator, check_every=check_every,
-                              keep_history=keep_history, shift=mu, agree=agree)
+    second = _power_iteration(op, max_iter=max(2, max_iter - first.n_matvecs), tol=tol, v0=v0, dtype=dtype,
+                              generator=generator, check_every=check_every, keep_history=keep_history, shift=mu)
     history = None if not keep_history else torch.cat([first.history, second.history])
     return EigResult(eigenvalues=second.eigenvalues, eigenvectors=second.eigenvectors,
                      residuals=second.residuals, n_matvecs=first.n_matvecs + second.n_matvecs,
                      converged=second.converged, history=history)
 
 
-def _power_iteration(matvec: MatVec, dim: int, *, max_iter: int, tol: float, v0, dtype, device, generator,
-                     check_every: int, keep_history: bool, shift: float = 0.0, agree: Agree = _alone) -> EigResult:
+def _power_iteration(op: LinearOperator, *, max_iter: int, tol: float, v0, dtype, generator, check_every: int,
+                     keep_history: bool, shift: float = 0.0) -> EigResult:
     """Power iteration on ``A - shift I``; eigenvalue, residual and history are reported for ``A``."""
+    dim, device = op.dim, op.device
     _check_common(dim, 1, tol)
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
@@ -546,7 +539,7 @@ def _power_iteration(matvec: MatVec, dim: int, *, max_iter: int, tol: float, v0,
     rayleigh = residual = torch.full((), float("nan"), dtype=dtype, device=device)
     vec = v
     for n in range(1, max_iter + 1):
-        w = matvec(v).to(dtype)  # A v
+        w = op.matvec(v).to(dtype)  # A v
         rayleigh = v @ w
         estimates[n - 1] = rayleigh
         residual = (w - rayleigh * v).norm()  # the same for A and A - shift I
@@ -554,7 +547,7 @@ def _power_iteration(matvec: MatVec, dim: int, *, max_iter: int, tol: float, v0,
         w = w - shift * v if shift else w
         v = w / w.norm()
         if n % check_every == 0 or n == max_iter:
-            converged = agree(bool(residual <= tol * rayleigh.abs()))  # sync: convergence test
+            converged = op.agree(bool(residual <= tol * rayleigh.abs()))  # sync: convergence test
             if converged:
                 break
     return EigResult(eigenvalues=rayleigh.reshape(1), eigenvectors=vec.unsqueeze(1),
@@ -569,8 +562,7 @@ def rademacher(n: int, dim: int, *, dtype=torch.float64, device=None,
     return (2 * bits - 1).to(dtype)
 
 
-def hutchinson_trace(matvec: MatVec, dim: int, *, n_samples: int = 100,
-                     dtype: torch.dtype = torch.float64, device=None,
+def hutchinson_trace(op: LinearOperator, *, n_samples: int = 100, dtype: torch.dtype | None = None,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``tr(A) ~ mean_i z_i^T A z_i`` over Rademacher ``z_i``, and the standard error of that mean.
 
@@ -578,8 +570,9 @@ def hutchinson_trace(matvec: MatVec, dim: int, *, n_samples: int = 100,
     """
     if n_samples < 2:
         raise ValueError(f"n_samples must be >= 2 for a standard error, got {n_samples}")
-    Z = rademacher(n_samples, dim, dtype=dtype, device=device, generator=generator)
-    samples = torch.stack([z @ matvec(z).to(dtype) for z in Z])
+    dtype = dtype or op.dtype
+    Z = rademacher(n_samples, op.dim, dtype=dtype, device=op.device, generator=generator)
+    samples = torch.stack([z @ op.matvec(z).to(dtype) for z in Z])
     return samples.mean(), samples.std() / n_samples ** 0.5
 
 
@@ -601,8 +594,7 @@ class SpectralDensity:
         return (self.weights * self.nodes ** p).sum(dim=1)
 
 
-def slq_density(matvec: MatVec, dim: int, *, n_probes: int = 10, n_steps: int = 80,
-                dtype: torch.dtype = torch.float64, device=None,
+def slq_density(op: LinearOperator, *, n_probes: int = 10, n_steps: int = 80, dtype: torch.dtype | None = None,
                 generator: torch.Generator | None = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017; Ghorbani et al. 2019).
 
@@ -611,12 +603,13 @@ def slq_density(matvec: MatVec, dim: int, *, n_probes: int = 10, n_steps: int = 
     and ``E[q^T f(A) q] = tr f(A) / dim``.  No convergence tests: one sync per probe, for the
     solver's final flag.
     """
-    n_steps = min(n_steps, dim)
-    probes = rademacher(n_probes, dim, dtype=dtype, device=device, generator=generator)
+    dtype = dtype or op.dtype
+    n_steps = min(n_steps, op.dim)
+    probes = rademacher(n_probes, op.dim, dtype=dtype, device=op.device, generator=generator)
     nodes, weights = [], []
     for z in probes:
-        res = lanczos(matvec, dim, k=n_steps, max_iter=n_steps, tol=0.0, v0=z, dtype=dtype,
-                      device=device, generator=generator, check_every=n_steps)
+        res = lanczos(op, k=n_steps, max_iter=n_steps, tol=0.0, v0=z, dtype=dtype, generator=generator,
+                      check_every=n_steps)
         # The first basis vector is q, so the quadrature weight of Ritz pair j is (q . y_j)^2.
         q = z / z.norm()
         nodes.append(res.eigenvalues)

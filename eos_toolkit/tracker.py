@@ -29,11 +29,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .hvp import AUTO, AUTO_RTOL, METHODS, MethodTrial, hessian_operator
-from .operators import preconditioned_operator
+from .hvp import hessian_operator
+from .method_choice import choose_method
+from .operators import LinearOperator, preconditioned_operator
+from .settings import AUTO, METHODS, SOLVERS
 from .solvers import EigResult, KrylovWorkspace, block_lanczos, lanczos, power_iteration
-
-SOLVERS = ("lanczos", "block_lanczos", "power")
 
 
 def align_signs(vectors: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
@@ -65,17 +65,18 @@ class SharpnessTracker:
     the first measurement that two products with one vector agree (its two
     products are counted in that measurement's ``hessian_matvecs``).
 
-    ``method="auto"`` (the default) picks the product rule on the first
-    measurement: the first products of its solve are a
-    :class:`~eos_toolkit.hvp.MethodTrial`, which times the methods in
-    :data:`~eos_toolkit.hvp.METHODS` on the solve's own vectors and keeps
-    the cheapest per measurement that agrees with forward-over-reverse to
-    :data:`~eos_toolkit.hvp.AUTO_RTOL` (one or two products beyond the
-    solve's, per column of a block solve, and a few more when the solve
-    stops within three products; all counted in that measurement's
-    ``hessian_matvecs``).  Two methods that agree also answer the
-    determinism probe, which then costs nothing; otherwise the probe runs
-    right after the trial, inside the solve.  The choice and the timings
+    ``method="auto"`` (the default) picks the product rule at the start of
+    the first measurement, before its solve:
+    :func:`~eos_toolkit.method_choice.choose_method` times the methods in
+    :data:`~eos_toolkit.settings.METHODS` on a vector of its own (a block of the
+    solve's width for ``"block_lanczos"``) and keeps the cheapest per
+    measurement that agrees with forward-over-reverse to
+    :data:`~eos_toolkit.method_choice.AUTO_RTOL`: four products in float32,
+    five in float64 (per column of a block), once per run, counted in that
+    measurement's ``hessian_matvecs``.  The reference's two products of one
+    vector answer the determinism probe too.  The solve then runs with the
+    chosen rule from its first product, and its random stream is the one a
+    tracker with that method named would use.  The choice and the timings
     are in :attr:`method_choice`, and in :meth:`state_dict`, so a resumed
     run keeps it.  Each measurement runs inside one
     :meth:`~eos_toolkit.hvp.HessianOperator.measurement`, so
@@ -147,45 +148,34 @@ class SharpnessTracker:
             self.method_choice = state["method_choice"]
             self.hessian.method = self.method_choice["method"]
 
-    def _chosen(self, trial: MethodTrial) -> None:
-        """The method trial is done (inside the first solve): record the choice, settle the determinism probe.
-
-        Two methods whose products of one vector agree to ``min(AUTO_RTOL,
-        sqrt(eps))`` ran the model twice and got the same Hessian: the probe's
-        question, answered without its two products.  Otherwise the probe runs now, before the
-        solve goes on, so a random operator is named after a few products.
-        """
-        timings = trial.timings
-        self.method_choice = {"method": trial.choice,
-                              "timings": {m: dict(vars(t)) for m, t in timings.items()},
-                              **({"failed": dict(self.hessian.failed_methods)} if self.hessian.failed_methods else {})}
-        reference = next(iter(timings))
-        ran = [m for m in timings if m != reference and m not in self.hessian.derived_methods]  # own forward passes
-        probe_rtol = min(AUTO_RTOL, torch.finfo(self.hessian.model_dtype).eps ** 0.5)  # the probe's own tolerance
-        if self._probe_pending and not any(timings[m].relative_error <= probe_rtol for m in ran):
-            self.hessian.check_determinism(generator=self._probe_generator())  # raises for a random operator
-        self._probe_pending = False
-
     def _probe_generator(self) -> torch.Generator:
-        """The determinism probe's stream, also for completing a method trial after a short solve.
+        """The stream of the determinism probe and of the method choice's vector.
 
         Its own, so whether they run leaves the solves' random stream alone.
         """
         return torch.Generator(device=self.hessian.device).manual_seed(54321)
 
-    def _solve(self, op, warm: torch.Tensor | None, workspace: KrylovWorkspace,
-               product: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[EigResult, float]:
-        """One solve on ``op``; ``product`` (a :class:`~eos_toolkit.hvp.MethodTrial`) replaces ``op @ x``."""
-        kwargs = dict(max_iter=self.max_iter, tol=self.tol, v0=warm, dtype=op.dtype,
-                      device=op.device, generator=self.generator, agree=self.hessian.agree)
+    def _choose_method(self) -> None:
+        """``"auto"``: time the product rules and choose, before the first solve (the probe answered too)."""
+        shape = (self.hessian.dim, self.k) if self.solver == "block_lanczos" else (self.hessian.dim,)
+        x = torch.randn(shape, dtype=self.hessian.dtype, device=self.hessian.device,
+                        generator=self._probe_generator())
+        # What a warm measurement costs: about five products, twice that with the preconditioned solve.
+        choice = choose_method(self.hessian, x, products=5 * (2 if self.precondition else 1))
+        self.method_choice = choice.as_record()
+        self._probe_pending = False
+
+    def _solve(self, op: LinearOperator, warm: torch.Tensor | None,
+               workspace: KrylovWorkspace) -> tuple[EigResult, float]:
+        """One solve on ``op``, started from ``warm``, and its wall time."""
+        kwargs = dict(max_iter=self.max_iter, tol=self.tol, v0=warm, generator=self.generator)
         start = time.perf_counter()
         if self.solver == "lanczos":
-            result = lanczos(product or op.matvec, op.dim, self.k, workspace=workspace, **kwargs)
+            result = lanczos(op, self.k, workspace=workspace, **kwargs)
         elif self.solver == "block_lanczos":
-            result = block_lanczos(product or op.matmat, op.dim, self.k, block_size=self.k, workspace=workspace,
-                                   **kwargs)
+            result = block_lanczos(op, self.k, block_size=self.k, workspace=workspace, **kwargs)
         else:
-            result = power_iteration(product or op.matvec, op.dim, which="LA", **kwargs)
+            result = power_iteration(op, which="LA", **kwargs)
         if op.device.type == "cuda":
             torch.cuda.synchronize(op.device)  # sync: wall time of the solve
         return result, time.perf_counter() - start
@@ -221,16 +211,12 @@ class SharpnessTracker:
 
     def _measure(self, preconditioner) -> dict[str, float]:
         before, start = self.hessian.n_matvecs, time.perf_counter()
-        trial = None
         if self.auto and self.method_choice is None:
-            # What a warm measurement costs: about five products, twice that with the preconditioned solve.
-            trial = MethodTrial(self.hessian, products=5 * (2 if self.precondition else 1), on_done=self._chosen)
+            self._choose_method()
         elif self._probe_pending:
             self.hessian.check_determinism(generator=self._probe_generator())
             self._probe_pending = False
-        result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace, trial)
-        if trial is not None and not trial.done:  # the solve stopped within three products
-            trial.complete(self._probe_generator())
+        result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace)
         self.eigenvectors = align_signs(result.eigenvectors, self.eigenvectors)
         metrics = self._metrics("hessian", result, seconds)
         # Every product of the measurement, and its time: the method choice and the probe included.

@@ -111,7 +111,7 @@ class RunConfig:
     track_density_every: int = 0  # SLQ spectral density every N steps (0 = never)
     density_probes: int = 4  # SLQ: random probes per density (cost: probes x steps Hessian-vector products)
     density_steps: int = 60  # SLQ: Lanczos steps per probe
-    hvp_method: str = "auto"  # Hessian-vector products: auto (the fastest accurate, timed on the first measurement) or one of eos_toolkit.hvp.METHODS
+    hvp_method: str = "auto"  # Hessian-vector products: auto (the fastest accurate, timed on the first measurement) or one of eos_toolkit.settings.METHODS
     hessian_bn_mode: str = "batch_stats"  # BatchNorm inside Hessian products: batch statistics or running ones
     chunk_size: int | None = None  # examples per chunk for full-batch gradients and HVPs (1000 images, 32 windows)
     lanczos_tol: float = 1e-3  # relative residual at which Lanczos stops
@@ -183,7 +183,7 @@ class RunConfig:
             raise ConfigError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of track_every ({self.track_every}): "
                 "metrics are written at tracking steps, and a checkpoint must not be ahead of them")
-        from eos_toolkit.hvp import AUTO, METHODS
+        from eos_toolkit.settings import AUTO, METHODS
         from experiments.optim import check_schedule_name, optimizer_adapter
 
         _choice("hvp_method", self.hvp_method, (AUTO, *METHODS))

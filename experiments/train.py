@@ -53,6 +53,7 @@ from typing import Callable
 import torch
 
 from eos_toolkit import record
+from eos_toolkit.batches import as_args
 from eos_toolkit.solvers import gaussian_density, slq_density
 from eos_toolkit.tracker import SharpnessTracker
 from experiments import distributed
@@ -60,7 +61,7 @@ from experiments.adapters import adapter_for
 from experiments.config import RunConfig
 from experiments.optim import build_optimizer, build_scheduler, parameter_groups
 from experiments.tasks import build_task
-from experiments.tasks.base import Task, as_args
+from experiments.tasks.base import Task
 
 CHECKPOINT_NAME = "last.pt"
 PREVIOUS_CHECKPOINT = "previous.pt"  # the one before, kept until the new one is complete
@@ -171,6 +172,7 @@ class Trainer:
         self.last_lr: float | None = None
         self.last_rate: float | torch.Tensor | None = None
         self.warned_precond = False
+        self.noted_fallback = False
         self.initial_loss: float | None = None
         self.pending: list[tuple[int, str, torch.Tensor | float]] = []
         self.writer: record.RunWriter | _NoRecord | None = None
@@ -329,6 +331,10 @@ class Trainer:
         measured = self.tracker.measure(preconditioner)
         if self.tracker.method_choice is not chosen_before:  # hvp_method "auto" chose on this measurement
             self.writer.event("hvp_method", step=t, **self.tracker.method_choice)
+        fallback = self.tracker.hessian.kernel_fallback
+        if fallback is not None and not self.noted_fallback:  # products switched to plain kernels (once a process)
+            self.noted_fallback = True
+            self.writer.event("kernel_fallback", step=t, message=fallback)
         if self.last_lr is None and preconditioner is None:
             # Before the first step no preconditioner exists (not a gap): nothing to record.
             measured = {k: v for k, v in measured.items() if not k.startswith("precond_")}
@@ -349,8 +355,8 @@ class Trainer:
         op = self.tracker.hessian
         start = time.perf_counter()
         with op.measurement():  # reuse_graph: one set of graphs for all the density's products
-            sld = slq_density(op.matvec, op.dim, n_probes=self.cfg.density_probes, n_steps=self.cfg.density_steps,
-                              device=op.device, generator=self.density_generator)
+            sld = slq_density(op, n_probes=self.cfg.density_probes, n_steps=self.cfg.density_steps,
+                              dtype=torch.float64, generator=self.density_generator)
         lo, hi = sld.nodes.min(), sld.nodes.max()
         pad = 0.05 * (hi - lo)
         grid = torch.linspace(lo - pad, hi + pad, DENSITY_GRID, dtype=sld.nodes.dtype, device=sld.nodes.device)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from eos_toolkit.hvp import METHODS
+from eos_toolkit.settings import METHODS
 
 
 def _rank_main(rank: int, world: int, args: argparse.Namespace, store: str, out: str) -> None:

@@ -20,11 +20,13 @@ import warnings
 
 import torch
 
-from eos_toolkit.hvp import METHODS, hessian_operator
+from eos_toolkit.hvp import hessian_operator
+from eos_toolkit.settings import METHODS
 from experiments.config import RunConfig
 from experiments.optim import build_optimizer, parameter_groups
 from experiments.tasks import build_task
-from experiments.tasks.base import as_args, size_weighted
+from eos_toolkit.batches import as_args
+from experiments.tasks.base import size_weighted
 
 
 def _sync(device: torch.device) -> None:

@@ -61,8 +61,9 @@ import time
 import torch
 from torch import nn
 
-from eos_toolkit.hvp import METHODS, hessian_operator
-from eos_toolkit.operators import as_scipy_linear_operator
+from eos_toolkit.hvp import hessian_operator
+from eos_toolkit.operators import FunctionOperator, as_scipy_linear_operator
+from eos_toolkit.settings import METHODS
 from eos_toolkit.solvers import KrylovWorkspace, _tridiagonal, lanczos, power_iteration
 
 REL_TARGET = 1e-3
@@ -198,8 +199,8 @@ def solver_table(op, reference: float, args, lines: list[str]) -> dict[str, floa
             generator = torch.Generator(device=op.device).manual_seed(args.seed + trial)
             box = {}
             seconds = timed(lambda: box.setdefault("r", lanczos(
-                op.matvec, op.dim, 1, tol=REL_TARGET, max_iter=args.max_iter, criterion=criterion,
-                dtype=op.dtype, device=op.device, generator=generator, keep_history=True)), op.device)
+                op, 1, tol=REL_TARGET, max_iter=args.max_iter, criterion=criterion,
+                generator=generator, keep_history=True)), op.device)
             res = box["r"]
             error = abs(float(res.eigenvalues[0]) - reference) / abs(reference)
             runs.append((res.n_matvecs, first_within(res.history, reference), error, seconds))
@@ -209,8 +210,8 @@ def solver_table(op, reference: float, args, lines: list[str]) -> dict[str, floa
     generator = torch.Generator(device=op.device).manual_seed(args.seed)
     box = {}
     seconds = timed(lambda: box.setdefault("r", power_iteration(
-        op.matvec, op.dim, tol=0.0, max_iter=args.power_iter, check_every=args.power_iter,
-        dtype=op.dtype, device=op.device, generator=generator, keep_history=True)), op.device)
+        op, tol=0.0, max_iter=args.power_iter, check_every=args.power_iter,
+        generator=generator, keep_history=True)), op.device)
     history = box["r"].history
     stop = power_stop(history, REL_TARGET)
     error = abs(float(history[stop - 1]) - reference) / abs(reference)
@@ -290,8 +291,8 @@ def reference_eigen(model, chunks, args, v0=None):
 
     op = hessian_operator(model, nn.functional.mse_loss, chunks, dtype=torch.float64)
     generator = torch.Generator(device=op.device).manual_seed(args.seed)
-    tight = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=args.reference_iter, v0=v0, criterion="eigenvalue",
-                    dtype=op.dtype, device=op.device, generator=generator)
+    tight = lanczos(op, 2, tol=1e-10, max_iter=args.reference_iter, v0=v0, criterion="eigenvalue",
+                    generator=generator)
     value = float(tight.eigenvalues[0])
     bound = float(eigenvalue_error_bound(tight.residuals[:1], (tight.eigenvalues[:1] - tight.eigenvalues[1:]).abs()))
     text = (f"lambda_1 = {value:.6f} (our Lanczos, float64 vectors: residual {float(tight.residuals[0]):.1e}, "
@@ -316,8 +317,7 @@ def solver_section(config, model, chunks, args, device) -> dict[str, bool]:
     out.append(f"== solvers: {describe(config, model, chunks, args)} ==")
     op = hessian_operator(model, nn.functional.mse_loss, chunks, dtype=torch.float64)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    tight = lanczos(op.matvec, op.dim, 1, tol=1e-10, max_iter=400, dtype=op.dtype, device=device,
-                    generator=generator)
+    tight = lanczos(op, 1, tol=1e-10, max_iter=400, generator=generator)
     reference = float(tight.eigenvalues[0])
     out.append(f"  reference lambda_1 = {reference:.6f} (Lanczos, residual {float(tight.residuals[0]):.1e}, "
                f"{tight.n_matvecs} products)")
@@ -325,15 +325,14 @@ def solver_section(config, model, chunks, args, device) -> dict[str, bool]:
     # Warm start: one training step later, start from the previous top eigenvector.
     previous = tight.eigenvectors
     gd_step(model, chunks, args.lr)
-    new_reference = float(lanczos(op.matvec, op.dim, 1, tol=1e-10, max_iter=400, v0=previous, dtype=op.dtype,
-                                  device=device, generator=generator).eigenvalues[0])
+    new_reference = float(lanczos(op, 1, tol=1e-10, max_iter=400, v0=previous, generator=generator).eigenvalues[0])
     out.append(f"  one GD step later: lambda_1 = {new_reference:.6f}")
     warm_counts = {}
     for criterion in ("residual", "eigenvalue"):
         box = {}
         seconds = timed(lambda: box.setdefault("r", lanczos(
-            op.matvec, op.dim, 1, tol=REL_TARGET, max_iter=args.max_iter, v0=previous, criterion=criterion,
-            dtype=op.dtype, device=device, generator=generator, keep_history=True)), device)
+            op, 1, tol=REL_TARGET, max_iter=args.max_iter, v0=previous, criterion=criterion,
+            generator=generator, keep_history=True)), device)
         warm = box["r"]
         warm_counts[criterion] = warm.n_matvecs
         error = abs(float(warm.eigenvalues[0]) - new_reference) / abs(new_reference)
@@ -440,13 +439,14 @@ def tracker_trial(model, chunks, args, snapshot, start: torch.Tensor, trial: int
 
     workspace = KrylovWorkspace()  # as in a tracker: the basis lives in a workspace an earlier solve has sized
 
-    def solve(matvec):
-        return lanczos(matvec, op.dim, 1, tol=tracker.tol, max_iter=tracker.max_iter, dtype=op.dtype,
-                       device=op.device, generator=torch.Generator(op.device).manual_seed(trial), workspace=workspace)
+    def solve(operator):
+        return lanczos(operator, 1, tol=tracker.tol, max_iter=tracker.max_iter,
+                       generator=torch.Generator(op.device).manual_seed(trial), workspace=workspace)
 
+    timed_op = FunctionOperator(timed_matvec, op.dim, dtype=op.dtype, device=op.device)
     with op.measurement():
-        solve(op.matvec)  # untimed, the same solve: reuse_graph's graphs and the workspace's rows exist
-        result, total = timed_result(lambda: solve(timed_matvec), model_device(model))
+        solve(op)  # untimed, the same solve: reuse_graph's graphs and the workspace's rows exist
+        result, total = timed_result(lambda: solve(timed_op), model_device(model))
         out["overhead"] = (total - sum(spent)) / sum(spent)
         # The floor under it: the same number of the same products in a Lanczos without reorthogonalisation.
         spent.clear()

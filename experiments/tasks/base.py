@@ -53,14 +53,6 @@ def size_weighted(batches: Sequence[Batch]) -> list[tuple[Any, torch.Tensor, flo
     return [(x, y, len(y) / n) for x, y in batches]
 
 
-def as_args(inputs) -> tuple:
-    """The model's positional arguments: a tuple or list of inputs as is, anything else as one argument.
-
-    (The same rule as the curvature engine's, so training and HVPs call the model alike.)
-    """
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
 def seeded_generator(seed: int, stream: int, step: int = 0) -> torch.Generator:
     """A CPU generator for (run seed, stream, step): streams never share a seed, whatever the step.
 

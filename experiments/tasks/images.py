@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from eos_toolkit.hvp import module_mode
+from eos_toolkit.modes import module_mode
 from experiments import data as datasets
 from experiments.config import ConfigError, RunConfig
 from experiments.data import augment_batch
@@ -56,7 +56,7 @@ def evaluate(model: torch.nn.Module, loss_fn, batches: list, *, train_mode: bool
 
     ``train_mode`` evaluates the training objective (BatchNorm with batch
     statistics, running statistics untouched); otherwise in eval mode. Dropout
-    is off either way (:func:`eos_toolkit.hvp.module_mode`, as the tracker uses).
+    is off either way (:func:`eos_toolkit.modes.module_mode`, as the tracker uses).
     """
     n = sum(len(x) for x, _ in batches)
     loss = acc = 0.0

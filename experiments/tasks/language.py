@@ -37,9 +37,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from eos_toolkit.hvp import module_mode
+from eos_toolkit.modes import module_mode
 from experiments.config import ConfigError, RunConfig
-from experiments.data.text import SPLITS, load_corpus, resolve_corpus
+from experiments.data import load_corpus, resolve_corpus
+from experiments.data.text import SPLITS
 from experiments.models import build_transformer
 from experiments.tasks.base import Task, chunks, seeded_generator, size_weighted
 

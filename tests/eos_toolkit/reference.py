@@ -88,6 +88,49 @@ def cnn_loss_plain(flat: torch.Tensor, model: SmallCNN, x, y, batch_stats: bool)
     return ((out - y) ** 2).mean()
 
 
+class BatchNormHeadCNN(nn.Module):
+    """conv -> BatchNorm2d -> tanh -> linear -> BatchNorm1d -> tanh -> linear, on 1 x 5 x 5 images.
+
+    BatchNorm1d on a batch of one example has one value per channel, which
+    torch refuses in training mode.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.bn2d = nn.BatchNorm2d(2)
+        self.hidden = nn.Linear(2 * 3 * 3, 4)
+        self.bn1d = nn.BatchNorm1d(4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn2d(self.conv(x))).flatten(1)
+        return self.out(torch.tanh(self.bn1d(self.hidden(h))))
+
+
+def batch_norm_head_loss(flat: torch.Tensor, model: BatchNormHeadCNN, chunks) -> torch.Tensor:
+    """The size-weighted MSE of :class:`BatchNormHeadCNN` over chunks, written out with
+    torch.nn.functional, each chunk normalised by its own batch statistics (spelled out by hand)."""
+    p = split_flat(flat, model, [n for n, _ in model.named_parameters()])
+
+    def normalise(h, dims, weight, bias, eps):
+        mean = h.mean(dim=dims, keepdim=True)
+        var = h.var(dim=dims, unbiased=False, keepdim=True)
+        shape = [1, -1] + [1] * (h.dim() - 2)
+        return (h - mean) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape)
+
+    total = sum(len(y) for _, y in chunks)
+    loss = 0.0
+    for x, y in chunks:
+        h = nn.functional.conv2d(x, p["conv.weight"], p["conv.bias"])
+        h = torch.tanh(normalise(h, (0, 2, 3), p["bn2d.weight"], p["bn2d.bias"], model.bn2d.eps)).flatten(1)
+        h = nn.functional.linear(h, p["hidden.weight"], p["hidden.bias"])
+        h = torch.tanh(normalise(h, (0,), p["bn1d.weight"], p["bn1d.bias"], model.bn1d.eps))
+        out = nn.functional.linear(h, p["out.weight"], p["out.bias"])
+        loss = loss + len(y) / total * ((out - y) ** 2).mean()
+    return loss
+
+
 class CausalBlock(nn.Module):
     """A pre-norm causal Transformer block; attention written out (or via fused SDPA)."""
 

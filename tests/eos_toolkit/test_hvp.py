@@ -7,15 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from eos_toolkit.hvp import (
-    METHODS,
-    NondeterministicOperatorError,
-    hessian_operator,
-    select_parameters,
-)
+from eos_toolkit.hvp import HessianOperator, NondeterministicOperatorError, hessian_operator, select_parameters
+from eos_toolkit.settings import METHODS
 from eos_toolkit.solvers import lanczos
+from eos_toolkit.tracker import SharpnessTracker
 from tests.eos_toolkit.reference import (
     DT,
+    BatchNormHeadCNN,
+    batch_norm_head_loss,
     CausalBlock,
     SmallCNN,
     cnn_loss_plain,
@@ -67,6 +66,24 @@ def test_cnn_with_batchnorm(method, bn_mode):
     for n, b in model.named_buffers():
         assert torch.equal(b, saved[n]), f"buffer {n} changed"
     assert model.training and model.bn.training and model.bn.track_running_stats
+
+
+@pytest.mark.parametrize("method", ["forward_over_reverse", "reuse_graph"])
+def test_batchnorm_with_batch_statistics_over_several_chunks(method):
+    """Several chunks need the loss-reduction check, whose forward pass must not be a batch of one (which
+    BatchNorm1d refuses in training mode); each chunk is normalised by its own statistics."""
+    torch.manual_seed(0)
+    model = BatchNormHeadCNN().to(DT)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(9, 1, 5, 5, generator=g, dtype=DT), torch.randn(9, 2, generator=g, dtype=DT)
+    chunks = [(x[:4], y[:4]), (x[4:7], y[4:7]), (x[7:], y[7:])]
+    H = torch.autograd.functional.hessian(
+        lambda flat: batch_norm_head_loss(flat, model, chunks),
+        flat_params(model, [n for n, _ in model.named_parameters()]), vectorize=True)
+    op = hessian_operator(model, mse, chunks, method=method, bn_mode="batch_stats")
+    assert_products_match(op, H)
+    tracker = SharpnessTracker(model, mse, chunks, bn_mode="batch_stats", tol=1e-10)
+    assert tracker.measure()["sharpness"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-8)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +241,7 @@ def test_finite_differences_in_float32_are_accurate_at_large_parameter_norms():
                                                 engine="autograd"))[-1]
     op = hessian_operator(model, mse, [(x, y)], method="finite_difference", dtype=DT)
     assert float(op.flat_parameters().norm()) > 10
-    estimate = lanczos(op.matvec, op.dim, 1, max_iter=200, tol=1e-8).eigenvalues[0]
+    estimate = lanczos(op, 1, max_iter=200, tol=1e-8).eigenvalues[0]
     assert abs(float(estimate / exact) - 1) < 3e-5
 
 
@@ -308,8 +325,8 @@ def test_reuse_graph_keeps_its_graphs_for_one_measurement_only():
     with op.measurement():
         assert_products_match(op, H)
         graphs = op._graphs[1]
-        first = lanczos(op.matvec, op.dim, 2, tol=1e-10, generator=torch.Generator().manual_seed(0))
-        second = lanczos(op.matvec, op.dim, 2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+        first = lanczos(op, 2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+        second = lanczos(op, 2, tol=1e-10, generator=torch.Generator().manual_seed(0))
         assert op._graphs[1] is graphs  # built once, on the first product
         probe = weakref.ref(graphs[0][1][0])  # a first-order gradient that holds the graph
     del graphs
@@ -380,119 +397,85 @@ def test_the_determinism_probe_fires_with_reuse_graph_inside_a_measurement():
 
 
 def test_auto_chooses_by_cost_per_measurement_from_given_timings():
-    from eos_toolkit.hvp import AUTO_PRODUCTS_PER_MEASUREMENT, MethodTiming, choose_method
+    from eos_toolkit.method_choice import AUTO_PRODUCTS_PER_MEASUREMENT, MethodTiming, cheapest_method
 
     def t(first, product, error=0.0):
         return MethodTiming(first, product, error)
 
     base = {"forward_over_reverse": t(3.0, 3.0), "double_backward": t(2.5, 2.5), "finite_difference": t(2.0, 2.0)}
     # reuse_graph: graphs cost 1.0 once, then 1.2 a product: 10 x 1.2 + 1.0 = 13 < 10 x 2.0
-    assert choose_method({**base, "reuse_graph": t(2.2, 1.2)}) == "reuse_graph"
+    assert cheapest_method({**base, "reuse_graph": t(2.2, 1.2)}) == "reuse_graph"
     # the same product cost with graphs that cost 10 a measurement: 22 > 20 for finite differences
-    assert choose_method({**base, "reuse_graph": t(11.2, 1.2)}) == "finite_difference"
+    assert cheapest_method({**base, "reuse_graph": t(11.2, 1.2)}) == "finite_difference"
     # finite differences off by 1e-4 relative are not eligible however fast
     inaccurate = {**base, "finite_difference": t(0.1, 0.1, error=1e-4), "reuse_graph": t(30.0, 3.0)}
-    assert choose_method(inaccurate) == "double_backward"
+    assert cheapest_method(inaccurate) == "double_backward"
     # ties go to the earlier method; the amortisation length is a parameter
-    assert choose_method({m: t(1.0, 1.0) for m in METHODS}) == "forward_over_reverse"
-    assert choose_method({**base, "reuse_graph": t(11.2, 1.2)}, products=100) == "reuse_graph"
+    assert cheapest_method({m: t(1.0, 1.0) for m in METHODS}) == "forward_over_reverse"
+    assert cheapest_method({**base, "reuse_graph": t(11.2, 1.2)}, products=100) == "reuse_graph"
     assert AUTO_PRODUCTS_PER_MEASUREMENT == 10
     with pytest.raises(ValueError, match="no Hessian-vector product method agrees"):
-        choose_method({"finite_difference": t(1.0, 1.0, error=1e-3)})
+        cheapest_method({"finite_difference": t(1.0, 1.0, error=1e-3)})
 
 
-def test_time_methods_counts_its_products_and_measures_agreement():
+def test_the_choice_counts_its_products_and_measures_agreement():
+    from eos_toolkit.method_choice import choose_method
+
     model = tanh_mlp()
     x, y = regression_data(10, 5, 3)
     op = hessian_operator(model, mse, [(x[:6], y[:6]), (x[6:], y[6:])])
-    timings = op.time_methods(torch.randn(op.dim, dtype=DT, generator=torch.Generator().manual_seed(1)))
+    choice = choose_method(op, torch.randn(op.dim, dtype=DT, generator=torch.Generator().manual_seed(1)))
+    timings = choice.timings
     assert set(timings) == set(METHODS) and next(iter(timings)) == "forward_over_reverse"  # the reference first
     # two for forward-over-reverse and reuse_graph, one for finite differences, none for double
     # backward (its product is reuse_graph's first)
-    assert op.n_matvecs == 5
+    assert op.n_matvecs == choice.n_matvecs == 5
     assert timings["double_backward"].product_seconds == timings["reuse_graph"].first_seconds
-    assert op.method == "forward_over_reverse"  # restored
+    assert op.method == choice.method and choice.failed == {}
     assert timings["forward_over_reverse"].relative_error == 0.0
     assert timings["double_backward"].relative_error <= 1e-12 and timings["reuse_graph"].relative_error <= 1e-12
     assert 0 < timings["finite_difference"].relative_error <= 1e-6  # float64: about 1e-10
     assert all(t.first_seconds > 0 and t.product_seconds > 0 for t in timings.values())
     # float32: finite differences cannot reach 1e-5 (eps^(2/3) = 2.4e-5), so they are not timed
     single = hessian_operator(tanh_mlp().float(), mse, [(x.float(), y.float())])
-    assert "finite_difference" not in single.time_methods(torch.ones(single.dim))
+    chosen = choose_method(single, torch.ones(single.dim))
+    assert "finite_difference" not in chosen.timings and chosen.n_matvecs == 4
 
 
-def test_a_method_trial_answers_each_vector_exactly_and_chooses_from_its_timings(monkeypatch):
-    """The trial runs the methods on the caller's vectors; every answer is H x of the dense Hessian."""
-    import eos_toolkit.hvp as hvp
-
-    model = tanh_mlp()
-    x, y = regression_data(10, 5, 3)
-    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
-    H = dense_hessian(model, mse, x, y)
-    op = hessian_operator(model, mse, batches)
-    seen = []
-    monkeypatch.setattr(hvp, "choose_method", lambda timings, products: seen.append((timings, products)) or "reuse_graph")
-    trial = hvp.MethodTrial(op, products=7)
-    g = torch.Generator().manual_seed(3)
-    vectors = torch.randn(5, op.dim, dtype=DT, generator=g)
-    counts = []
-    with op.measurement():
-        for v in vectors:
-            product = trial(v)
-            assert (product - H @ v).abs().max() <= 1e-10 * (H @ v).abs().max()
-            counts.append(op.n_matvecs)
-            if len(counts) == 3:
-                assert trial.done and op._graphs is not None  # the chosen reuse_graph keeps the trial's graphs
-    # forward-over-reverse on x1; on x2 again, with reuse_graph and finite differences beside it; reuse_graph
-    # on x3; then the choice alone
-    assert counts == [1, 4, 5, 6, 7]
-    assert list(trial.timings) == ["forward_over_reverse", "reuse_graph", "double_backward", "finite_difference"]
-    assert seen == [(trial.timings, 7)] and trial.choice == "reuse_graph" == op.method
-    assert op.derived_methods == {"double_backward": "reuse_graph"}
-    assert trial.timings["reuse_graph"].relative_error <= 1e-12
-    assert 0 < trial.timings["finite_difference"].relative_error <= 1e-6
-
-
-def test_a_trial_syncs_before_each_timed_product_and_times_per_column(monkeypatch):
+def test_the_choice_syncs_before_each_timed_product_and_times_per_column(monkeypatch):
     """Queued work of the caller is not charged to the product timed next; a block's time is per column."""
-    import eos_toolkit.hvp as hvp
+    import eos_toolkit.method_choice as method_choice
 
     x, y = regression_data(10, 5, 3)
     op = hessian_operator(tanh_mlp(), mse, [(x, y)])
     events, clock = [], iter(range(1000))
     real_apply = type(op)._apply
-    monkeypatch.setattr(type(op), "_synchronize", lambda self: events.append("sync"))
+    monkeypatch.setattr(type(op), "synchronize", lambda self: events.append("sync"))
     monkeypatch.setattr(type(op), "_apply", lambda self, block: events.append("product") or real_apply(self, block))
-    monkeypatch.setattr(hvp.time, "perf_counter", lambda: events.append("clock") or float(next(clock)))
-    trial = hvp.MethodTrial(op, products=5)
-    with op.measurement():
-        for block in torch.randn(3, op.dim, 2, dtype=DT, generator=torch.Generator().manual_seed(0)):
-            trial(block)
+    monkeypatch.setattr(method_choice.time, "perf_counter", lambda: events.append("clock") or float(next(clock)))
+    choice = method_choice.choose_method(op, torch.randn(op.dim, 2, dtype=DT, generator=torch.Generator().manual_seed(0)))
     starts = [i for i, e in enumerate(events) if e == "product"]
     assert len(starts) == 5 and all(events[i - 2:i] == ["sync", "clock"] for i in starts)
     # the fake clock moves by 1 between a product's two readings: half a second a column of the 2-column blocks
-    assert all(t.first_seconds == t.product_seconds == 0.5 for t in trial.timings.values())
+    assert all(t.first_seconds == t.product_seconds == 0.5 for t in choice.timings.values())
 
 
-def test_a_trial_never_answers_with_a_method_that_disagrees(monkeypatch):
-    """reuse_graph off by 1%: not timed again, never answers, never chosen; the reference answers throughout."""
+def test_a_method_that_disagrees_is_never_chosen(monkeypatch):
+    """reuse_graph off by 1% (and double backward, whose figure is reuse_graph's product): never chosen."""
+    from eos_toolkit.method_choice import choose_method
+
     x, y = regression_data(10, 5, 3)
     op = hessian_operator(tanh_mlp().float(), mse, [(x.float(), y.float())])
-    exact = hessian_operator(tanh_mlp().float(), mse, [(x.float(), y.float())])
     monkeypatch.setattr(type(op), "_reuse_graph", lambda self, block: 1.01 * self._double_backward(block))
-    from eos_toolkit.hvp import MethodTrial
-
-    trial = MethodTrial(op, products=5)
-    counts = []
-    for v in torch.randn(3, op.dim, generator=torch.Generator().manual_seed(0)):
-        assert torch.equal(trial(v), exact.matvec(v))  # forward-over-reverse's product, bitwise
-        counts.append(op.n_matvecs)
-    assert counts == [1, 3, 4]  # float32: no finite differences; reuse_graph compared once, no steady product
-    assert trial.timings["reuse_graph"].relative_error == pytest.approx(0.01, rel=1e-3)
-    assert trial.choice == "forward_over_reverse" == op.method
+    choice = choose_method(op, torch.randn(op.dim, generator=torch.Generator().manual_seed(0)))
+    assert choice.n_matvecs == 4  # float32: no finite differences
+    assert choice.timings["reuse_graph"].relative_error == pytest.approx(0.01, rel=1e-3)
+    assert choice.method == "forward_over_reverse" == op.method
 
 
 def test_a_method_that_fails_on_the_model_is_left_out_and_said(monkeypatch):
+    from eos_toolkit.method_choice import choose_method
+
     model = tanh_mlp()
     x, y = regression_data(10, 5, 3)
     op = hessian_operator(model, mse, [(x, y)])
@@ -501,7 +484,26 @@ def test_a_method_that_fails_on_the_model_is_left_out_and_said(monkeypatch):
         raise RuntimeError("jvp: this custom Function has no forward-mode rule")
 
     monkeypatch.setattr(type(op), "_forward_over_reverse", no_forward_mode)
-    timings = op.time_methods(torch.ones(op.dim, dtype=DT))
-    assert "forward_over_reverse" not in timings and "no forward-mode rule" in op.failed_methods["forward_over_reverse"]
+    choice = choose_method(op, torch.ones(op.dim, dtype=DT))
+    timings = choice.timings
+    assert "forward_over_reverse" not in timings and "no forward-mode rule" in choice.failed["forward_over_reverse"]
     assert next(iter(timings)) == "reuse_graph" and timings["reuse_graph"].relative_error == 0.0  # the reference now
     assert timings["double_backward"].relative_error == 0.0  # its figure is the reference's own product
+    assert choice.as_record()["failed"] == choice.failed
+
+
+@pytest.mark.parametrize("reference", ["forward_over_reverse", "reuse_graph"])
+def test_the_choice_names_a_random_operator_before_choosing(monkeypatch, reference):
+    """The reference's two products of one vector each run the model (reuse_graph's graphs are dropped
+    between them): with dropout left on they differ, and that is the determinism probe's error."""
+    from eos_toolkit.method_choice import choose_method
+
+    if reference == "reuse_graph":
+        monkeypatch.setattr(HessianOperator, "_forward_over_reverse",
+                            lambda self, block: (_ for _ in ()).throw(RuntimeError("jvp: no forward-mode rule")))
+    torch.manual_seed(0)
+    noisy = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).to(DT).train()
+    x, y = regression_data(10, 5, 3)
+    op = hessian_operator(noisy, mse, [(x, y)], dropout="as_is", determinism_probe=False)
+    with pytest.raises(NondeterministicOperatorError, match="dropout"):
+        choose_method(op, torch.ones(op.dim, dtype=DT))

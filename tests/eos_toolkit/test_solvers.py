@@ -7,6 +7,7 @@ from torch import nn
 
 from eos_toolkit import solvers
 from eos_toolkit.hvp import hessian_operator
+from eos_toolkit.operators import FunctionOperator, MatrixOperator
 from eos_toolkit.solvers import (
     block_lanczos,
     eigenvalue_error_bound,
@@ -51,7 +52,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("k", [1, 5])
 def test_lanczos_top_k_of_a_model_hessian(mlp_hessian, k, path):
     op, H, exact = mlp_hessian
-    res = lanczos(op.matvec, op.dim, k, max_iter=op.dim, tol=1e-10, generator=gen())
+    res = lanczos(op, k, max_iter=op.dim, tol=1e-10, generator=gen())
     assert res.converged
     assert relative_error(res.eigenvalues, exact[:k]) <= 1e-8
     Y = res.eigenvectors
@@ -72,10 +73,10 @@ def known_spectrum(n: int = 120) -> torch.Tensor:
 def test_lanczos_largest_algebraic_with_near_degenerate_top_pair(k):
     ev = known_spectrum()
     A, _ = spectrum_matrix(ev)
-    res = lanczos(lambda v: A @ v, A.shape[0], k, max_iter=A.shape[0], tol=1e-10, generator=gen())
+    res = lanczos(MatrixOperator(A), k, max_iter=A.shape[0], tol=1e-10, generator=gen())
     top = ev.sort(descending=True).values[:k]
     assert relative_error(res.eigenvalues, top) <= 1e-8
-    smallest = lanczos(lambda v: A @ v, A.shape[0], 2, which="smallest", max_iter=A.shape[0],
+    smallest = lanczos(MatrixOperator(A), 2, which="smallest", max_iter=A.shape[0],
                        tol=1e-10, generator=gen())
     assert relative_error(smallest.eigenvalues, torch.tensor([-40.0, -25.0], dtype=DT)) <= 1e-8
 
@@ -83,11 +84,11 @@ def test_lanczos_largest_algebraic_with_near_degenerate_top_pair(k):
 def test_warm_start_from_true_top_vector_converges_in_three_products(mlp_hessian):
     op, H, exact = mlp_hessian
     top_vector = torch.linalg.eigh(H).eigenvectors[:, -1]
-    res = lanczos(op.matvec, op.dim, 1, tol=1e-8, v0=top_vector, generator=gen())
+    res = lanczos(op, 1, tol=1e-8, v0=top_vector, generator=gen())
     assert res.converged and res.n_matvecs <= 3
     assert relative_error(res.eigenvalues, exact[:1]) <= 1e-8
     A, Q = spectrum_matrix(known_spectrum())
-    res = lanczos(lambda v: A @ v, A.shape[0], 1, tol=1e-8, v0=Q[:, -1], generator=gen())
+    res = lanczos(MatrixOperator(A), 1, tol=1e-8, v0=Q[:, -1], generator=gen())
     assert res.n_matvecs <= 3 and abs(float(res.eigenvalues[0]) - 10.0) <= 1e-7
 
 
@@ -95,9 +96,16 @@ def test_warm_start_block_of_eigenvectors_finds_all_of_them():
     ev = torch.linspace(-1.0, 1.0, 80, dtype=DT)
     ev[-3:] = torch.tensor([3.0, 4.0, 5.0], dtype=DT)
     A, Q = spectrum_matrix(ev)
-    res = lanczos(lambda v: A @ v, 80, 3, tol=1e-8, v0=Q[:, -3:], generator=gen())
+    res = lanczos(MatrixOperator(A), 3, tol=1e-8, v0=Q[:, -3:], generator=gen())
     assert res.n_matvecs <= 3 + 1
     assert relative_error(res.eigenvalues, torch.tensor([5.0, 4.0, 3.0], dtype=DT)) <= 1e-8
+
+
+class NeverAgrees(MatrixOperator):
+    """A matrix whose processes never agree to stop: a solve runs to max_iter."""
+
+    def agree(self, flag: bool) -> bool:
+        return False
 
 
 def test_long_runs_show_no_ghost_copies_and_keep_an_orthonormal_basis(path):
@@ -108,7 +116,7 @@ def test_long_runs_show_no_ghost_copies_and_keep_an_orthonormal_basis(path):
     A, _ = spectrum_matrix(ev)
     # Never agree to stop: all 90 steps, far past the convergence of 10.0 (tol=0 alone would stop wherever
     # the tridiagonal solver rounds a residual to exactly 0, which moves with the thread count).
-    res = lanczos(lambda v: A @ v, 300, 5, max_iter=90, tol=0.0, generator=gen(), agree=lambda ok: False)
+    res = lanczos(NeverAgrees(A), 5, max_iter=90, tol=0.0, generator=gen())
     assert res.n_matvecs == 90
     assert relative_error(res.eigenvalues, torch.tensor([10.0, 6.0, 4.0, 3.0, 2.0], dtype=DT)) <= 1e-10
     Y = res.eigenvectors
@@ -122,7 +130,7 @@ def test_a_spectrum_far_from_zero_keeps_the_basis_orthogonal(k, path):
     ev = 100.0 + torch.linspace(0.0, 1.0, 200, dtype=DT)
     ev[-3:] = torch.tensor([101.01, 101.03, 101.05], dtype=DT)
     A, _ = spectrum_matrix(ev)
-    res = lanczos(lambda v: A @ v, 200, k, tol=1e-8, max_iter=200, generator=gen())
+    res = lanczos(MatrixOperator(A), k, tol=1e-8, max_iter=200, generator=gen())
     assert res.converged
     assert relative_error(res.eigenvalues, ev.sort(descending=True).values[:k]) <= 1e-10
     Y = res.eigenvectors
@@ -132,7 +140,7 @@ def test_a_spectrum_far_from_zero_keeps_the_basis_orthogonal(k, path):
 def test_equal_ritz_values_converge_under_the_eigenvalue_rule():
     """A zero gap gives no second-order bound (r^2 / 0); the rule falls back to the residual."""
     A = 2.0 * torch.eye(10, dtype=DT)
-    res = lanczos(lambda v: A @ v, 10, 2, tol=1e-8, criterion="eigenvalue", generator=gen())
+    res = lanczos(MatrixOperator(A), 2, tol=1e-8, criterion="eigenvalue", generator=gen())
     assert res.converged and res.n_matvecs < 10
     assert torch.allclose(res.eigenvalues, torch.full((2,), 2.0, dtype=DT))
     assert torch.equal(eigenvalue_error_bound(torch.tensor([0.0, 1e-3]), torch.tensor([0.0, 0.0])),
@@ -141,16 +149,16 @@ def test_equal_ritz_values_converge_under_the_eigenvalue_rule():
 
 def test_non_finite_products_are_named(path):
     with pytest.raises(ValueError, match="non-finite values"):
-        lanczos(lambda v: v * float("nan"), 20, 1, generator=gen())
+        lanczos(FunctionOperator(lambda v: v * float("nan"), 20), 1, generator=gen())
     # A float32 product whose norm overflows is not an invariant subspace.
     big = torch.full((20,), 1e19)
     with pytest.raises(ValueError, match="non-finite values"):
-        lanczos(lambda v: big * v.sum().sign(), 20, 1, dtype=torch.float32, generator=gen())
+        lanczos(FunctionOperator(lambda v: big * v.sum().sign(), 20, dtype=torch.float32), 1, generator=gen())
 
 
 def test_a_zero_start_vector_falls_back_to_a_random_one():
     A, Q = spectrum_matrix(known_spectrum())
-    res = lanczos(lambda v: A @ v, A.shape[0], 1, tol=1e-8, v0=torch.zeros(A.shape[0], dtype=DT), generator=gen())
+    res = lanczos(MatrixOperator(A), 1, tol=1e-8, v0=torch.zeros(A.shape[0], dtype=DT), generator=gen())
     assert res.converged and abs(float(res.eigenvalues[0]) - 10.0) <= 1e-6
 
 
@@ -162,7 +170,7 @@ def test_an_invariant_subspace_restarts_from_a_fresh_vector(path):
     ev = torch.ones(40, dtype=DT)
     ev[:3] = 5.0
     A, _ = spectrum_matrix(ev)
-    res = lanczos(lambda v: A @ v, 40, 3, max_iter=30, tol=1e-8, generator=gen())
+    res = lanczos(MatrixOperator(A), 3, max_iter=30, tol=1e-8, generator=gen())
     assert res.converged and res.n_matvecs == 4  # two vectors per invariant subspace
     assert relative_error(res.eigenvalues, torch.tensor([5.0, 5.0, 1.0], dtype=DT)) <= 1e-10
     Y = res.eigenvectors
@@ -180,7 +188,7 @@ def test_an_invariant_subspace_is_seen_where_alpha_vanishes(path):
     A[10:, 10:] = torch.diag(torch.cat([torch.tensor([10.0], dtype=DT), torch.linspace(-0.4, 0.4, 29, dtype=DT)]))
     v0 = torch.zeros(40, dtype=DT)
     v0[:10] = R[:, :4].sum(1)
-    res = lanczos(lambda v: A @ v, 40, 5, max_iter=40, tol=1e-6, v0=v0, generator=gen(1))
+    res = lanczos(MatrixOperator(A), 5, max_iter=40, tol=1e-6, v0=v0, generator=gen(1))
     assert res.converged
     assert relative_error(res.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:5]) <= 1e-8
 
@@ -188,11 +196,11 @@ def test_an_invariant_subspace_is_seen_where_alpha_vanishes(path):
 def test_a_workspace_is_reused_across_solves_and_changes_nothing(mlp_hessian):
     op, _, exact = mlp_hessian
     workspace = KrylovWorkspace()
-    first = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=40, generator=gen(), workspace=workspace)
+    first = lanczos(op, 2, tol=1e-10, max_iter=40, generator=gen(), workspace=workspace)
     buffer = workspace._buffer
     assert first.n_matvecs + 1 <= buffer.shape[0] < 2 * (first.n_matvecs + 1)  # grown as needed, not to max_iter
-    again = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=40, generator=gen(), workspace=workspace)
-    alone = lanczos(op.matvec, op.dim, 2, tol=1e-10, max_iter=40, generator=gen())
+    again = lanczos(op, 2, tol=1e-10, max_iter=40, generator=gen(), workspace=workspace)
+    alone = lanczos(op, 2, tol=1e-10, max_iter=40, generator=gen())
     assert workspace._buffer is buffer  # not reallocated
     for res in (again, alone):
         assert torch.equal(res.eigenvalues, first.eigenvalues) and res.n_matvecs == first.n_matvecs
@@ -204,7 +212,7 @@ def test_block_lanczos_resolves_an_exact_cluster(path):
     ev = torch.linspace(-2.0, 1.0, 150, dtype=DT)
     ev[-3:] = 2.0  # triple eigenvalue: in exact arithmetic one start vector sees one copy
     A, _ = spectrum_matrix(ev)
-    res = block_lanczos(lambda V: A @ V, 150, 3, block_size=3, max_iter=120, tol=1e-8,
+    res = block_lanczos(MatrixOperator(A), 3, block_size=3, max_iter=120, tol=1e-8,
                         generator=gen())
     assert res.converged and res.n_matvecs < 150
     assert relative_error(res.eigenvalues, torch.full((3,), 2.0, dtype=DT)) <= 1e-8
@@ -217,16 +225,16 @@ def test_power_iteration_finds_largest_magnitude():
     ev = torch.linspace(-1.0, 1.0, 50, dtype=DT)
     ev[-1] = 3.0
     A, _ = spectrum_matrix(ev)
-    res = power_iteration(lambda v: A @ v, 50, max_iter=500, tol=1e-12, generator=gen())
+    res = power_iteration(MatrixOperator(A), max_iter=500, tol=1e-12, generator=gen())
     assert res.converged and abs(float(res.eigenvalues[0]) - 3.0) <= 1e-8
     negative, _ = spectrum_matrix(-ev)
-    res = power_iteration(lambda v: negative @ v, 50, max_iter=500, tol=1e-12, generator=gen())
+    res = power_iteration(MatrixOperator(negative), max_iter=500, tol=1e-12, generator=gen())
     assert abs(float(res.eigenvalues[0]) + 3.0) <= 1e-8  # magnitude, not algebraic order
 
 
 def test_hutchinson_within_three_standard_errors(mlp_hessian):
     _, H, _ = mlp_hessian
-    estimate, stderr = hutchinson_trace(lambda v: H @ v, H.shape[0], n_samples=60, generator=gen(3))
+    estimate, stderr = hutchinson_trace(MatrixOperator(H), n_samples=60, generator=gen(3))
     assert stderr > 0
     assert abs(float(estimate - torch.trace(H))) <= 3 * float(stderr)
 
@@ -234,7 +242,7 @@ def test_hutchinson_within_three_standard_errors(mlp_hessian):
 def test_slq_density_mass_and_moments(mlp_hessian):
     _, H, _ = mlp_hessian
     n = H.shape[0]
-    density = slq_density(lambda v: H @ v, n, n_probes=30, n_steps=20, generator=gen(5))
+    density = slq_density(MatrixOperator(H), n_probes=30, n_steps=20, generator=gen(5))
     assert torch.allclose(density.weights.sum(dim=1), torch.ones(30, dtype=DT), atol=1e-12)
     for p, exact in [(1, torch.trace(H) / n), (2, torch.trace(H @ H) / n)]:
         per_probe = density.per_probe_moments(p)
@@ -248,21 +256,21 @@ def test_slq_density_mass_and_moments(mlp_hessian):
 def test_bad_arguments_raise_value_errors():
     A = torch.eye(4, dtype=DT)
     with pytest.raises(ValueError, match="k must"):
-        lanczos(lambda v: A @ v, 4, 5)
+        lanczos(MatrixOperator(A), 5)
     with pytest.raises(ValueError, match="which"):
-        lanczos(lambda v: A @ v, 4, 1, which="magnitude")
+        lanczos(MatrixOperator(A), 1, which="magnitude")
     with pytest.raises(ValueError, match="n_samples"):
-        hutchinson_trace(lambda v: A @ v, 4, n_samples=1)
+        hutchinson_trace(MatrixOperator(A), n_samples=1)
     with pytest.raises(ValueError, match="sigma"):
-        gaussian_density(slq_density(lambda v: A @ v, 4, n_probes=2, n_steps=2), torch.zeros(3), 0.0)
+        gaussian_density(slq_density(MatrixOperator(A), n_probes=2, n_steps=2), torch.zeros(3), 0.0)
 
 
 def test_eigenvalue_rule_is_cheaper_and_still_accurate():
     ev = torch.linspace(-1.0, 1.0, 300, dtype=DT)
     ev[-1] = 1.5
     A, _ = spectrum_matrix(ev)
-    by_residual = lanczos(lambda v: A @ v, 300, 1, tol=1e-6, generator=gen())
-    by_eigenvalue = lanczos(lambda v: A @ v, 300, 1, tol=1e-6, criterion="eigenvalue", generator=gen())
+    by_residual = lanczos(MatrixOperator(A), 1, tol=1e-6, generator=gen())
+    by_eigenvalue = lanczos(MatrixOperator(A), 1, tol=1e-6, criterion="eigenvalue", generator=gen())
     assert by_eigenvalue.converged and by_eigenvalue.n_matvecs < by_residual.n_matvecs
     assert abs(float(by_eigenvalue.eigenvalues[0]) - 1.5) <= 1e-6 * 1.5
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from eos_toolkit.hvp import NondeterministicOperatorError
 from eos_toolkit.thresholds import adam_threshold, gd_threshold, momentum_threshold
+from eos_toolkit.operators import MatrixOperator
 from eos_toolkit.solvers import power_iteration
 from eos_toolkit.tracker import SharpnessTracker
 from tests.eos_toolkit.reference import DT, SmallCNN, dense_hessian, regression_data, spectrum_matrix, tanh_mlp
@@ -139,16 +140,15 @@ def test_tracker_preconditioned_metrics_with_adam():
 
 
 def test_tracker_probe_fires_on_dropout_and_batchnorm_statistics_survive():
-    """With the default hvp method, auto: its rules disagree on a random operator, and the probe says why."""
+    """With the default hvp method, auto: the reference's two products of one vector disagree, and the error says why."""
     torch.manual_seed(0)
     noisy = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT).train()
     x, y = regression_data(16, 5, 3)
     tracker = SharpnessTracker(noisy, mse, [(x, y)], dropout="as_is")
     with pytest.raises(NondeterministicOperatorError):
         tracker.measure()
-    # named as soon as the method trial is done: forward-over-reverse twice, reuse_graph and finite
-    # differences once, the probe's two; not after a whole solve on a random operator
-    assert tracker.hessian.n_matvecs == 6
+    # named after the reference's two products of one vector, before any other method is timed
+    assert tracker.hessian.n_matvecs == 2
     SharpnessTracker(noisy, mse, [(x, y)]).measure()  # dropout off by policy
     assert noisy.training
 
@@ -225,7 +225,7 @@ def test_matvec_counts_include_the_determinism_probe():
 
 
 def test_auto_method_is_chosen_once_counted_and_kept_by_a_resumed_tracker():
-    from eos_toolkit.hvp import METHODS
+    from eos_toolkit.settings import METHODS
 
     model = tanh_mlp(sizes=(5, 8, 3))
     x, y = regression_data(16, 5, 3)
@@ -235,12 +235,12 @@ def test_auto_method_is_chosen_once_counted_and_kept_by_a_resumed_tracker():
     assert auto.hessian.method == chosen and set(auto.method_choice["timings"]) == set(METHODS)
     fixed = SharpnessTracker(model, mse, [(x[:9], y[:9]), (x[9:], y[9:])], k=2, tol=1e-9, method=chosen)
     alone = fixed.measure()
-    # The trial times the methods on the solve's own vectors: two products beyond the solve's (reuse_graph
-    # and finite differences compared with forward-over-reverse, in float64), counted; they answer the
-    # determinism probe (whose two products the fixed-method tracker pays); the random stream is the same.
-    assert first["hessian_matvecs"] == alone["hessian_matvecs"] + 2 - 2
-    assert first["hessian_eig_1"] == pytest.approx(alone["hessian_eig_1"], rel=1e-12)
-    assert first["hessian_eig_2"] == pytest.approx(alone["hessian_eig_2"], rel=1e-12)
+    # The choice times the methods on a vector of its own before the solve: five products in float64 (two of
+    # forward-over-reverse, two of reuse_graph, one of finite differences), counted; they answer the
+    # determinism probe (whose two products the fixed-method tracker pays). The solve is then the
+    # fixed-method tracker's own: the same random stream, the same rule from its first product.
+    assert first["hessian_matvecs"] == alone["hessian_matvecs"] + 5 - 2
+    assert first["hessian_eig_1"] == alone["hessian_eig_1"] and first["hessian_eig_2"] == alone["hessian_eig_2"]
     assert auto.measure()["hessian_matvecs"] == fixed.measure()["hessian_matvecs"]  # chosen once
     resumed = SharpnessTracker(model, mse, [(x[:9], y[:9]), (x[9:], y[9:])], k=2, tol=1e-9)
     resumed.load_state_dict(auto.state_dict())
@@ -250,24 +250,22 @@ def test_auto_method_is_chosen_once_counted_and_kept_by_a_resumed_tracker():
 
 
 
-def test_a_solve_that_stops_before_the_trial_is_done_still_chooses():
-    """Two parameters: Lanczos stops after two products, before reuse_graph's steady product; the trial
-    finishes on a vector of its own, and the sharpness is the dense Hessian's."""
+def test_a_two_parameter_solve_counts_the_choice_and_finds_the_dense_sharpness():
+    """Lanczos stops after two products on two parameters; the choice's five come before them."""
     A, _ = spectrum_matrix(torch.tensor([3.0, -1.0], dtype=DT))
     model = Quadratic(2)
     tracker = SharpnessTracker(model, quadratic_loss(A), [(torch.zeros(1), torch.zeros(1))], tol=1e-10)
     first = tracker.measure()
     timings = tracker.method_choice["timings"]
     assert set(timings) == {"forward_over_reverse", "reuse_graph", "double_backward", "finite_difference"}
-    # the solve's two, reuse_graph and finite differences on the second vector, reuse_graph's steady one
-    assert first["hessian_matvecs"] == 2 + 2 + 1 == tracker.hessian.n_matvecs
+    assert first["hessian_matvecs"] == 5 + 2 == tracker.hessian.n_matvecs
     assert first["sharpness"] == pytest.approx(3.0, rel=1e-10)
     assert tracker.hessian.method == tracker.method_choice["method"]
 
 
 def test_auto_with_blocks_times_every_method_on_blocks_of_the_solves_width(monkeypatch):
-    """block_lanczos with k=2 on four parameters stops after two block products, before the trial is done:
-    the trial is completed on a block of the same width, so no method is timed on fewer columns."""
+    """block_lanczos with k=2 on four parameters: the choice times every method on blocks of the solve's
+    width, so no method is timed on fewer columns than it will be asked for."""
     from eos_toolkit.hvp import HessianOperator
 
     widths = []
@@ -277,13 +275,14 @@ def test_auto_with_blocks_times_every_method_on_blocks_of_the_solves_width(monke
     tracker = SharpnessTracker(Quadratic(4), quadratic_loss(A), [(torch.zeros(1), torch.zeros(1))], k=2,
                                solver="block_lanczos", tol=1e-10)
     metrics = tracker.measure()
-    # the solve's two blocks; reuse_graph and finite differences beside the second; reuse_graph's steady one
-    assert widths == [(4, 2)] * 5 and metrics["hessian_matvecs"] == 10
+    # the choice's five blocks (its products go through op @ x); the solve calls matmat directly
+    assert widths == [(4, 2)] * 5 and metrics["hessian_matvecs"] == 5 * 2 + 2 * 2
     assert [metrics["hessian_eig_1"], metrics["hessian_eig_2"]] == pytest.approx([3.0, 2.0], rel=1e-10)
 
 
 def test_a_model_no_method_can_differentiate_twice_is_named_with_every_reason(monkeypatch):
-    from eos_toolkit.hvp import METHODS, HessianOperator, MissingSecondDerivativeError
+    from eos_toolkit.hvp import HessianOperator, MissingSecondDerivativeError
+    from eos_toolkit.settings import METHODS
 
     def fails(self, block):
         raise RuntimeError("no derivative here")
@@ -312,16 +311,16 @@ def test_power_solver_reports_lambda_max_on_an_indefinite_hessian():
 def test_power_iteration_which():
     A, _ = spectrum_matrix(torch.tensor([-86.8, 5.3, 2.0, -1.0, 0.5], dtype=DT))
     g = torch.Generator().manual_seed(0)
-    magnitude = power_iteration(lambda v: A @ v, 5, tol=1e-12, max_iter=3000, generator=g)
-    largest = power_iteration(lambda v: A @ v, 5, tol=1e-12, max_iter=3000, generator=g, which="LA")
+    magnitude = power_iteration(MatrixOperator(A), tol=1e-12, max_iter=3000, generator=g)
+    largest = power_iteration(MatrixOperator(A), tol=1e-12, max_iter=3000, generator=g, which="LA")
     assert float(magnitude.eigenvalues[0]) == pytest.approx(-86.8, rel=1e-9)
     assert float(largest.eigenvalues[0]) == pytest.approx(5.3, rel=1e-9)
     assert largest.n_matvecs > magnitude.n_matvecs  # both runs counted
     positive, _ = spectrum_matrix(torch.tensor([3.0, 1.0, -2.0], dtype=DT))
-    assert float(power_iteration(lambda v: positive @ v, 3, tol=1e-12, max_iter=3000, generator=g,
+    assert float(power_iteration(MatrixOperator(positive), tol=1e-12, max_iter=3000, generator=g,
                                  which="LA").eigenvalues[0]) == pytest.approx(3.0, rel=1e-9)
     with pytest.raises(ValueError, match="which must be"):
-        power_iteration(lambda v: A @ v, 5, which="SA")
+        power_iteration(MatrixOperator(A), which="SA")
 
 
 def test_power_iteration_does_not_claim_a_wrong_lambda_max_on_a_clustered_spectrum():
@@ -333,34 +332,26 @@ def test_power_iteration_does_not_claim_a_wrong_lambda_max_on_a_clustered_spectr
     rest = torch.linspace(-5.0, 4.0, 196, dtype=DT)
     A, _ = spectrum_matrix(torch.cat([torch.tensor([-86.8, 5.3, 5.0, 4.5], dtype=DT), rest]))
     g = torch.Generator().manual_seed(0)
-    short = power_iteration(lambda v: A @ v, 200, tol=1e-3, max_iter=60, generator=g, which="LA")
+    short = power_iteration(MatrixOperator(A), tol=1e-3, max_iter=60, generator=g, which="LA")
     assert short.n_matvecs <= 60 + 2
     assert not short.converged or abs(float(short.eigenvalues[0]) / 5.3 - 1) < 1e-3
-    long = power_iteration(lambda v: A @ v, 200, tol=1e-3, max_iter=20000, generator=g, which="LA")
+    long = power_iteration(MatrixOperator(A), tol=1e-3, max_iter=20000, generator=g, which="LA")
     assert long.converged and abs(float(long.eigenvalues[0]) / 5.3 - 1) < 1e-3
 
 
-def test_a_method_timed_by_the_references_own_product_does_not_settle_the_probe(monkeypatch):
-    """Without forward-over-reverse, reuse_graph is the reference and double backward's figure is its
-    product: no second forward pass, so the probe must still run."""
+def test_the_choice_answers_the_probe_and_names_a_random_operator(monkeypatch):
+    """With "auto" the determinism probe costs nothing more: the reference's own two products of one vector
+    answer it (forward-over-reverse, or reuse_graph with its graphs dropped between them)."""
     from eos_toolkit.hvp import HessianOperator
 
-    def no_forward_mode(self, block):
-        raise RuntimeError("jvp: no forward-mode rule")
-
-    monkeypatch.setattr(HessianOperator, "_forward_over_reverse", no_forward_mode)
-    model = tanh_mlp(sizes=(5, 8, 3))
-    x, y = regression_data(16, 5, 3)
-    tracker = SharpnessTracker(model, mse, [(x, y)], k=1, tol=1e-9)
     calls = []
     real = HessianOperator.check_determinism
     monkeypatch.setattr(HessianOperator, "check_determinism", lambda op, **kw: calls.append(1) or real(op, **kw))
-    tracker.measure()
-    assert tracker.hessian.derived_methods == {"double_backward": "reuse_graph"}
-    assert next(iter(tracker.method_choice["timings"])) == "reuse_graph"
-    # finite differences (float64) ran their own forward passes and agree: that settles it
-    assert calls == [] and "finite_difference" in tracker.method_choice["timings"]
-    model32 = tanh_mlp(sizes=(5, 8, 3)).float()
-    tracker32 = SharpnessTracker(model32, mse, [(x.float(), y.float())], k=1, tol=1e-5)
-    tracker32.measure()  # float32: no finite differences, only the reference and a derived figure
-    assert calls == [1]
+    model = tanh_mlp(sizes=(5, 8, 3))
+    x, y = regression_data(16, 5, 3)
+    SharpnessTracker(model, mse, [(x, y)], k=1, tol=1e-9).measure()
+    assert calls == []
+    torch.manual_seed(0)
+    noisy = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).to(DT).train()
+    with pytest.raises(NondeterministicOperatorError, match="dropout"):
+        SharpnessTracker(noisy, mse, [(x, y)], dropout="as_is").measure()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from eos_toolkit.record import read_run
+from eos_toolkit.modes import KernelFallbackWarning
 from eos_toolkit.tracker import SharpnessTracker
 from experiments.adapters import adapter_for
 from experiments.config import RunConfig
@@ -234,10 +235,16 @@ def metric(run, name):
 
 def test_a_language_model_run_records_perplexities_and_its_data(hamlet_file, tmp_path):
     cfg = tiny_lm(hamlet_file, optimizer="adamw", lr=1e-2, steps=40, track_every=10, clip_norm=1.0)
-    with pytest.warns(RuntimeWarning, match="math attention"):
+    with pytest.warns(KernelFallbackWarning) as caught:
         train(cfg, tmp_path / "run")
     run = read_run(tmp_path / "run")
     assert run.status == "finished"
+    # CPU flash attention has no forward-mode derivative: said once, in one plain line, and in the record
+    (warning,) = [w for w in caught if w.category is KernelFallbackWarning]
+    message = str(warning.message)
+    assert "\n" not in message and "math attention" in message and "PyTorch" not in message
+    fallbacks = [e for e in run.events if e["event"] == "kernel_fallback"]
+    assert [(e["step"], e["message"]) for e in fallbacks] == [(0, message)]
     data = run.environment["data"]
     assert data["dataset"] == f"text:{hamlet_file}" and data["level"] == "char"
     assert "".join(data["vocab"]) == "".join(sorted(set(HAMLET)))
@@ -269,7 +276,10 @@ def test_kill_and_resume_a_language_model_run(hamlet_file, tmp_path, full_batch)
             train(cfg, tmp_path / "killed", on_step=kill_at_10)
         resume(tmp_path / "killed")
     whole, resumed = read_run(tmp_path / "whole"), read_run(tmp_path / "killed")
-    assert [e["event"] for e in resumed.events] == ["started", "resumed", "finished"]
+    # the resumed process switched to plain kernels too, and says so
+    assert [e["event"] for e in whole.events] == ["started", "kernel_fallback", "finished"]
+    assert [e["event"] for e in resumed.events] == ["started", "kernel_fallback", "resumed", "kernel_fallback",
+                                                    "finished"]
     a, b = (r.metrics[~r.metrics.metric.map(is_timing_metric)].sort_values(["step", "metric"]).reset_index(drop=True)
             for r in (whole, resumed))
     assert (a[["step", "metric"]] == b[["step", "metric"]]).all().all()

@@ -151,11 +151,12 @@ def train_killed_at(cfg, run_dir, at: int) -> None:
          schedule="CosineAnnealingLR", warmup_steps=3),
 ])
 def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides, monkeypatch):
-    import eos_toolkit.hvp as hvp
+    import eos_toolkit.method_choice as method_choice
+    import eos_toolkit.tracker as tracker_module
 
     # hvp_method "auto" times the methods, and two runs may choose differently (their sharpness then
     # agrees to 1e-5, not bitwise); a fixed choice makes both runs choose reuse_graph.
-    monkeypatch.setattr(hvp, "choose_method", lambda timings, products: "reuse_graph")
+    monkeypatch.setattr(method_choice, "cheapest_method", lambda timings, products: "reuse_graph")
     cfg = tiny(tiny_data_dir, **overrides)
     train(cfg, tmp_path / "whole")
 
@@ -166,7 +167,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data_dir, tmp_path, overrides
     with pytest.raises(SimulatedKill):
         train(cfg, tmp_path / "killed", on_step=kill_at_13)
     assert read_run(tmp_path / "killed").status == "incomplete"
-    monkeypatch.setattr(hvp.MethodTrial, "__init__", lambda *a, **k: pytest.fail("resume chose again"))
+    monkeypatch.setattr(tracker_module, "choose_method", lambda *a, **k: pytest.fail("resume chose again"))
     result = resume(tmp_path / "killed")
     assert result.status == "finished"
 
