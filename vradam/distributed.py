@@ -43,7 +43,7 @@ Example (one process, so nothing is sharded and nothing is reduced)::
 
     >>> import torch
     >>> from vradam.distributed import local_shards
-    >>> from vradam.functional import GroupTensors
+    >>> from vradam.group import GroupTensors
     >>> group = GroupTensors([torch.ones(2)], [torch.ones(2)], [torch.zeros(2)],
     ...                      [torch.zeros(2)], [torch.tensor(0.0)], lr=0.1, beta1=0.9,
     ...                      beta2=0.999, beta3=1.0, alpha1=10.0, eps=1e-8, weight_decay=0.0)
@@ -56,13 +56,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from vradam.functional import GroupTensors
+from vradam.group import GroupTensors
 
 __all__ = ["ShardedNorm", "all_reduce_sums", "is_dtensor", "local_shards"]
 

@@ -46,19 +46,17 @@ Contract of :func:`vradam_step` (every implementation honours it):
   tensors on the device of the first parameter. An empty group in "group"
   scope reports ``sq_norm = 0`` and ``eta = lr``.
 * At least one group must hold a parameter.
-* ``impl`` names a registered implementation: "reference" (the slow, plainly
-  written twin in :mod:`vradam.reference`), "single_tensor" (one parameter at
-  a time), "foreach" (``torch._foreach_*`` kernels over lists), "fused"
-  (Triton, :mod:`vradam.fused_triton`). Another module adds one with
-  :func:`register_impl`; it is called as
+* ``impl`` names one of :data:`IMPLEMENTATIONS`: "reference" (the slow,
+  plainly written twin in :mod:`vradam.reference`), "single_tensor" (one
+  parameter at a time), "foreach" (``torch._foreach_*`` kernels over lists),
+  "fused" (Triton, :mod:`vradam.fused_triton`). Each is called as
   ``fn(groups, gate=..., power=..., norm_scope=..., reduce_sums=...)`` and
   returns ``list[Telemetry]``. It sees plain tensors only (the local shards of
   DTensors). It adds |x|^power of a parameter to its group's local sum only
   where ``GroupTensors.counted`` is None or True for it, and, when
   ``reduce_sums`` is not None, passes one 1-D tensor of local partial sums (per
   group, optionally the total as well) through it once per step, before any
-  parameter moves, and gates with what it returns: the same sums over ranks. :func:`group_sums_to_telemetry` and
-  :func:`accumulation_device_and_dtype` are the shared pieces of the gate.
+  parameter moves, and gates with what it returns: the same sums over ranks. :mod:`vradam.group` holds the pieces of the gate they share.
 
 Example::
 
@@ -77,70 +75,22 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from vradam.distributed import local_shards
-
-GATES = ("velocity", "gradient")
-NORM_SCOPES = ("global", "group")
-
-
-@dataclass
-class GroupTensors:
-    """One param group's tensors (aligned lists) and its hyperparameters."""
-
-    params: list[Tensor]
-    grads: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_sqs: list[Tensor]
-    steps: list[Tensor]
-    lr: float | Tensor
-    beta1: float
-    beta2: float
-    beta3: float
-    alpha1: float
-    eps: float
-    weight_decay: float
-    maximize: bool = False
-    # Per parameter: whether this rank adds its |x|^power to the group's local
-    # sum of s_t (None: all). False for a tensor that other ranks, which reduce
-    # s_t together with this one, hold whole too (vradam.distributed).
-    counted: list[bool] | None = None
-
-
-class Telemetry(NamedTuple):
-    """What gated one group in one step, as 0-dim device tensors."""
-
-    eta: Tensor  # effective rate eta_t
-    sq_norm: Tensor  # s_t, the sum of |x|^power that gated the group
-    clamped: Tensor  # bool: beta3 * s_t >= alpha1
-
-
-SumReducer = Callable[[Tensor], Tensor]
-"""1-D local partial sums of s_t -> the same sums over ranks, elementwise (may work in place)."""
-
-
-class StepImpl(Protocol):
-    def __call__(
-        self, groups: list[GroupTensors], *, gate: str, power: float, norm_scope: str,
-        reduce_sums: SumReducer | None = None,
-    ) -> list[Telemetry]: ...
-
-
-_IMPLS: dict[str, StepImpl] = {}
-
-
-def register_impl(name: str, fn: StepImpl) -> None:
-    """Make ``fn`` reachable as ``vradam_step(..., impl=name)``."""
-    _IMPLS[name] = fn
-
-
-def available_impls() -> tuple[str, ...]:
-    return tuple(_IMPLS)
+from vradam.fused_triton import fused_step
+from vradam.group import (
+    GroupTensors,
+    StepImpl,
+    SumReducer,
+    Telemetry,
+    accumulation_device_and_dtype,
+    group_sums_to_telemetry,
+)
+from vradam.reference import reference_step
+from vradam.settings import GATES, NORM_SCOPES
 
 
 def vradam_step(
@@ -152,12 +102,12 @@ def vradam_step(
     all-reduce of the per-group partial sums of s_t (:mod:`vradam.distributed`).
     """
     validate_options(gate=gate, power=power, norm_scope=norm_scope)
-    if impl not in _IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of the registered {available_impls()}")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl={impl!r}; allowed: {tuple(IMPLEMENTATIONS)}")
     if not any(g.params for g in groups):
         raise ValueError("vradam_step needs at least one parameter with a gradient")
     groups, reduce_sums = local_shards(groups)
-    return _IMPLS[impl](
+    return IMPLEMENTATIONS[impl](
         groups, gate=gate, power=power, norm_scope=norm_scope, reduce_sums=reduce_sums
     )
 
@@ -199,45 +149,6 @@ def validate_hyperparameters(
     for name, value in checks:
         if not 0.0 <= number(name, value) < math.inf:
             raise ValueError(f"{name}={value}; allowed: 0 <= {name} < inf")
-
-
-# ------------------------------------------------------- shared gate pieces
-
-
-def accumulation_device_and_dtype(groups: list[GroupTensors]) -> tuple[torch.device, torch.dtype]:
-    """Where s_t lives (the first parameter's device) and its dtype (float32, or float64)."""
-    params = [p for g in groups for p in g.params]
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    return params[0].device, dtype
-
-
-def gate_telemetry(sq_norm: Tensor, *, lr: float | Tensor, beta3: float, alpha1: float) -> Telemetry:
-    """eta = lr / (1 + min(beta3 s, alpha1)) as device tensor math."""
-    scaled = sq_norm * beta3
-    eta = lr / (1.0 + torch.clamp(scaled, max=alpha1))
-    return Telemetry(eta=eta, sq_norm=sq_norm, clamped=scaled >= alpha1)
-
-
-def group_sums_to_telemetry(
-    group_sums: list[Tensor | None], groups: list[GroupTensors], *, norm_scope: str,
-    device: torch.device, dtype: torch.dtype, reduce_sums: SumReducer | None = None,
-) -> list[Telemetry]:
-    """Per-group partial sums of |x|^power (None for an empty group) -> telemetry.
-
-    ``reduce_sums`` (sharded parameters) first sums the stacked local sums over
-    ranks: one call, one collective. "global" then adds all groups' sums into
-    one s_t; "group" keeps each its own.
-    """
-    zero = torch.zeros((), device=device, dtype=dtype)
-    sums = [zero if s is None else s.to(device=device, dtype=dtype) for s in group_sums]
-    if reduce_sums is not None:
-        sums = list(reduce_sums(torch.stack(sums)).unbind())
-    if norm_scope == "global":
-        total = torch.stack(sums).sum()
-        sums = [total] * len(sums)
-    return [
-        gate_telemetry(s, lr=g.lr, beta3=g.beta3, alpha1=g.alpha1) for s, g in zip(sums, groups)
-    ]
 
 
 def _steps_on_host(step: Tensor) -> bool:
@@ -385,5 +296,10 @@ def _foreach_step(
     return telemetry
 
 
-register_impl("single_tensor", _single_tensor_step)
-register_impl("foreach", _foreach_step)
+# Every implementation, chosen by name (as torch.optim chooses its single-tensor, foreach and fused paths).
+IMPLEMENTATIONS: dict[str, StepImpl] = {
+    "reference": reference_step,
+    "single_tensor": _single_tensor_step,
+    "foreach": _foreach_step,
+    "fused": fused_step,
+}

@@ -1,6 +1,6 @@
 """The fused VRAdam step: Triton kernels, a handful of launches, no host sync.
 
-Registers the implementation ``"fused"`` of :func:`vradam.functional.vradam_step`
+The implementation ``"fused"`` of :func:`vradam.functional.vradam_step`
 (same math and contract; see that module). The exact rule needs the norm of
 every velocity before any parameter may move, so the step is two passes over
 memory with a tiny reduction between them, all on the device::
@@ -96,7 +96,7 @@ import torch
 from torch import Tensor
 
 from vradam.distributed import is_dtensor
-from vradam.functional import GroupTensors, SumReducer, Telemetry, register_impl
+from vradam.group import GroupTensors, SumReducer, Telemetry
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -561,6 +561,3 @@ def _device_of(groups: list[GroupTensors]) -> torch.device:
             "impl='foreach'"
         )
     return device
-
-
-register_impl("fused", fused_step)

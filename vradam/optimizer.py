@@ -53,19 +53,14 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from vradam.functional import (
-    GroupTensors,
-    available_impls,
-    validate_hyperparameters,
-    validate_options,
-    vradam_step,
-)
+from vradam import fused_triton
+from vradam.functional import validate_hyperparameters, validate_options, vradam_step
+from vradam.group import GroupTensors
 
 _OPTIMIZER_WIDE = ("gate", "power", "norm_scope")
 _TELEMETRY_KEYS = ("eta", "sq_norm", "clamped")
@@ -91,9 +86,9 @@ class VRAdam(torch.optim.Optimizer):
         foreach: use the ``torch._foreach_*`` path; None picks it when every
             parameter is on CUDA / XPU, as torch.optim does.
         capturable: keep step counts on the parameters' device (CUDA graphs).
-        fused: use the "fused" implementation registered by
-            ``vradam.fused_triton`` (CUDA parameters only; FSDP2 / DTensor
-            shards too, with the same single all-reduce).
+        fused: use the "fused" implementation, :mod:`vradam.fused_triton`
+            (CUDA parameters only; FSDP2 / DTensor shards too, with the same
+            single all-reduce).
     """
 
     def __init__(
@@ -234,7 +229,7 @@ class VRAdam(torch.optim.Optimizer):
         )
 
     def _impl_name(self) -> str:
-        """Which registered implementation steps this optimizer."""
+        """Which of :data:`vradam.functional.IMPLEMENTATIONS` steps this optimizer."""
         if self.defaults["fused"]:
             return "fused"
         foreach = self.defaults["foreach"]
@@ -247,15 +242,11 @@ class VRAdam(torch.optim.Optimizer):
         return "foreach" if foreach else "single_tensor"
 
     def _check_fused_available(self) -> None:
-        try:
-            fused_triton = importlib.import_module("vradam.fused_triton")
-        except ImportError as err:
+        if not fused_triton.is_available():
             raise RuntimeError(
-                "fused=True needs the Triton kernels in vradam.fused_triton, which failed "
-                f"to import ({err}); install triton or use foreach=True"
-            ) from err
-        if "fused" not in available_impls():
-            raise RuntimeError("vradam.fused_triton imported but registered no 'fused' step")
+                "fused=True needs Triton, which did not import; install it "
+                "(pip install 'eos-toolkit[fused]') or use foreach=True"
+            )
         # Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors: tests use it.
         allowed = "cpu" if fused_triton.is_interpreted() else "cuda"
         for group in self.param_groups:
@@ -265,6 +256,13 @@ class VRAdam(torch.optim.Optimizer):
                         f"fused=True needs CUDA parameters, got one on {p.device}; "
                         f"allowed: device type {allowed!r} (or use foreach=True)"
                     )
+
+
+class VRAdamReference(VRAdam):
+    """``VRAdam`` that always steps with :func:`vradam.reference.reference_step` (for tests and audits)."""
+
+    def _impl_name(self) -> str:
+        return "reference"
 
 
 def _group_device(group: dict[str, Any]) -> torch.device:

@@ -17,7 +17,7 @@ for the contract this function shares with the fast paths.
 Example::
 
     >>> import torch
-    >>> from vradam.reference import VRAdamReference
+    >>> from vradam import VRAdamReference
     >>> w = torch.nn.Parameter(torch.tensor([3.0]))
     >>> opt = VRAdamReference([w], lr=0.1)
     >>> w.sum().backward(); _ = opt.step()
@@ -30,8 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vradam.functional import GroupTensors, SumReducer, Telemetry, register_impl
-from vradam.optimizer import VRAdam
+from vradam.group import GroupTensors, SumReducer, Telemetry
 
 
 def reference_step(
@@ -95,12 +94,3 @@ def reference_step(
             )
     return telemetry
 
-
-register_impl("reference", reference_step)
-
-
-class VRAdamReference(VRAdam):
-    """``VRAdam`` that always steps with :func:`reference_step` (for tests and audits)."""
-
-    def _impl_name(self) -> str:
-        return "reference"

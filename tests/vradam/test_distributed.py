@@ -318,7 +318,7 @@ def _errors() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
-    from vradam.functional import GroupTensors
+    from vradam.group import GroupTensors
 
     one_d, two_d = init_device_mesh("cpu", (2,)), init_device_mesh("cpu", (1, 2))
     out = {}

@@ -1,7 +1,14 @@
-"""The step benchmark compares like with like: its naive VRAdam is the same math."""
+"""The optimizer-step benchmarks: their naive VRAdam is the same math, and they run on tiny shapes."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from experiments.benchmarks.optimizer_step import (
@@ -12,6 +19,11 @@ from experiments.benchmarks.optimizer_step import (
 )
 from tests.vradam.helpers import clone_params, fill_grads, make_params
 from vradam import VRAdam
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHILD_PYTHONPATH = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed (optional extra 'fused')")
 
 
 def test_naive_sync_vradam_takes_the_same_steps_as_vradam():
@@ -41,3 +53,18 @@ def test_benchmark_runs_on_a_tiny_set(capsys):
     assert next(t for t in timings if t.name == "adamw_foreach").ratio == 1.0
     main(["--device", "cpu", "--scale", "0.01", "--repeats", "1", "--warmup", "0"])
     assert "vradam_foreach" in capsys.readouterr().out
+
+
+@needs_triton
+@pytest.mark.slow
+def test_fused_step_benchmark_runs_through_the_interpreter():
+    """The benchmark's CPU-reachable code (checks, sweep, table) on tiny shapes."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=CHILD_PYTHONPATH)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmarks.fused_step", "--device", "cpu",
+         "--scale", "0.005"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fused vs foreach after 3 steps" in proc.stdout and ": ok" in proc.stdout
+    assert "vradam_lagged (functional)" in proc.stdout
