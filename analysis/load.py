@@ -20,7 +20,7 @@ Example:
     >>> w.log_metrics([(0, "train_loss", 1.0), (1, "train_loss", 0.5)])
     >>> run = load_run(f"{d}/gd")
     >>> run.status, run.label, run.df["value"].tolist()
-    ('incomplete', 'GD lr=0.1', [1.0, 0.5])
+    ('incomplete', 'gd lr=0.1', [1.0, 0.5])
 """
 
 from __future__ import annotations
@@ -36,19 +36,6 @@ from typing import Iterable, Iterator
 import pandas as pd
 
 from eos_toolkit.record import DamagedRecordError, find_runs, is_run_dir, read_run
-
-#: How optimizer names (lower case in config.json) are written in legends.
-OPTIMIZER_NAMES = {
-    "gd": "GD",
-    "sgd": "SGD",
-    "momentum": "Momentum",
-    "nesterov": "Nesterov",
-    "adam": "Adam",
-    "adamw": "AdamW",
-    "rmsprop": "RMSprop",
-    "radam": "RAdam",
-    "vradam": "VRAdam",
-}
 
 TIDY_COLUMNS = ("run_id", "status", "step", "metric", "value")
 log = logging.getLogger("analysis")
@@ -73,15 +60,17 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
 
 
 def run_label(config: dict) -> str:
-    """The legend name of a run: ``config["label"]``, else e.g. ``"VRAdam lr=0.002"``.
+    """The legend name of a run: ``config["label"]`` (a run writes its optimizer's display name there),
+    else the optimizer and rate as the config has them.
 
-    >>> run_label({"optimizer": "momentum", "lr": 0.05})
+    >>> run_label({"optimizer": "momentum", "lr": 0.05, "label": "Momentum lr=0.05"})
     'Momentum lr=0.05'
+    >>> run_label({"optimizer": "momentum", "lr": 0.05})
+    'momentum lr=0.05'
     """
     if config.get("label"):
         return str(config["label"])
-    optimizer = str(config.get("optimizer", "?"))
-    name = OPTIMIZER_NAMES.get(optimizer.lower(), optimizer)
+    name = str(config.get("optimizer", "?"))
     lr = config.get("lr")
     return f"{name} lr={lr:g}" if isinstance(lr, (int, float)) else name
 

@@ -125,7 +125,7 @@ def _run(task: str, config: Optional[Path], set_: list[str], out: Path, name: Op
     and each task) work offline on the data found by --data auto.
     Precedence: defaults < --config FILE < options < --set KEY=VALUE.
     """
-    from experiments.config import resolve_config
+    from experiments.resolve import resolve_config
     from experiments.train import default_run_dir, train
 
     from experiments import distributed
@@ -168,6 +168,7 @@ def _run_signature() -> inspect.Signature:
     --set or --config, as JSON.
     """
     from experiments.config import config_keys
+    from experiments.resolve import CHOICES
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     params = [
@@ -194,8 +195,9 @@ def _run_signature() -> inspect.Signature:
         if key.name == "dataset":
             decls.append("--data")
         shown = "" if key.default is None else f" [default: {key.default}]"
+        choices = f"; one of {', '.join(CHOICES[key.name])}" if key.name in CHOICES else ""
         params.append(inspect.Parameter(key.name, keyword, annotation=Optional[key.type], default=typer.Option(
-            None, *decls, help=key.help + shown, rich_help_panel=key.section.capitalize(),
+            None, *decls, help=key.help + choices + shown, rich_help_panel=key.section.capitalize(),
             envvar="EOS_DATA_DIR" if key.name == "data_dir" else None, show_default=False)))
     return inspect.Signature(params)
 

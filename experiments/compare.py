@@ -74,6 +74,7 @@ from pathlib import Path
 from analysis.compare import MARKER, SELECTION, metric_direction, tuning_score, tuning_trials
 from eos_toolkit.record import is_run_dir, read_events, read_metrics, run_status, write_json_atomic
 from experiments.config import ConfigError, RunConfig, load_config_file
+from experiments.resolve import resolve
 
 SAMPLERS = ("grid", "random", "sobol", "tpe")
 SPEC_KEYS = {"name", "base", "optimizers", "trials", "sampler", "metric", "target", "target_metric", "tune_seed",
@@ -183,7 +184,7 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
         corners += [{k: next(iter(v.values()))[1]} for k, v in space.items() if isinstance(v, dict)]
         for corner in corners:
             try:
-                RunConfig.from_dict({**base, **entry_base, **corner}).validate()
+                resolve(RunConfig.from_dict({**base, **entry_base, **corner}))
             except ConfigError as exc:
                 raise ConfigError(f"optimizers.{label}{' at ' + str(corner) if corner else ''}: {exc}") from None
     allow = bool(allow_unequal_budget or raw.get("allow_unequal_budget"))
@@ -196,7 +197,7 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
                                   f"space of its own), got {source!r}")
     budgets = {e.label: e.trials for e in entries if e.lr_from_eta is None}
     check_equal_budgets(budgets, "trials", allow)
-    check_equal_budgets({e.label: RunConfig.from_dict({**base, **e.base}).validate().steps for e in entries},
+    check_equal_budgets({e.label: resolve(RunConfig.from_dict({**base, **e.base})).steps for e in entries},
                         "steps", allow)
     sampler = raw.get("sampler", "sobol")
     if sampler not in SAMPLERS:
@@ -376,8 +377,8 @@ def _claim_trial(study, entry: Entry, distributions: dict):
 
 
 def trial_config(spec: CompareSpec, entry: Entry, params: dict, seed: int, evaluate_test: bool) -> RunConfig:
-    return RunConfig.from_dict({**spec.base, **entry.base, **params, "seed": seed, "evaluate_test": evaluate_test,
-                                "label": None}).validate()
+    return resolve(RunConfig.from_dict({**spec.base, **entry.base, **params, "seed": seed,
+                                        "evaluate_test": evaluate_test, "label": None}))
 
 
 MAX_FAILURES = 3  # a configuration error fails every trial alike: stop after this many failures in a row

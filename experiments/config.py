@@ -1,13 +1,17 @@
-"""Run configuration: one flat, validated dataclass; JSON/YAML files; CLI overrides.
+"""Run configuration: the schema of a run, its type and range checks, and config files.
 
-Precedence: the dataclass defaults < a config file (``--config FILE``) < options
-given on the command line. The resolved configuration is what a run record
-stores in config.json, so a run can be repeated or resumed from its record.
+A leaf: this module imports nothing of the project. What needs the tasks or
+the optimizers to complete a config (task defaults, allowed names, the
+default label) is :mod:`experiments.resolve`, above it. Precedence: the
+dataclass defaults < a config file (``--config FILE``) < options given on the
+command line. The resolved configuration is what a run record stores in
+config.json, so a run can be repeated or resumed from its record.
 
 Example:
-    >>> cfg = RunConfig(task="eos-fullbatch", optimizer="gd", lr=0.05, steps=10)
-    >>> cfg.validate().label
-    'GD lr=0.05'
+    >>> RunConfig(task="eos-fullbatch", optimizer="gd", lr=-1.0).check()
+    Traceback (most recent call last):
+    ...
+    experiments.config.ConfigError: lr must be a finite number > 0, got -1.0
 """
 
 from __future__ import annotations
@@ -23,22 +27,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from experiments.tasks import TASKS  # the task table (light: no torch until a task is built)
-
-OPTIMIZERS = ("gd", "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "radam", "vradam")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
-BN_MODES = ("eval", "batch_stats")
-GATES = ("velocity", "gradient")
-NORM_SCOPES = ("global", "group")
-# The keys whose values come from a fixed list: validate() checks them, the CLI's help lists them.
-CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES, "dtype": DTYPES, "hessian_bn_mode": BN_MODES,
-           "gate": GATES, "norm_scope": NORM_SCOPES}  # task-specific choices are checked by the task
-
-_DISPLAY_NAMES = {
-    "gd": "GD", "sgd": "SGD", "momentum": "Momentum", "nesterov": "Nesterov", "adam": "Adam",
-    "adamw": "AdamW", "rmsprop": "RMSprop", "radam": "RAdam", "vradam": "VRAdam",
-}
 
 
 class ConfigError(ValueError):
@@ -125,30 +115,17 @@ class RunConfig:
     diverge_factor: float = 1e3  # diverged when loss > factor * initial loss (or NaN/Inf)
     label: str | None = None  # legend label; default "<Optimizer> lr=<lr>"
 
-    # --- derived / resolved ------------------------------------------------
-    def validate(self) -> "RunConfig":
-        """Fill task-dependent defaults and check every value; returns self.
+    # --- checks ----------------------------------------------------------------
+    def check(self) -> "RunConfig":
+        """Check every value's type and range (ConfigError naming the value and what is allowed); returns self.
 
-        Raises ConfigError naming the bad value and the allowed range.
+        Keys left unset (None) must be optional; :func:`experiments.resolve.resolve`
+        fills the task's defaults first and checks the names that other tables
+        own (task, optimizer, Hessian settings, schedule).
         """
-        self._check_types()
-        _choice("task", self.task, tuple(TASKS))
-        from experiments.tasks import task_class  # imports torch; config stays light until here
-
-        for key, value in task_class(self.task).defaults.items():
-            if key == "steps" and self.epochs is not None:
-                continue  # the run's length was given in epochs
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        if self.steps is None and self.epochs is None:
-            self.epochs = 10
-        for name, allowed in CHOICES.items():
-            _choice(name, getattr(self, name), allowed)
-        if self.checkpoint_every is None:
-            self.checkpoint_every = self.track_every
-        if self.label is None:
-            self.label = f"{_DISPLAY_NAMES[self.optimizer]} lr={self.lr:g}"
-
+        self.check_types()
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
         _positive("lr", self.lr)
         _in_unit_interval("momentum", self.momentum)
         _in_unit_interval("beta1", self.beta1)
@@ -169,9 +146,6 @@ class RunConfig:
             raise ConfigError(f"vocab_size must be an integer >= 3, got {self.vocab_size!r}")
         if self.clip_norm is not None:
             _positive("clip_norm", self.clip_norm)
-        for name in ("full_batch", "no_decay_groups", "augment", "evaluate_test"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _non_negative_int("track_density_every", self.track_density_every)
         _non_negative_int("seed", self.seed)
         _positive("lanczos_tol", self.lanczos_tol)
@@ -183,24 +157,9 @@ class RunConfig:
             raise ConfigError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of track_every ({self.track_every}): "
                 "metrics are written at tracking steps, and a checkpoint must not be ahead of them")
-        from eos_toolkit.settings import AUTO, METHODS
-        from experiments.optim import check_schedule_name, optimizer_adapter
-
-        _choice("hvp_method", self.hvp_method, (AUTO, *METHODS))
-
-        check_schedule_name(self.schedule)
-        preconditioned = optimizer_adapter(self.optimizer).preconditioned
-        if self.track_precond is None:
-            self.track_precond = preconditioned
-        if self.track_precond and not preconditioned:
-            raise ConfigError(f"track_precond needs an optimizer with a preconditioner; {self.optimizer!r} has none "
-                              "(its stability is read on the raw sharpness)")
-        for name in ("schedule_options", "model_options"):
-            if not isinstance(getattr(self, name), dict):
-                raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
         return self
 
-    def _check_types(self) -> None:
+    def check_types(self) -> None:
         """Every key against its annotation above, the one declaration of its type (ConfigError otherwise)."""
         names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
         for key in config_keys():
@@ -249,7 +208,7 @@ class ConfigKey:
 def config_keys() -> tuple[ConfigKey, ...]:
     """Every RunConfig key with its type, default and documentation, read from the class itself.
 
-    Types come from the annotations (the same ones ``_check_types`` enforces),
+    Types come from the annotations (the same ones ``check_types`` enforces),
     help from the comments in the class body, so a key is declared once.
 
     >>> lr = next(k for k in config_keys() if k.name == "lr")
@@ -273,8 +232,6 @@ def config_keys() -> tuple[ConfigKey, ...]:
         args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         section, doc = docs.get(f.name, ("run", ""))
-        if f.name in CHOICES:
-            doc = f"{doc}; one of {', '.join(CHOICES[f.name])}" if doc else f"one of {', '.join(CHOICES[f.name])}"
         keys.append(ConfigKey(f.name, args[0], type(None) in typing.get_args(hints[f.name]), default, doc, section))
     return tuple(keys)
 
@@ -298,13 +255,6 @@ def load_config_file(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(values).__name__}")
     return values
-
-
-def resolve_config(config_file: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """Defaults < config file < overrides (``None`` overrides are ignored); validated."""
-    values = load_config_file(config_file) if config_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig.from_dict(values).validate()
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from experiments.config import RunConfig
+from experiments.resolve import resolve
 from experiments.train import train
 
 DEMO_RUNS = {
@@ -38,7 +39,7 @@ def demo_configs(dataset: str = "auto", data_dir: str | None = None, steps: int 
         values = {**DEMO_COMMON, **options, "dataset": dataset, "data_dir": data_dir, "device": device}
         if steps is not None:
             values["steps"] = steps
-        configs[name] = RunConfig(**values).validate()
+        configs[name] = resolve(RunConfig(**values))
     return configs
 
 

@@ -1,21 +1,9 @@
-"""Optimizers and learning-rate schedules by name, from a :class:`RunConfig`.
+"""Optimizers and learning-rate schedules built from a :class:`RunConfig`.
 
-Every optimizer gets the same ``lr`` meaning (the maximal rate) so that
-schedules, warmup and the stability thresholds treat them alike:
-
-============  ==========================================================
-gd, sgd       torch.optim.SGD, no momentum (full-batch: gradient descent)
-momentum      SGD with heavy-ball momentum ``momentum``
-nesterov      SGD with Nesterov momentum ``momentum``
-adam          torch.optim.Adam (coupled L2 if weight_decay > 0)
-adamw         torch.optim.AdamW (decoupled weight decay)
-rmsprop       torch.optim.RMSprop (alpha = beta2)
-radam         torch.optim.RAdam
-vradam        vradam.VRAdam (beta3, alpha1, gate, power, norm_scope)
-============  ==========================================================
-
-What the sharpness of each is compared with (preconditioner, effective rate,
-threshold) is its class's adapter in :mod:`experiments.adapters`.
+Which optimizers exist, their classes, constructor arguments and display
+names: the table in :mod:`experiments.optimizers`.  What the sharpness of
+each is compared with (preconditioner, effective rate, threshold): its
+class's adapter in :mod:`experiments.adapters`.
 
 Schedules are stepped once per optimizer step. ``schedule`` is ``constant`` or
 the name of any class in ``torch.optim.lr_scheduler`` (options from
@@ -30,24 +18,13 @@ from __future__ import annotations
 import torch
 
 from experiments.adapters import OptimizerAdapter, adapter_for_class
-from experiments.config import OPTIMIZERS, ConfigError, RunConfig
-from vradam import VRAdam
-
-# The torch class behind each optimizer name the CLI offers; its stability
-# adapter (preconditioner, rate, threshold) comes from experiments.adapters.
-OPTIMIZER_CLASSES: dict[str, type] = {
-    "gd": torch.optim.SGD, "sgd": torch.optim.SGD, "momentum": torch.optim.SGD, "nesterov": torch.optim.SGD,
-    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
-    "radam": torch.optim.RAdam, "vradam": VRAdam,
-}
-assert set(OPTIMIZER_CLASSES) == set(OPTIMIZERS), "every offered optimizer needs a class (and so an adapter)"
+from experiments.config import ConfigError, RunConfig
+from experiments.optimizers import optimizer_class, optimizer_entry
 
 
 def optimizer_adapter(name: str) -> OptimizerAdapter:
     """The stability adapter of the optimizer called ``name`` (see :mod:`experiments.adapters`)."""
-    if name not in OPTIMIZER_CLASSES:
-        raise ConfigError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
-    return adapter_for_class(OPTIMIZER_CLASSES[name])
+    return adapter_for_class(optimizer_class(name))
 
 
 def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list:
@@ -75,23 +52,7 @@ def parameter_groups(model: torch.nn.Module, cfg: RunConfig) -> list:
 
 def build_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.optimizer`` over ``params`` (tensors or param groups)."""
-    name, lr, wd = cfg.optimizer, cfg.lr, cfg.weight_decay
-    betas = (cfg.beta1, cfg.beta2)
-    cls = OPTIMIZER_CLASSES.get(name)
-    if name in ("gd", "sgd"):
-        return cls(params, lr=lr, weight_decay=wd)
-    if name == "momentum":
-        return cls(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
-    if name == "nesterov":
-        return cls(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=wd)
-    if name in ("adam", "adamw", "radam"):
-        return cls(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd)
-    if name == "rmsprop":
-        return cls(params, lr=lr, alpha=cfg.beta2, eps=cfg.eps, weight_decay=wd)
-    if name == "vradam":
-        return cls(params, lr=lr, betas=betas, beta3=cfg.beta3, alpha1=cfg.alpha1, eps=cfg.eps,
-                   weight_decay=wd, gate=cfg.gate, power=cfg.power, norm_scope=cfg.norm_scope)
-    raise ConfigError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    return optimizer_class(cfg.optimizer)(params, lr=cfg.lr, **optimizer_entry(cfg.optimizer).arguments(cfg))
 
 
 def schedule_names() -> list[str]:

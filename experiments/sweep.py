@@ -36,6 +36,7 @@ from pathlib import Path
 from eos_toolkit.record import CONFIG_FILE, RunLockedError, is_run_dir, read_events, run_status, write_json_atomic
 from experiments.compare import check_equal_budgets
 from experiments.config import ConfigError, RunConfig, load_config_file
+from experiments.resolve import resolve
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def expand_sweep(spec: dict, allow_unequal_budget: bool = False) -> list[SweepRu
     runs, names = [], set()
     for values in points:
         for seed in seeds:
-            cfg = RunConfig.from_dict({**base, **values, "seed": seed}).validate()
+            cfg = resolve(RunConfig.from_dict({**base, **values, "seed": seed}))
             name = _run_name({**values, "optimizer": cfg.optimizer}, seed)
             if name in names:
                 raise ConfigError(f"the sweep lists run {name!r} twice")
@@ -111,7 +112,7 @@ def config_differences(stored: dict, expected: RunConfig) -> list[str]:
     ``dataset: auto`` must match the data set ``auto`` resolves to here now.
     """
     try:
-        stored = RunConfig.from_dict(dict(stored)).validate().to_dict()
+        stored = resolve(RunConfig.from_dict(dict(stored))).to_dict()
     except ConfigError:
         pass  # compared as written; the differences name what no longer validates
     wanted = json.loads(json.dumps(expected.to_dict()))  # as it would read back from config.json

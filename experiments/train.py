@@ -37,7 +37,6 @@ stays complete. Diverging is a result, not a crash.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import math
 import os
@@ -59,6 +58,7 @@ from eos_toolkit.tracker import SharpnessTracker
 from experiments import distributed
 from experiments.adapters import adapter_for
 from experiments.config import RunConfig
+from experiments.resolve import resolve, resolved
 from experiments.optim import build_optimizer, build_scheduler, parameter_groups
 from experiments.tasks import build_task
 from experiments.tasks.base import Task
@@ -550,7 +550,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], 
     ``on_step(step, total)`` is called after every optimizer step (progress bars;
     tests use it to simulate a kill).
     """
-    cfg = dataclasses.replace(cfg).validate()  # a copy: the caller's config keeps what it asked for
+    cfg = resolved(cfg)  # a copy: the caller's config keeps what it asked for
     run_dir = Path(run_dir)
     group = distributed.setup(cfg.device)  # None unless started by torchrun
     with contextlib.ExitStack() as stack:
@@ -609,7 +609,7 @@ def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = 
 
 
 def _resume_locked(run_dir: Path, lock, rec, group, on_step) -> RunResult:
-    cfg = RunConfig.from_dict(rec.config).validate()
+    cfg = resolve(RunConfig.from_dict(rec.config))
     trainer = _build(cfg, run_dir, group)
     _check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
     used, passed_over = trainer.load_checkpoint(rec.metrics)

@@ -40,11 +40,12 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, store: str, out:
     try:
         from experiments import distributed
         from experiments.config import RunConfig
+        from experiments.resolve import resolve
         from experiments.train import _build
 
-        cfg = RunConfig(task=args.task, dataset=args.dataset, n_train=args.n_train, chunk_size=args.chunk_size,
+        cfg = resolve(RunConfig(task=args.task, dataset=args.dataset, n_train=args.n_train, chunk_size=args.chunk_size,
                         optimizer="gd", lr=0.01, steps=1000, device=args.device, data_dir=args.data_dir,
-                        hvp_method=args.hvp_method).validate()
+                        hvp_method=args.hvp_method))
         trainer = _build(cfg, Path(out), distributed.setup(cfg.device))
         op = trainer.tracker.hessian
         v = torch.randn(op.dim, dtype=op.dtype, device=op.device, generator=torch.Generator(op.device).manual_seed(0))

@@ -20,12 +20,13 @@ import warnings
 
 import torch
 
+from eos_toolkit.batches import as_args
 from eos_toolkit.hvp import hessian_operator
 from eos_toolkit.settings import METHODS
 from experiments.config import RunConfig
+from experiments.resolve import resolve
 from experiments.optim import build_optimizer, parameter_groups
 from experiments.tasks import build_task
-from eos_toolkit.batches import as_args
 from experiments.tasks.base import size_weighted
 
 
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.overrides:
         key, _, raw = item.partition("=")
         overrides[key] = json.loads(raw)
-    cfg = RunConfig(task="language-model", dataset=args.data, data_dir=args.data_dir, device=args.device,
-                    **overrides).validate()
+    cfg = resolve(RunConfig(task="language-model", dataset=args.data, data_dir=args.data_dir, device=args.device,
+                    **overrides))
     device = torch.device(args.device)
     task = build_task(cfg, device, torch.float32)
     model = task.model

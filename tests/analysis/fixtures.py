@@ -90,6 +90,7 @@ def write_adam(root: Path, lr: float, seed: int, steps: int = 400, track_every: 
     if vradam:
         extra["vradam"] = {"beta3": beta3, "alpha1": alpha1, "power": 2}
     config = _config(optimizer, lr, seed, steps, track_every, **extra)
+    config["label"] = f"{'VRAdam' if vradam else 'Adam'} lr={lr:g}"  # as a run writes it
     name = f"{optimizer}_lr{lr:g}_s{seed}"
     w = RunWriter.create(root / name, config=config, environment=ENVIRONMENT)
     w.event("started", step=0)
@@ -146,7 +147,8 @@ def write_diverged(root: Path, lr: float = 0.5, steps: int = 60) -> Path:
 def write_killed(root: Path, lr: float = 0.05, steps: int = 50) -> Path:
     """A run killed mid-write: no terminal event, partial last lines in metrics and events."""
     name = f"gd_lr{lr:g}_killed"
-    w = RunWriter.create(root / name, config=_config("gd", lr, 9, 400, 10), environment=ENVIRONMENT)
+    w = RunWriter.create(root / name, config=_config("gd", lr, 9, 400, 10, label=f"GD lr={lr:g}"),
+                         environment=ENVIRONMENT)
     w.event("started", step=0)
     w.log_metrics([(s, "train_loss", 0.5 * 0.99**s) for s in range(steps)])
     with open(w.run_dir / METRICS_FILE, "a") as f:

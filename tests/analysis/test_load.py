@@ -15,7 +15,7 @@ def test_tidy_columns_config_and_status(tmp_path):
     config = {**GD, "vradam": {"beta3": 1.0, "alpha1": 4.0}, "betas": [0.9, 0.99]}
     make_run(tmp_path, "a", config, [(0, "train_loss", 2.0), (0, "sharpness", 3.0), (1, "train_loss", 1.0)])
     run = analysis.load_run(tmp_path / "a")
-    assert run.status == "finished" and run.run_id == "a" and run.label == "GD lr=0.1"
+    assert run.status == "finished" and run.run_id == "a" and run.label == "gd lr=0.1"  # no label in the record: the config's own words
     df = run.df
     assert list(df.columns[:2]) == ["run_id", "status"] and list(df.columns[-3:]) == ["step", "metric", "value"]
     assert {"vradam.beta3", "vradam.alpha1", "betas", "label"} <= set(df.columns)
@@ -75,7 +75,8 @@ def test_wide_and_metric_series(tmp_path):
 
 
 def test_run_label_and_flatten():
-    assert analysis.run_label({"optimizer": "vradam", "lr": 0.002}) == "VRAdam lr=0.002"
+    # a record without a label (a run writes one from its optimizer's display name): the config's own words
+    assert analysis.run_label({"optimizer": "vradam", "lr": 0.002}) == "vradam lr=0.002"
     assert analysis.run_label({"optimizer": "gd", "lr": 0.1, "label": "mine"}) == "mine"
     assert analysis.flatten_config({"a": {"b": {"c": 1}}, "d": None}) == {"a.b.c": 1, "d": None}
 

@@ -34,7 +34,6 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "analysis" / "notebooks").glob("*.ipynb"))
 KERNEL = "eos-analysis-test"
-NAMES = {"gd": "GD", "momentum": "Momentum", "adam": "Adam", "vradam": "VRAdam"}
 
 
 def test_the_two_notebooks_exist():
@@ -141,7 +140,7 @@ def read_fixture_runs(root):
         config = json.loads((run_dir / "config.json").read_text())
         runs[run_dir.name] = {
             "config": config,
-            "label": config.get("label") or f"{NAMES[config['optimizer']]} lr={config['lr']:g}",
+            "label": config.get("label") or f"{config['optimizer']} lr={config['lr']:g}",
             "status": last if last in ("finished", "diverged") else "incomplete",
             "diverged_step": events[-1]["step"] if last == "diverged" else math.nan,
             "metrics": metrics.pivot(index="step", columns="metric", values="value").sort_index(),

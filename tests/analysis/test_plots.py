@@ -28,11 +28,12 @@ def gids(ax, kind="lines"):
 
 @pytest.fixture
 def hand_runs(tmp_path):
-    make_run(tmp_path, "gd", {"optimizer": "gd", "lr": 0.05, "seed": 0}, gd_rows())
-    make_run(tmp_path, "gd1", {"optimizer": "gd", "lr": 0.05, "seed": 1}, gd_rows())
-    make_run(tmp_path, "vr", {"optimizer": "vradam", "lr": 0.002, "seed": 0, "vradam": {"alpha1": 4.0}},
-             vradam_rows())
-    make_run(tmp_path, "div", {"optimizer": "gd", "lr": 0.5, "seed": 0},
+    """Records as a run writes them (with the label its optimizer's display name gives)."""
+    make_run(tmp_path, "gd", {"optimizer": "gd", "lr": 0.05, "seed": 0, "label": "GD lr=0.05"}, gd_rows())
+    make_run(tmp_path, "gd1", {"optimizer": "gd", "lr": 0.05, "seed": 1, "label": "GD lr=0.05"}, gd_rows())
+    make_run(tmp_path, "vr", {"optimizer": "vradam", "lr": 0.002, "seed": 0, "vradam": {"alpha1": 4.0},
+                              "label": "VRAdam lr=0.002"}, vradam_rows())
+    make_run(tmp_path, "div", {"optimizer": "gd", "lr": 0.5, "seed": 0, "label": "GD lr=0.5"},
              [(0, "train_loss", 1.0), (1, "train_loss", 30.0), (2, "train_loss", math.inf),
               (0, "sharpness", 3.0), (0, "threshold", 4.0), (2, "sharpness", math.nan), (2, "threshold", 4.0)],
              events=(("started", 0), ("diverged", 2)))
@@ -197,7 +198,7 @@ def test_comparison_mean_and_band(tmp_path):
     adam, gd = ax.lines
     assert list(adam.get_ydata()) == pytest.approx([1.2, 1.1, 1.0])
     assert list(gd.get_ydata()) == [2.0, 2.0, 2.0]  # the diverged seed is left out
-    assert adam.get_label() == "Adam lr=0.001 (n=3)" and gd.get_label() == "GD lr=0.1 (n=1, 1 left out)"
+    assert adam.get_label() == "adam lr=0.001 (n=3)" and gd.get_label() == "gd lr=0.1 (n=1, 1 left out)"
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
     half = 4.302652729911275 * 0.2 / math.sqrt(3)
     assert max(band) == pytest.approx(1.2 + half) and min(band) == pytest.approx(1.0 - half)

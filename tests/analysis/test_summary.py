@@ -77,7 +77,7 @@ def test_summary_table_mean_and_ci_over_seeds(tmp_path):
     assert gd["steps_to_target_mean"] == 5 and gd["steps_to_target_ci"] == 0
     assert gd["final_acc_mean"] == pytest.approx(0.81)
     assert table.loc["adam", "final_loss_mean"] == 0.05 and math.isnan(table.loc["adam", "final_loss_ci"])
-    assert table.loc["adam", "label"] == "Adam lr=0.001"
+    assert table.loc["adam", "label"] == "adam lr=0.001"  # the records carry no label: the config's words
 
     text = analysis.format_summary(table.reset_index()).set_index("optimizer")
     assert text.loc["gd", "final_loss"] == f"0.2 ± {T975_2 * 0.1 / math.sqrt(3):.2g}"

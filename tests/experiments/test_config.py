@@ -4,14 +4,15 @@ import json
 
 import pytest
 
-from experiments.config import ConfigError, RunConfig, load_config_file, resolve_config
+from experiments.config import ConfigError, RunConfig, load_config_file
+from experiments.resolve import resolve, resolve_config
 
 
 def test_task_defaults():
-    fb = RunConfig(task="eos-fullbatch").validate()
+    fb = resolve(RunConfig(task="eos-fullbatch"))
     assert (fb.model, fb.loss, fb.n_train, fb.steps, fb.checkpoint_every) == ("mlp-tanh", "mse", 5000, 1000, 10)
     assert fb.track_precond is False and fb.label == "GD lr=0.05"
-    ic = RunConfig(task="image-classification", optimizer="vradam", lr=1e-3).validate()
+    ic = resolve(RunConfig(task="image-classification", optimizer="vradam", lr=1e-3))
     assert (ic.model, ic.loss, ic.epochs, ic.steps) == ("cnn-small", "cross-entropy", 10, None)
     assert ic.track_precond is True and ic.label == "VRAdam lr=0.001"
 
@@ -33,7 +34,7 @@ def test_task_defaults():
 ])
 def test_bad_values_are_named(key, value, message):
     with pytest.raises(ConfigError) as info:
-        RunConfig(**{key: value}).validate()
+        resolve(RunConfig(**{key: value}))
     assert message in str(info.value)
 
 
@@ -68,5 +69,5 @@ def test_unreadable_config_files(tmp_path):
 
 def test_schedule_names_are_checked_up_front():
     with pytest.raises(ConfigError, match="unknown schedule 'Bogus'; allowed: constant, .*CosineAnnealingLR"):
-        RunConfig(schedule="Bogus").validate()
-    assert RunConfig(schedule="OneCycleLR").validate().schedule == "OneCycleLR"
+        resolve(RunConfig(schedule="Bogus"))
+    assert resolve(RunConfig(schedule="OneCycleLR")).schedule == "OneCycleLR"

@@ -9,6 +9,7 @@ from torch import nn
 from eos_toolkit.record import read_run
 from eos_toolkit.tracker import SharpnessTracker
 from experiments.config import RunConfig
+from experiments.resolve import resolve
 from experiments.tasks.gflownet import (
     HyperGrid,
     TrajectoryObjective,
@@ -214,19 +215,19 @@ def test_bad_gflownet_settings_are_named():
                                (dict(height=100, ndim=4), "100000000 states is too many"),
                                (dict(epsilon=1.0), r"epsilon must be in \[0, 1\), got 1.0")):
         with pytest.raises(ValueError, match=message):
-            build_task(tiny_gfn(**overrides).validate(), torch.device("cpu"), torch.float32)
+            build_task(resolve(tiny_gfn(**overrides)), torch.device("cpu"), torch.float32)
 
 
 def test_trajectory_balance_puts_log_z_in_its_own_faster_group():
     from experiments.optim import build_optimizer, parameter_groups
     from experiments.tasks import build_task
 
-    cfg = tiny_gfn(objective="tb", lr=1e-3, log_z_lr_factor=100.0).validate()
+    cfg = resolve(tiny_gfn(objective="tb", lr=1e-3, log_z_lr_factor=100.0))
     task = build_task(cfg, torch.device("cpu"), torch.float32)
     optimizer = build_optimizer(cfg, task.param_groups(parameter_groups(task.model, cfg)))
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 0.1])
     assert optimizer.param_groups[1]["params"] == [task.model.log_z]
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(task.model.parameters()))
-    db = tiny_gfn(objective="db").validate()
+    db = resolve(tiny_gfn(objective="db"))
     assert len(build_optimizer(db, build_task(db, torch.device("cpu"), torch.float32).param_groups(
         parameter_groups(build_task(db, torch.device("cpu"), torch.float32).model, db))).param_groups) == 1

@@ -15,6 +15,7 @@ from experiments.adapters import adapter_for
 from experiments.config import RunConfig
 from experiments.data import text
 from experiments.models import build_transformer
+from experiments.resolve import resolve
 from experiments.tasks import build_task
 from experiments.tasks.language import token_cross_entropy, unigram_perplexity, windows
 from experiments.train import is_timing_metric, resume, train
@@ -199,10 +200,10 @@ def test_tracked_sharpness_of_a_tiny_transformer_equals_the_dense_hessian(optimi
 def test_vradam_gate_is_the_same_with_one_group_or_three(hamlet_file):
     from experiments.optim import build_optimizer, parameter_groups
 
-    cfg = RunConfig(task="language-model", dataset=f"text:{hamlet_file}", optimizer="vradam", lr=1e-2, beta3=5.0,
+    cfg = resolve(RunConfig(task="language-model", dataset=f"text:{hamlet_file}", optimizer="vradam", lr=1e-2, beta3=5.0,
                     weight_decay=0.1, model_options={"n_layer": 1, "n_head": 2, "d_model": 16}, context=16,
-                    device="cpu", dtype="float64").validate()
-    cfg3 = RunConfig(**{**cfg.to_dict(), "no_decay_groups": True}).validate()
+                    device="cpu", dtype="float64"))
+    cfg3 = resolve(RunConfig(**{**cfg.to_dict(), "no_decay_groups": True}))
     task = build_task(cfg, torch.device("cpu"), DT)
     models = [task.model, build_task(cfg3, torch.device("cpu"), DT).model]
     optimizers = [build_optimizer(c, parameter_groups(m, c)) for c, m in zip((cfg, cfg3), models)]
@@ -287,24 +288,24 @@ def test_kill_and_resume_a_language_model_run(hamlet_file, tmp_path, full_batch)
 
 
 def test_full_batch_trains_on_its_tracking_set(hamlet_file):
-    cfg = tiny_lm(hamlet_file, full_batch=True, n_train=12, chunk_size=5, optimizer="gd", lr=0.1).validate()
+    cfg = resolve(tiny_lm(hamlet_file, full_batch=True, n_train=12, chunk_size=5, optimizer="gd", lr=0.1))
     task = build_task(cfg, torch.device("cpu"), torch.float32)
     chunks = task.train_chunks(0)
     assert [w for _, _, w in chunks] == pytest.approx([5 / 12, 5 / 12, 2 / 12])
     assert all(torch.equal(c[0], t[0]) for c, t in zip(chunks, task.track_batches))
     assert torch.equal(task.train_chunks(7)[0][0], chunks[0][0])  # the same every step
-    minibatch = build_task(tiny_lm(hamlet_file).validate(), torch.device("cpu"), torch.float32)
+    minibatch = build_task(resolve(tiny_lm(hamlet_file)), torch.device("cpu"), torch.float32)
     assert not torch.equal(minibatch.train_chunks(0)[0][0], minibatch.train_chunks(1)[0][0])
     assert torch.equal(minibatch.train_chunks(3)[0][0], minibatch.train_chunks(3)[0][0])
 
 
 def test_bad_language_model_configs_are_named(hamlet_file, tmp_path):
     with pytest.raises(ValueError, match="language-model trains model 'transformer', got model 'cnn-small'"):
-        build_task(tiny_lm(hamlet_file, model="cnn-small").validate(), torch.device("cpu"), torch.float32)
+        build_task(resolve(tiny_lm(hamlet_file, model="cnn-small")), torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match=r"fewer than context \+ 1 = 2001"):
-        build_task(tiny_lm(hamlet_file, context=2000).validate(), torch.device("cpu"), torch.float32)
+        build_task(resolve(tiny_lm(hamlet_file, context=2000)), torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="d_model=15 is not allowed; d_model must be a positive integer divisible"):
-        build_task(tiny_lm(hamlet_file, model_options={"n_head": 2, "d_model": 15}).validate(), torch.device("cpu"),
+        build_task(resolve(tiny_lm(hamlet_file, model_options={"n_head": 2, "d_model": 15})), torch.device("cpu"),
                    torch.float32)
 
 
@@ -319,7 +320,7 @@ def test_a_latin1_text_file_is_read(tmp_path):
 
 def test_validation_perplexity_by_hand_over_uneven_chunks(hamlet_file):
     """exp of the mean token loss over every evaluated window, the windows spread over the whole split."""
-    cfg = tiny_lm(hamlet_file, eval_n=7, chunk_size=3, dtype="float64").validate()
+    cfg = resolve(tiny_lm(hamlet_file, eval_n=7, chunk_size=3, dtype="float64"))
     task = build_task(cfg, torch.device("cpu"), DT)
     valid = task.tokens["valid"]
     n_windows = (len(valid) - 16 + 15) // 16  # starts 0, 16, ... below len - context
@@ -335,7 +336,7 @@ def test_validation_perplexity_by_hand_over_uneven_chunks(hamlet_file):
                 nll.append(float(torch.logsumexp(logits[t], 0) - logits[t, valid[s + t + 1]]))
     got = task.evaluate("val")
     assert float(got["val_ppl"]) == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-10)
-    whole = build_task(tiny_lm(hamlet_file, eval_n=None).validate(), torch.device("cpu"), torch.float32)
+    whole = build_task(resolve(tiny_lm(hamlet_file, eval_n=None)), torch.device("cpu"), torch.float32)
     assert len(whole.eval_windows["val"][0]) == n_windows  # by default every window of the split
 
 

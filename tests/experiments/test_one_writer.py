@@ -13,6 +13,7 @@ import pytest
 
 from eos_toolkit.record import RunLock, RunLockedError, read_metrics
 from experiments.config import RunConfig
+from experiments.resolve import resolve
 from experiments.sweep import expand_sweep, run_sweep
 
 TINY = {"task": "eos-fullbatch", "dataset": "fashion-mnist", "n_train": 60, "model_options": {"hidden": [6]},
@@ -105,6 +106,6 @@ def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
 def test_default_run_names_never_collide(tmp_path):
     from experiments.train import default_run_dir
 
-    cfg = RunConfig(**TINY).validate()
+    cfg = resolve(RunConfig(**TINY))
     paths = {default_run_dir(cfg, tmp_path) for _ in range(5)}
     assert len(paths) == 5 and all(p.is_dir() for p in paths)

@@ -8,6 +8,7 @@ from torch.func import functional_call, hessian
 
 from eos_toolkit.record import read_run
 from experiments.config import RunConfig
+from experiments.resolve import resolve
 from experiments.tasks import build_task
 from experiments.train import is_timing_metric, resume, train
 
@@ -41,7 +42,7 @@ def test_gd_record_and_sharpness_equal_dense_hessian(tiny_data_dir, tmp_path):
     assert len(run.environment["data"]["checksum"]) == 64
 
     # Independent answer: the dense Hessian of the full-batch loss at the initial parameters.
-    task = build_task(cfg.validate(), torch.device("cpu"), torch.float64)
+    task = build_task(resolve(cfg), torch.device("cpu"), torch.float64)
     model, (x, y) = task.model, task.train
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
@@ -110,7 +111,7 @@ def test_missing_optimizer_state_gives_nan_and_one_warning(tiny_data_dir, tmp_pa
     from eos_toolkit import record
     from experiments.train import _build
 
-    cfg = tiny(tiny_data_dir, optimizer="adam", lr=0.01, steps=12, track_every=2).validate()
+    cfg = resolve(tiny(tiny_data_dir, optimizer="adam", lr=0.01, steps=12, track_every=2))
     trainer = _build(cfg, tmp_path / "run")
     trainer.writer = record.RunWriter.create(tmp_path / "run", cfg.to_dict(), {})
     trainer.writer.event("started", step=0)
