@@ -420,14 +420,10 @@ def data_list(data_dir: Optional[str] = typer.Option(None, envvar="EOS_DATA_DIR"
 
     from experiments.data import available_datasets
 
-    from experiments.data.text import available_corpora
-
     table = Table("name", "kind", "available", "where / how to get")
     for entry in available_datasets(data_dir):
-        table.add_row(entry.name, "images", "yes" if entry.available else "no",
+        table.add_row(entry.name, entry.kind, "yes" if entry.available else "no",
                       entry.where if entry.available else entry.how_to_get)
-    for name, available, where, how in available_corpora(data_dir):
-        table.add_row(name, "text", "yes" if available else "no", where if available else how)
     Console(width=160).print(table)
 
 

