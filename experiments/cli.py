@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +40,30 @@ bench_app = typer.Typer(help="Benchmarks (ratios against baselines measured in t
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+
+# Where this project's code lives: a warning raised there is printed as one plain line.
+_OWN_CODE = tuple(str(Path(importlib.util.find_spec(name).origin).parent) + os.sep
+                  for name in ("vradam", "eos_toolkit", "experiments", "analysis"))
+
+
+@app.callback()
+def _set_up_process() -> None:
+    # Every command: freed tensor memory is reused, not unmapped and faulted in again (experiments.host_memory),
+    # and this project's warnings are printed as one plain line (torch's own keep Python's format).
+    from experiments.host_memory import keep_freed_memory
+
+    keep_freed_memory()
+    warnings.showwarning = _one_line_warning
+
+
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if str(filename).startswith(_OWN_CODE):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

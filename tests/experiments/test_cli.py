@@ -151,6 +151,11 @@ def test_a_language_model_runs_from_the_command_line(tmp_path):
     run = read_run(tmp_path / "lm")
     assert run.config["optimizer"] == "adamw" and run.config["lr"] == 3e-3  # the task's defaults
     assert {"val_ppl", "val_ppl_unigram", "test_ppl", "precond_sharpness"} <= set(run.metrics.metric)
+    # CPU flash attention has no second derivative: one plain line, none of torch's text, and an event
+    warned = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "math attention" in warned[0], result.stderr
+    assert "PyTorch" not in result.stderr and "github" not in result.stderr
+    assert [e["event"] for e in run.events].count("kernel_fallback") == 1
 
 
 def test_every_run_config_key_is_an_option_typed_by_its_declaration():
