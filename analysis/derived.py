@@ -160,25 +160,38 @@ def steps_to_target(loss: pd.Series, target: float) -> int | None:
     return int(hit.index[0]) if len(hit) else None
 
 
-def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, int]:
-    """Mean, half-width of the Student-t confidence interval, and n, over the finite values.
+def mean_ci_rows(matrix, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row by row, over each row's finite entries: the mean, the Student-t half-width, and n.
 
-    half = t_{(1+confidence)/2, n-1} * std(ddof=1) / sqrt(n); NaN for n < 2.
+    half = t_{(1+confidence)/2, n-1} * std(ddof=1) / sqrt(n), the one interval of
+    the analysis (:func:`mean_ci`, the comparison tables, the bands of
+    :func:`analysis.plots.plot_comparison`); NaN where n < 2, and the mean NaN where n = 0.
 
-    >>> m, h, n = mean_ci([1.0, 2.0, 3.0])
-    >>> m, round(h, 4), n       # t_{0.975, 2} = 4.3027, std = 1
-    (2.0, 2.4841, 3)
+    >>> mean, half, n = mean_ci_rows([[1.0, 2.0, 3.0], [4.0, float("nan"), 4.0]])
+    >>> mean.tolist(), half.round(4).tolist(), n.tolist()   # t_{0.975, 2} = 4.3027; std 1, then 0
+    ([2.0, 4.0], [2.4841, 0.0], [3, 2])
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     from scipy import stats
 
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    n = len(v)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n == 1:
-        return float(v[0]), math.nan, 1
-    half = stats.t.ppf((1 + confidence) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n)
-    return float(v.mean()), float(half), n
+    matrix = np.asarray(matrix, dtype=float)
+    finite = np.isfinite(matrix)
+    n = finite.sum(axis=1)
+    mean = np.where(n > 0, np.where(finite, matrix, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
+    centred = np.where(finite, matrix - mean[:, None], 0.0)
+    std = np.sqrt((centred ** 2).sum(axis=1) / np.maximum(n - 1, 1))
+    t = stats.t.ppf((1 + confidence) / 2, np.maximum(n - 1, 1))
+    half = np.where(n >= 2, t * std / np.sqrt(np.maximum(n, 1)), np.nan)
+    return mean, half, n
+
+
+def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, int]:
+    """Mean, half-width of the Student-t confidence interval, and n, over the finite values (:func:`mean_ci_rows`).
+
+    >>> m, h, n = mean_ci([1.0, 2.0, 3.0])
+    >>> m, round(h, 4), n       # t_{0.975, 2} = 4.3027, std = 1
+    (2.0, 2.4841, 3)
+    """
+    mean, half, n = mean_ci_rows(np.asarray(values, dtype=float).reshape(1, -1), confidence)
+    return float(mean[0]), float(half[0]), int(n[0])

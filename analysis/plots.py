@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.derived import damping_ratio, smooth
+from analysis.derived import damping_ratio, mean_ci_rows, smooth
 from analysis.load import as_tidy, metric_series
 from analysis.summary import StabilityMetrics, completed, run_info, split_runs, stability_metrics
 
@@ -497,20 +497,6 @@ def plot_density(density: pd.DataFrame, ax=None, run_id: str | None = None, kind
     return ax
 
 
-def _band(matrix: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row-wise mean and Student-t half-width over the finite entries of each row (NaN for n < 2)."""
-    from scipy import stats
-
-    finite = np.isfinite(matrix)
-    n = finite.sum(axis=1)
-    mean = np.where(n > 0, np.where(finite, matrix, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
-    centred = np.where(finite, matrix - mean[:, None], 0.0)
-    std = np.sqrt((centred**2).sum(axis=1) / np.maximum(n - 1, 1))
-    t = stats.t.ppf((1 + confidence) / 2, np.maximum(n - 1, 1))
-    half = np.where(n >= 2, t * std / np.sqrt(np.maximum(n, 1)), np.nan)
-    return mean, half, n
-
-
 def plot_comparison(df, metric: str = "train_loss", ax=None, group_by: Sequence[str] = ("optimizer", "lr"),
                     confidence: float = 0.95, logy: bool = True, smooth_alpha: float | None = None,
                     title: str | None = None):
@@ -551,7 +537,7 @@ def plot_comparison(df, metric: str = "train_loss", ax=None, group_by: Sequence[
         if not series:
             continue
         table = pd.DataFrame(series).sort_index()
-        mean, half, _ = _band(table.to_numpy(dtype=float), confidence)
+        mean, half, _ = mean_ci_rows(table.to_numpy(dtype=float), confidence)
         x = table.index.to_numpy()
         lo, hi = mean - half, mean + half
         if logy:

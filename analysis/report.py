@@ -17,8 +17,9 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
@@ -43,11 +44,6 @@ from analysis.summary import (
 )
 
 log = logging.getLogger("analysis")
-
-#: The kinds :func:`save_figures` knows; the kind "all" means these.
-FIGURE_KINDS = ("sharpness", "loss", "damping", "spectrum", "density", "comparison", "gflownet")
-DEFAULT_KINDS = ("sharpness", "loss", "damping", "spectrum", "gflownet")
-
 
 def _as_runs(runs) -> Runs:
     if isinstance(runs, Runs):
@@ -95,86 +91,94 @@ def _last_threshold(run: Run) -> float | None:
     return float(values.iloc[-1]) if len(values) else None
 
 
+@dataclass(frozen=True)
+class FigureKind:
+    """One kind of figure :func:`save_figures` writes.
+
+    ``shows(run)``: whether a run has what the figure draws; ``missing``: what
+    is said when no run has it.  A figure of all runs (``per_run=False``,
+    ``<kind>.png``) is drawn by ``draw(df, ax)`` on the tidy frame of every
+    run; a figure per run (``<kind>_<run_id>.png``) by ``draw(run, ax)`` for
+    each run that shows it.
+    """
+
+    shows: Callable[[Run], bool]
+    missing: str
+    draw: Callable
+    per_run: bool = False
+
+
+def _logged(*metrics: str) -> Callable[[Run], bool]:
+    return lambda run: bool(set(metrics) & set(run.metrics))
+
+
+#: Every figure kind, in the order they are written; "all" means every one of them.
+FIGURES: dict[str, FigureKind] = {
+    "sharpness": FigureKind(lambda run: bool(stability_metrics(run.df, run.run_id)),
+                            "no run logged sharpness with its threshold",
+                            lambda df, ax: plot_sharpness(df, ax=ax)),
+    "loss": FigureKind(_logged("train_loss", "track_loss", "val_loss", "test_loss"), "no run logged a loss",
+                       lambda df, ax: plot_loss(df, ax=ax)),
+    "damping": FigureKind(lambda run: bool(damping_runs(run.df)),
+                          "no VRAdam run (no eta with vr_clamped or vr_sq_norm logged)",
+                          lambda df, ax: plot_damping(df, ax=ax)),
+    "spectrum": FigureKind(lambda run: _spectrum_prefix(run) is not None,
+                           "no run logged hessian_eig_<i> or precond_eig_<i>",
+                           lambda run, ax: plot_spectrum(run.df, ax=ax, precond=_spectrum_prefix(run) == "precond_eig_"),
+                           per_run=True),
+    "density": FigureKind(lambda run: len(run.density) > 0, "no run logged a spectral density",
+                          lambda run, ax: plot_density(run.density, ax=ax, threshold=_last_threshold(run),
+                                                       title=run.label),
+                          per_run=True),
+    "comparison": FigureKind(_logged("train_loss"), "no run logged train_loss",
+                             lambda df, ax: plot_comparison(df, ax=ax, group_by=_group_keys(df))),
+    "gflownet": FigureKind(_logged("l1_exact", "l1_empirical"),
+                           "no GFlowNet run (no l1_exact or l1_empirical logged)",
+                           lambda df, ax: plot_distribution_error(df, ax=ax)),
+}
+FIGURE_KINDS = tuple(FIGURES)
+DEFAULT_KINDS = ("sharpness", "loss", "damping", "spectrum", "gflownet")  # what eos plot and reports draw
+
+
 def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAULT_KINDS,
                  formats: Sequence[str] = ("png", "pdf"), dpi: int = 200) -> list[Path]:
     """Write the figures of ``kinds`` for ``runs`` into ``out_dir``; return the paths written.
 
     ``runs`` is a :class:`Runs`, a :class:`Run`, or what :func:`load_runs` takes.
-    Kinds: ``sharpness``, ``loss``, ``damping`` (VRAdam runs), ``comparison``
-    (train loss mean and CI by optimizer and lr) draw all runs in one figure
-    (``<kind>.png``); ``spectrum`` and ``density`` draw one figure per run
-    (``<kind>_<run_id>.png``; the preconditioned spectrum for Adam-family runs
-    that tracked it); ``"all"`` means every kind. A kind the runs have no data for (damping without a
-    VRAdam run, spectrum without ``hessian_eig_i``, ...) is skipped with a
-    warning on the ``analysis`` logger naming it.
+    Kinds (:data:`FIGURES`): ``sharpness``, ``loss``, ``damping`` (VRAdam runs),
+    ``comparison`` (train loss mean and CI by optimizer and lr) and ``gflownet``
+    draw all runs in one figure (``<kind>.png``); ``spectrum`` and ``density``
+    draw one figure per run (``<kind>_<run_id>.png``; the preconditioned
+    spectrum for Adam-family runs that tracked it); ``"all"`` means every kind.
+    A kind the runs have no data for (damping without a VRAdam run, spectrum
+    without ``hessian_eig_i``, ...) is skipped with a warning on the
+    ``analysis`` logger naming it.
     """
-    kinds = list(FIGURE_KINDS) if "all" in kinds else list(kinds)
-    unknown = [k for k in kinds if k not in FIGURE_KINDS]
+    kinds = list(FIGURES) if "all" in kinds else list(kinds)
+    unknown = [k for k in kinds if k not in FIGURES]
     if unknown:
-        raise ValueError(f"unknown figure kinds {unknown}; choose from {list(FIGURE_KINDS)}")
+        raise ValueError(f"unknown figure kinds {unknown}; choose from {list(FIGURES)}")
     if not 72 <= dpi <= 1200:
         raise ValueError(f"dpi must be in [72, 1200], got {dpi}")
     runs = _as_runs(runs)
-    df = runs.df
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-
-    def skip(kind: str, why: str) -> None:
-        log.warning("skipped the %s figure: %s", kind, why)
-
     for kind in kinds:
-        if kind == "sharpness":
-            if not any(stability_metrics(run.df, run.run_id) for run in runs):
-                skip(kind, "no run logged sharpness with its threshold")
-                continue
-            fig, ax = _figure()
-            plot_sharpness(df, ax=ax)
-            written += _save(fig, out_dir, "sharpness", formats, dpi)
-        elif kind == "loss":
-            if not df["metric"].isin(["train_loss", "track_loss", "val_loss", "test_loss"]).any():
-                skip(kind, "no run logged a loss")
-                continue
-            fig, ax = _figure()
-            plot_loss(df, ax=ax)
-            written += _save(fig, out_dir, "loss", formats, dpi)
-        elif kind == "damping":
-            if not damping_runs(df):
-                skip(kind, "no VRAdam run (no eta with vr_clamped or vr_sq_norm logged)")
-                continue
-            fig, ax = _figure()
-            plot_damping(df, ax=ax)
-            written += _save(fig, out_dir, "damping", formats, dpi)
-        elif kind == "gflownet":
-            if not df["metric"].isin(["l1_exact", "l1_empirical"]).any():
-                skip(kind, "no GFlowNet run (no l1_exact or l1_empirical logged)")
-                continue
-            fig, ax = _figure()
-            plot_distribution_error(df, ax=ax)
-            written += _save(fig, out_dir, "gflownet", formats, dpi)
-        elif kind == "comparison":
-            if "train_loss" not in set(df["metric"]):
-                skip(kind, "no run logged train_loss")
-                continue
-            fig, ax = _figure()
-            plot_comparison(df, ax=ax, group_by=_group_keys(df))
-            written += _save(fig, out_dir, "comparison", formats, dpi)
-        elif kind == "spectrum":
-            with_spectrum = [run for run in runs if _spectrum_prefix(run)]
-            if not with_spectrum:
-                skip(kind, "no run logged hessian_eig_<i> or precond_eig_<i>")
-            for run in with_spectrum:
+        figure = FIGURES[kind]
+        showing = [run for run in runs if figure.shows(run)]
+        if not showing:
+            log.warning("skipped the %s figure: %s", kind, figure.missing)
+            continue
+        if figure.per_run:
+            for run in showing:
                 fig, ax = _figure()
-                plot_spectrum(run.df, ax=ax, precond=_spectrum_prefix(run) == "precond_eig_")
-                written += _save(fig, out_dir, f"spectrum_{_safe(run.run_id)}", formats, dpi)
-        elif kind == "density":
-            with_density = [r for r in runs if len(r.density)]
-            if not with_density:
-                skip(kind, "no run logged a spectral density")
-            for run in with_density:
-                fig, ax = _figure()
-                plot_density(run.density, ax=ax, threshold=_last_threshold(run), title=run.label)
-                written += _save(fig, out_dir, f"density_{_safe(run.run_id)}", formats, dpi)
+                figure.draw(run, ax)
+                written += _save(fig, out_dir, f"{kind}_{_safe(run.run_id)}", formats, dpi)
+        else:
+            fig, ax = _figure()
+            figure.draw(runs.df, ax)
+            written += _save(fig, out_dir, kind, formats, dpi)
     return written
 
 
