@@ -1,8 +1,10 @@
 """A comparison directory (``eos compare``) -> tables, paired statistics, figures and conclusions.
 
-Reads only what the comparison wrote: ``spec.json`` and the run records under
-``tune/<entry>/trial-NNN`` and ``confirm/<entry>/seed-S``. Nothing here
-imports torch or the experiments package, so a report rebuilds on a laptop.
+Reads only what the comparison wrote: ``spec.json``, the spec as it ran with
+every key present (so no default of the spec is known here), and the run
+records under ``tune/<entry>/trial-NNN`` and ``confirm/<entry>/seed-S``.
+Nothing here imports torch or the experiments package, so a report rebuilds
+on a laptop.
 
 Statistics, per entry and report metric (the confirmation runs' final
 values, one per seed):
@@ -38,6 +40,7 @@ NAMED_METRICS = {  # tuning metric -> (recorded metric, reduction, direction)
 CONFIDENCE = 0.95
 MARKER = "trial.json"  # in a tuning trial's record once the study holds its result: only those count
 SELECTION = "selection.json"  # the configuration selected per entry (written before confirmation)
+SPEC_FILE = "spec.json"  # the comparison's spec, every key present (experiments.compare.CompareSpec.to_dict)
 
 
 def metric_direction(metric: str) -> str:
@@ -48,13 +51,18 @@ def metric_direction(metric: str) -> str:
 
 
 def tuning_score(metrics: pd.DataFrame, metric: str, status: str, *, target: float | None = None,
-                 target_metric: str = "val_loss") -> float:
-    """A run's tuning score: its ``metric`` (module docstring of experiments.compare); worst when it diverged."""
+                 target_metric: str | None = None) -> float:
+    """A run's tuning score: its ``metric`` (module docstring of experiments.compare); worst when it diverged.
+
+    ``target`` and ``target_metric`` are read by ``steps_to_target`` only.
+    """
     direction = metric_direction(metric)
     worst = math.inf if direction == "minimize" else -math.inf
     if status == "diverged":
         return worst
     if metric == "steps_to_target":  # the first step at which target_metric reached target, from its side
+        if target is None or target_metric is None:
+            raise ValueError("the tuning metric steps_to_target needs a target and a target_metric")
         series = metrics[metrics.metric == target_metric].set_index("step")["value"]
         reached = series[series >= target] if metric_direction(target_metric) == "maximize" else \
             series[series <= target]
@@ -81,8 +89,8 @@ def _status(run_dir: Path) -> str:
     return run_status(read_events(run_dir)) if is_run_dir(run_dir) else "empty"
 
 
-def tuning_trials(out_dir: str | Path, entry: str, space, metric: str, target: float | None = None,
-                  target_metric: str = "val_loss") -> list[dict]:
+def tuning_trials(out_dir: str | Path, entry: str, space, metric: str, target: float | None,
+                  target_metric: str) -> list[dict]:
     """One entry's scored tuning trials, in trial order, read from their records (no database needed).
 
     Only records marked with :data:`MARKER` count (an abandoned trial was
@@ -105,19 +113,25 @@ def tuning_trials(out_dir: str | Path, entry: str, space, metric: str, target: f
 
 
 def load_comparison(out_dir: str | Path) -> dict:
-    """``{"spec", "tuning": DataFrame, "confirm": DataFrame}`` read from a comparison directory.
+    """``{"spec", "tuning": DataFrame, "confirm": DataFrame, "selection"}`` read from a comparison directory.
 
-    tuning: entry, trial, status, lr, params (json), score. confirm: entry,
-    seed, status, and the last value of every metric (wide).
+    spec: :data:`SPEC_FILE`'s dict. tuning: entry, trial, status, lr, params
+    (json), score. confirm: entry, seed, status, and the last value of every
+    metric (wide). selection: :data:`SELECTION`'s dict ({} before selection).
     """
     out_dir = Path(out_dir)
-    saved = json.loads((out_dir / "spec.json").read_text())
-    spec = saved["spec"]
-    metric = spec.get("metric", "val_loss")
+    spec = json.loads((out_dir / SPEC_FILE).read_text())
+    missing = sorted({"base", "metric", "optimizers", "reference", "report_metrics", "target", "target_metric"}
+                     - set(spec))
+    missing += sorted({f"optimizers.{entry}.{key}" for entry, body in spec.get("optimizers", {}).items()
+                       for key in ("base", "lr_from_eta", "space", "trials") if key not in body})
+    if missing:
+        raise ValueError(f"{out_dir / SPEC_FILE} lacks {', '.join(missing)}: it holds a spec as given, not resolved "
+                         "(an older eos compare wrote it); run 'eos compare run' with the same spec into a new "
+                         "directory")
     tuning, confirm = [], []
     for entry, body in spec["optimizers"].items():
-        for t in tuning_trials(out_dir, entry, (body or {}).get("space", {}), metric, spec.get("target"),
-                               spec.get("target_metric", "val_loss")):
+        for t in tuning_trials(out_dir, entry, body["space"], spec["metric"], spec["target"], spec["target_metric"]):
             tuning.append({"entry": entry, "trial": t["trial"], "status": t["status"], "lr": t["lr"],
                            "params": json.dumps(t["params"]), "score": t["score"]})
         for run_dir in sorted((out_dir / "confirm" / entry).glob("seed-*")):
@@ -132,20 +146,19 @@ def load_comparison(out_dir: str | Path) -> dict:
                 row.pop("hessian_seconds")
             confirm.append(row)
     selection = out_dir / SELECTION
-    return {"saved": saved, "spec": spec, "tuning": pd.DataFrame(tuning), "confirm": pd.DataFrame(confirm),
+    return {"spec": spec, "tuning": pd.DataFrame(tuning), "confirm": pd.DataFrame(confirm),
             "selection": json.loads(selection.read_text()) if selection.is_file() else {}}
 
 
 def report_metrics(comparison: dict) -> list[str]:
+    """The spec's report_metrics; unset, the confirmation runs' test_* metrics, else the one the tuning metric reads."""
     spec, confirm = comparison["spec"], comparison["confirm"]
-    if spec.get("report_metrics"):
-        chosen = spec["report_metrics"]
-        return [chosen] if isinstance(chosen, str) else list(chosen)
+    if spec["report_metrics"]:
+        return list(spec["report_metrics"])
     tests = sorted(c for c in confirm.columns if str(c).startswith("test_"))
     if tests:
         return tests
-    name = NAMED_METRICS.get(spec.get("metric", "val_loss"), (spec.get("metric", "val_loss"),))[0]
-    return [name]
+    return [NAMED_METRICS.get(spec["metric"], (spec["metric"],))[0]]
 
 
 def summary(comparison: dict) -> pd.DataFrame:
@@ -167,7 +180,7 @@ def paired_differences(comparison: dict) -> pd.DataFrame:
     from scipy import stats
 
     spec, confirm = comparison["spec"], comparison["confirm"]
-    reference = spec.get("reference", next(iter(spec["optimizers"])))
+    reference = spec["reference"]
     rows = []
     if not len(confirm):
         return pd.DataFrame(rows)
@@ -224,7 +237,7 @@ def tuning_curves(comparison: dict, ax=None):
     from analysis.plots import _finish, _new_axes
 
     tuning = comparison["tuning"]
-    metric = comparison["spec"].get("metric", "val_loss")
+    metric = comparison["spec"]["metric"]
     ax = ax if ax is not None else _new_axes()
     best = np.minimum.accumulate if metric_direction(metric) == "minimize" else np.maximum.accumulate
     from analysis.plots import OKABE_ITO
@@ -257,7 +270,7 @@ def sensitivity_curves(comparison: dict, ax=None):
             ax.scatter(failed["lr"], [0.97] * len(failed), marker="x", color=colour, clip_on=False,
                        transform=ax.get_xaxis_transform(), gid="diverged")
     ax.set_xscale("log")
-    _finish(ax, "lr", comparison["spec"].get("metric", "val_loss"), "Sensitivity to the learning rate")
+    _finish(ax, "lr", comparison["spec"]["metric"], "Sensitivity to the learning rate")
     ax.legend()
     return ax
 
@@ -300,20 +313,18 @@ def write_compare_report(out_dir: str | Path) -> Path:
     budgets = []
     for entry, body in spec["optimizers"].items():
         n = int((tuning.entry == entry).sum()) if len(tuning) else 0
-        steps = {**spec.get("base", {}), **(body or {}).get("base", {})}.get("steps")
-        trials = (body or {}).get("trials", spec.get("trials", 8))
-        if (body or {}).get("lr_from_eta"):
-            trials = f"none: lr = mean eta_t of {body['lr_from_eta']}"
+        steps = {**spec["base"], **body["base"]}.get("steps")  # a RunConfig key: absent means the task's default
+        trials = f"none: lr = mean eta_t of {body['lr_from_eta']}" if body["lr_from_eta"] else body["trials"]
         budgets.append({"entry": entry, "trials": trials,
                         "trials done": n, "steps per run": steps if steps is not None else "task default",
-                        "search space": json.dumps((body or {}).get("space", {}))})
+                        "search space": json.dumps(body["space"])})
     chosen = [{"entry": entry, "trial": t["trial"] if t["trial"] is not None else t.get("derived"),
                "params": json.dumps(t["params"]), "score": t["score"]}
               for entry, t in comparison["selection"].items()]
-    lines = [f"# Comparison: {comparison['saved']['name']}", "",
-             f"Tuning metric: `{spec.get('metric', 'val_loss')}` on validation (the tuning runs never evaluated "
-             f"the test split); sampler `{spec.get('sampler', 'sobol')}`; tune seed {spec.get('tune_seed', 0)}; "
-             f"confirmation seeds {spec.get('seeds', [1, 2, 3, 4, 5])}; reference `{spec.get('reference')}`.", "",
+    lines = [f"# Comparison: {spec['name']}", "",
+             f"Tuning metric: `{spec['metric']}` on validation (the tuning runs never evaluated "
+             f"the test split); sampler `{spec['sampler']}`; tune seed {spec['tune_seed']}; "
+             f"confirmation seeds {spec['seeds']}; reference `{spec['reference']}`.", "",
              "## Budgets", "", _table(pd.DataFrame(budgets)), "",
              "## Selected configurations (best validation score)", "", _table(pd.DataFrame(chosen)), "",
              "## Test metrics over seeds (mean, 95% t-interval half-width)", "", _table(summary(comparison)), "",

@@ -5,7 +5,8 @@
     eos run TASK [options]           one training run with sharpness tracking
     eos resume RUN_DIR               continue a killed run from its last checkpoint
     eos sweep SPEC [--jobs N]        a grid of runs with equal tuning budgets (or print commands)
-    eos compare SPEC | --preset NAME the fair comparison: tune, select, confirm over seeds, report
+    eos compare run SPEC             the fair comparison: tune, select, confirm over seeds, report
+    eos compare worker | report      one more tuning worker; the report rebuilt from the records
     eos runs list [DIR]              the runs under DIR
     eos plot RUN_OR_DIR... [--kind]  stability figures
     eos report RUN_OR_DIR...         a self-contained report
@@ -301,54 +302,94 @@ def sweep(
         raise fail(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}", code=1)
 
 
-@app.command(context_settings={"help_option_names": ["--help", "-h"]})
-@clear_errors
-def compare(
-    spec: Optional[str] = typer.Argument(None, help="A spec file (YAML/JSON), or 'report DIR', or 'worker SPEC'."),
-    target: Optional[str] = typer.Argument(None, help="With report: the comparison directory; with worker: the spec."),
-    preset: Optional[str] = typer.Option(None, help="A shipped spec: cnn-fashion, lm-brown, gfn-hypergrid, "
-                                                    "vradam-vs-clip, vradam-vs-eta-avg (experiments/presets/)."),
-    out: Path = typer.Option(Path("runs/compare"), help="Parent directory; the comparison goes to OUT/<name>."),
-    workers: int = typer.Option(1, help="Processes running trials (and confirmation runs) on this machine."),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in the comparison "
-                                                     "directory); workers on other machines name the same URL."),
-    scale: float = typer.Option(1.0, help="Multiply the spec's steps and n_train (bigger machines)."),
-    allow_unequal_budget: bool = typer.Option(False, help="Allow optimizers different numbers of trials or steps."),
-):
-    """Compare optimizers fairly: equal tuning budgets, selection on validation, several seeds, CIs, conclusions.
+compare_app = typer.Typer(
+    help="Compare optimizers fairly: equal tuning budgets, selection on validation, several seeds, CIs, conclusions. "
+         "The spec's keys are documented in experiments/compare.py.",
+    no_args_is_help=True, context_settings={"help_option_names": ["--help", "-h"]})
+app.add_typer(compare_app, name="compare")
 
-    eos compare SPEC | --preset NAME   tune, select, confirm, report (resumes what is done)
-    eos compare worker SPEC            only tune, as one more worker on the same --storage
-    eos compare report DIR             rebuild DIR/report.md from the records alone
+# The spec and the options that read it, shared by 'eos compare run' and 'eos compare worker'.
+COMPARE_SPEC = typer.Argument(None, metavar="SPEC", help="A spec file (YAML/JSON); or give --preset NAME.",
+                              show_default=False)
+COMPARE_PRESET = typer.Option(None, help="A shipped spec: cnn-fashion, lm-brown, gfn-hypergrid, vradam-vs-clip, "
+                                         "vradam-vs-eta-avg (experiments/presets/).")
+COMPARE_OUT = typer.Option(Path("runs/compare"), help="Parent directory; the comparison goes to OUT/<name>.")
+COMPARE_STORAGE = typer.Option(None, help="Optuna storage URL (default: sqlite in the comparison directory); "
+                                          "workers on other machines name the same URL.")
+COMPARE_SCALE = typer.Option(1.0, help="Multiply the spec's steps and n_train (bigger machines).")
+COMPARE_ALLOW_UNEQUAL_BUDGET = typer.Option(False, help="Allow optimizers different numbers of trials or steps.")
 
-    The spec's keys are documented in experiments/compare.py.
-    """
-    from experiments import compare as cmp
 
-    if spec == "report":
-        if target is None:
-            raise ValueError("eos compare report needs the comparison directory")
-        from analysis.compare import write_compare_report
-
-        typer.echo(str(write_compare_report(Path(target))))
-        return
-    if spec == "worker":
-        if target is None:
-            raise ValueError("eos compare worker needs the spec (file or preset name)")
-        loaded = cmp.load_spec(target, allow_unequal_budget, scale)
-        for entry in loaded.entries:
-            if entry.lr_from_eta is None:
-                cmp.tune_entry(loaded, entry, out / loaded.name, storage, echo=typer.echo)
-        typer.echo(f"tuning of {loaded.name} is complete")
-        return
-    source = preset or spec
-    if source is None or (preset and spec):
+def _spec_or_preset(spec: Optional[str], preset: Optional[str]) -> str:
+    """The spec file or the preset's name, whichever of the two was given."""
+    if (spec is None) == (preset is None):
         raise ValueError("give a spec file or --preset NAME (one of them)")
-    report = cmp.run_compare(source, out, workers=workers, storage=storage,
-                             allow_unequal_budget=allow_unequal_budget, scale=scale, echo=typer.echo)
+    return spec if preset is None else preset
+
+
+@compare_app.command("run")
+@clear_errors
+def compare_run(
+    spec: Optional[str] = COMPARE_SPEC,
+    preset: Optional[str] = COMPARE_PRESET,
+    out: Path = COMPARE_OUT,
+    workers: int = typer.Option(1, help="Processes running trials (and confirmation runs) on this machine."),
+    storage: Optional[str] = COMPARE_STORAGE,
+    scale: float = COMPARE_SCALE,
+    allow_unequal_budget: bool = COMPARE_ALLOW_UNEQUAL_BUDGET,
+):
+    """Tune, select, confirm over seeds, report (resumes what is done).
+
+    Every optimizer gets the same number of trials and steps; the tuning runs
+    are scored on validation only; the selected configurations are re-run on
+    fresh seeds and compared on test with confidence intervals, paired
+    differences and conclusions in OUT/<name>/report.md.
+    """
+    from experiments.compare import run_compare
+
+    report = run_compare(_spec_or_preset(spec, preset), out, workers=workers, storage=storage,
+                         allow_unequal_budget=allow_unequal_budget, scale=scale, echo=typer.echo)
     typer.echo(f"report: {report}")
     for line in (report.read_text().split("## Conclusions")[1].split("## Figures")[0].strip().splitlines()):
         typer.echo(line)
+
+
+@compare_app.command("worker")
+@clear_errors
+def compare_worker(
+    spec: Optional[str] = COMPARE_SPEC,
+    preset: Optional[str] = COMPARE_PRESET,
+    out: Path = COMPARE_OUT,
+    storage: Optional[str] = COMPARE_STORAGE,
+    scale: float = COMPARE_SCALE,
+    allow_unequal_budget: bool = COMPARE_ALLOW_UNEQUAL_BUDGET,
+):
+    """Only tune, as one more worker on the same --storage.
+
+    The worker claims whole trials from the database until every optimizer's
+    budget is complete; 'eos compare run' with the same spec then selects,
+    confirms and reports. Workers on other machines share the comparison
+    directory and the --storage database, and use the same spec and --scale.
+    """
+    from experiments.compare import load_spec, tune
+
+    loaded = load_spec(_spec_or_preset(spec, preset), allow_unequal_budget, scale)
+    tune(loaded, out / loaded.name, storage, echo=typer.echo)
+    typer.echo(f"tuning of {loaded.name} is complete")
+
+
+@compare_app.command("report")
+@clear_errors
+def compare_report(directory: Path = typer.Argument(..., metavar="DIR",
+                                                   help="A comparison directory (OUT/<name>).")):
+    """Rebuild DIR/report.md from the records alone and print its path.
+
+    The records are the comparison's spec.json, selection.json and run
+    records; the Optuna database is not needed.
+    """
+    from analysis.compare import write_compare_report
+
+    typer.echo(str(write_compare_report(directory)))
 
 
 @app.command()

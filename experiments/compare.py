@@ -1,7 +1,9 @@
 """``eos compare``: the fair optimizer comparison, from tuning to a table with confidence intervals.
 
 One spec (YAML or JSON; every key below) runs four phases into one
-directory, each phase resuming whatever is already done:
+directory, each phase resuming whatever is already done. The directory's
+``spec.json`` holds the spec as it ran (:meth:`CompareSpec.to_dict`: every
+default filled in, ``--scale`` applied), which is all the report reads:
 
 1. **Tune**: for each entry of ``optimizers``, ``trials`` configurations from
    its search space, trained with ``tune_seed`` and scored on validation by
@@ -27,7 +29,7 @@ directory, each phase resuming whatever is already done:
    VRAdam's damping for the confirmation runs; and conclusions written from
    those numbers, whichever way they come out.
 
-Spec keys::
+Spec keys (from ``trials`` on, the values shown are the defaults, :data:`SPEC_DEFAULTS`)::
 
     name: cnn-fashion                 # default: the file's stem
     base: {task: ..., steps: ...}     # RunConfig keys shared by every run
@@ -46,7 +48,7 @@ Spec keys::
     target_metric: val_loss
     tune_seed: 0
     seeds: [1, 2, 3, 4, 5]            # confirmation seeds
-    reference: adamw                  # the entry differences are taken against
+    reference: adamw                  # the entry differences are taken against (default: the first entry)
     # An entry with lr_from_eta: LABEL is not tuned: it runs at the time-averaged eta_t of LABEL's selected
     # trial (e.g. AdamW at VRAdam's mean effective rate: is the gate just a lower rate?).
     report_metrics: null              # default: the confirmation runs' test_* metrics (else metric's)
@@ -54,7 +56,7 @@ Spec keys::
 
 Example (the protocol on two optimizers, tiny)::
 
-    eos compare my-spec.yaml --out runs/compare --workers 2
+    eos compare run my-spec.yaml --out runs/compare --workers 2
     eos compare report runs/compare/my-spec
 """
 
@@ -68,17 +70,20 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.compare import MARKER, SELECTION, metric_direction, tuning_score, tuning_trials
+from analysis.compare import MARKER, SELECTION, SPEC_FILE, metric_direction, tuning_score, tuning_trials
 from eos_toolkit.record import is_run_dir, read_events, read_metrics, run_status, write_json_atomic
 from experiments.config import ConfigError, RunConfig, load_config_file
 from experiments.resolve import resolve
 
 SAMPLERS = ("grid", "random", "sobol", "tpe")
-SPEC_KEYS = {"name", "base", "optimizers", "trials", "sampler", "metric", "target", "target_metric", "tune_seed",
-             "seeds", "reference", "report_metrics", "allow_unequal_budget"}
+# The one home of the spec's defaults. The others follow from the spec itself: name (the file's stem), base ({}),
+# reference (the first entry), and per entry base.optimizer (its label), space ({}) and trials (the spec's).
+SPEC_DEFAULTS = {"trials": 8, "sampler": "sobol", "metric": "val_loss", "target": None, "target_metric": "val_loss",
+                 "tune_seed": 0, "seeds": [1, 2, 3, 4, 5], "report_metrics": None, "allow_unequal_budget": False}
+SPEC_KEYS = {"name", "base", "optimizers", "reference", *SPEC_DEFAULTS}
 ENTRY_KEYS = {"base", "space", "trials", "lr_from_eta"}
 HEARTBEAT_S, GRACE_S = 10, 40
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -97,19 +102,21 @@ class Entry:
 
 @dataclass
 class CompareSpec:
+    """A validated spec with every default filled in (:func:`parse_spec` makes it)."""
+
     name: str
-    base: dict
+    base: dict  # after --scale
     entries: list[Entry]
     trials: int
-    sampler: str = "sobol"
-    metric: str = "val_loss"
-    target: float | None = None
-    target_metric: str = "val_loss"
-    tune_seed: int = 0
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
-    reference: str | None = None
-    report_metrics: list[str] | None = None
-    raw: dict = field(default_factory=dict)
+    sampler: str
+    metric: str
+    target: float | None
+    target_metric: str
+    tune_seed: int
+    seeds: list[int]
+    reference: str
+    report_metrics: list[str] | None
+    allow_unequal_budget: bool
 
     def entry(self, label: str) -> Entry:
         return next(e for e in self.entries if e.label == label)
@@ -117,6 +124,30 @@ class CompareSpec:
     @property
     def direction(self) -> str:
         return metric_direction(self.metric)
+
+    def to_dict(self) -> dict:
+        """The spec as it runs, every key present: what ``spec.json`` holds and the report reads.
+
+        A spec in its own right: :func:`parse_spec` gives this spec back from it
+        (an untuned entry, ``lr_from_eta``, has ``trials: 0``). The file holds
+        it with sorted keys, so there the entries are in alphabetical order.
+
+        >>> spec = parse_spec({"optimizers": {"adamw": {}, "vradam": {}}}, name="tiny")
+        >>> resolved = spec.to_dict()
+        >>> resolved["optimizers"]["vradam"]
+        {'base': {'optimizer': 'vradam'}, 'space': {}, 'trials': 8, 'lr_from_eta': None}
+        >>> {k: resolved[k] for k in ("name", "sampler", "metric", "seeds", "reference")}
+        {'name': 'tiny', 'sampler': 'sobol', 'metric': 'val_loss', 'seeds': [1, 2, 3, 4, 5], 'reference': 'adamw'}
+        >>> parse_spec(resolved) == spec
+        True
+        """
+        entries = {e.label: {"base": e.base, "space": e.space, "trials": e.trials, "lr_from_eta": e.lr_from_eta}
+                   for e in self.entries}
+        return {"name": self.name, "base": self.base, "optimizers": entries, "trials": self.trials,
+                "sampler": self.sampler, "metric": self.metric, "target": self.target,
+                "target_metric": self.target_metric, "tune_seed": self.tune_seed, "seeds": self.seeds,
+                "reference": self.reference, "report_metrics": self.report_metrics,
+                "allow_unequal_budget": self.allow_unequal_budget}
 
 
 def _check_space(label: str, key: str, value) -> None:
@@ -146,21 +177,25 @@ def check_equal_budgets(budgets: dict, unit: str, allow: bool) -> None:
 
 
 def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = False, scale: float = 1.0) -> CompareSpec:
-    """Validate a spec dict (module docstring) into a :class:`CompareSpec`; ConfigError names what is wrong."""
+    """Validate a spec dict (module docstring) into a :class:`CompareSpec`; ConfigError names what is wrong.
+
+    Keys ``raw`` leaves out take :data:`SPEC_DEFAULTS`; ``name`` is the name
+    when ``raw`` has none; ``scale`` multiplies base's steps and n_train.
+    """
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
         raise ConfigError(f"unknown compare key(s) {unknown}; allowed: {sorted(SPEC_KEYS)}")
-    optimizers = raw.get("optimizers")
+    given = {**SPEC_DEFAULTS, **raw}
+    optimizers = given.get("optimizers")
     if not isinstance(optimizers, dict) or len(optimizers) < 2:
         raise ConfigError("a comparison needs 'optimizers': a mapping of at least two entries (label: {base, space})")
-    base = dict(raw.get("base", {}))
+    base = dict(given.get("base", {}))
     if scale != 1.0:
         if not scale > 0:
             raise ConfigError(f"scale must be > 0, got {scale!r}")
         for key in ("steps", "n_train"):
             if key in base:
                 base[key] = max(1, int(round(base[key] * scale)))
-    default_trials = raw.get("trials", 8)
     entries = []
     for label, body in optimizers.items():
         body = body or {}
@@ -173,9 +208,10 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
                 raise ConfigError(f"optimizers.{label}.space has unknown key {key!r}; it must be a RunConfig key")
             _check_space(label, key, value)
         entry_base = {"optimizer": label, **body.get("base", {})}
-        trials = body.get("trials", default_trials)
-        if not (isinstance(trials, int) and not isinstance(trials, bool) and trials >= 1):
-            raise ConfigError(f"optimizers.{label}.trials must be an integer >= 1, got {trials!r}")
+        trials = body.get("trials", given["trials"])
+        least = 0 if body.get("lr_from_eta") else 1  # an untuned entry runs no trials (its resolved form says 0)
+        if not (isinstance(trials, int) and not isinstance(trials, bool) and trials >= least):
+            raise ConfigError(f"optimizers.{label}.trials must be an integer >= {least}, got {trials!r}")
         entries.append(Entry(label, entry_base, dict(space), 0 if body.get("lr_from_eta") else trials,
                              body.get("lr_from_eta")))
         # Every key and value checked now, at both ends of each range and at every listed value.
@@ -187,7 +223,7 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
                 resolve(RunConfig.from_dict({**base, **entry_base, **corner}))
             except ConfigError as exc:
                 raise ConfigError(f"optimizers.{label}{' at ' + str(corner) if corner else ''}: {exc}") from None
-    allow = bool(allow_unequal_budget or raw.get("allow_unequal_budget"))
+    allow = bool(allow_unequal_budget or given["allow_unequal_budget"])
     for e in entries:
         source = e.lr_from_eta
         if source is not None:
@@ -199,7 +235,7 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
     check_equal_budgets(budgets, "trials", allow)
     check_equal_budgets({e.label: resolve(RunConfig.from_dict({**base, **e.base})).steps for e in entries},
                         "steps", allow)
-    sampler = raw.get("sampler", "sobol")
+    sampler = given["sampler"]
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
     if sampler == "grid":
@@ -210,33 +246,33 @@ def parse_spec(raw: dict, name: str = "compare", allow_unequal_budget: bool = Fa
             points = math.prod(len(v) for v in e.space.values()) if e.space else 1
             if points != e.trials:
                 raise ConfigError(f"optimizers.{e.label}: the grid has {points} points but trials is {e.trials}")
-    metric = raw.get("metric", "val_loss")
+    metric = given["metric"]
     for key in ("metric", "target_metric"):
-        value = raw.get(key, "val_loss")
+        value = given[key]
         if not isinstance(value, str) or value.startswith("test_"):
             raise ConfigError(f"{key} {value!r} is not allowed: tuning is scored on validation, never on test_*")
-    report = raw.get("report_metrics")
+    report = given["report_metrics"]
     if report is not None and not (isinstance(report, list) and all(isinstance(m, str) for m in report)):
         raise ConfigError(f"report_metrics must be a list of metric names, got {report!r}")
-    if metric == "steps_to_target" and raw.get("target") is None:
+    if metric == "steps_to_target" and given["target"] is None:
         raise ConfigError("metric steps_to_target needs 'target'")
-    seeds = raw.get("seeds", [1, 2, 3, 4, 5])
+    seeds = given["seeds"]
     if not (isinstance(seeds, list) and len(seeds) >= 2 and len(set(seeds)) == len(seeds)):
         raise ConfigError(f"seeds must be a list of at least two distinct seeds, got {seeds!r}")
-    tune_seed = raw.get("tune_seed", 0)
+    tune_seed = given["tune_seed"]
     if not (isinstance(tune_seed, int) and not isinstance(tune_seed, bool)) or \
             not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
         raise ConfigError(f"tune_seed and seeds must be integers, got {tune_seed!r} and {seeds!r}")
     if tune_seed in seeds:
         raise ConfigError(f"tune_seed {tune_seed} is also a confirmation seed: confirmation needs fresh seeds")
-    reference = raw.get("reference", entries[0].label)
+    reference = given.get("reference", entries[0].label)
     if reference not in budgets:
         raise ConfigError(f"reference {reference!r} is not an entry; entries: {', '.join(budgets)}")
     tuned = [e for e in entries if e.lr_from_eta is None]
-    return CompareSpec(name=raw.get("name", name), base=base, entries=entries, trials=tuned[0].trials,
-                       sampler=sampler, metric=metric, target=raw.get("target"),
-                       target_metric=raw.get("target_metric", "val_loss"), tune_seed=tune_seed, seeds=list(seeds),
-                       reference=reference, report_metrics=raw.get("report_metrics"), raw=raw)
+    return CompareSpec(name=given.get("name", name), base=base, entries=entries, trials=tuned[0].trials,
+                       sampler=sampler, metric=metric, target=given["target"], target_metric=given["target_metric"],
+                       tune_seed=tune_seed, seeds=list(seeds), reference=reference,
+                       report_metrics=None if report is None else list(report), allow_unequal_budget=allow)
 
 
 def load_spec(path_or_preset: str, allow_unequal_budget: bool = False, scale: float = 1.0) -> CompareSpec:
@@ -313,11 +349,12 @@ def storage_url(out_dir: Path, storage: str | None) -> str:
 
 
 def _study(spec: CompareSpec, entry: Entry, url: str):
+    """The entry's study in the database at ``url`` (made by the first worker, joined by the others), and the
+    storage, which keeps the heartbeats of its trials."""
     import itertools
+    import warnings
 
     import optuna
-
-    import warnings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", message="Argument ``heartbeat_interval`` is an experimental feature")
@@ -346,10 +383,18 @@ def _study(spec: CompareSpec, entry: Entry, url: str):
         keys = list(entry.space)
         for combo in itertools.product(*(entry.space[k] for k in keys)):
             study.enqueue_trial(dict(zip(keys, combo)))
-    return study
+    return study, storage
 
 
-def _claim_trial(study, entry: Entry, distributions: dict):
+def _heartbeat(storage, study, trial) -> Callable[[], None]:
+    """A function that records one heartbeat of ``trial``; a trial whose heartbeats stop for GRACE_S is stale
+    (its worker died) and the next claim fails it."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               trial.number)
+    return lambda: storage.record_heartbeat(trial_id)
+
+
+def _claim_trial(study, storage, entry: Entry, distributions: dict):
     """A new trial if the budget has room, else None. Trial numbers come from the storage atomically:
     a trial with ``budget`` live or complete trials numbered before it is surplus and is failed at once."""
     import warnings
@@ -362,15 +407,15 @@ def _claim_trial(study, entry: Entry, distributions: dict):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     counted = (TrialState.COMPLETE, TrialState.RUNNING)
-    if sum(t.state in counted for t in study.get_trials(deepcopy=False)) >= entry.trials:
+    if len(study.get_trials(deepcopy=False, states=counted)) >= entry.trials:
         return None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = study.ask(distributions)
-    study._storage.record_heartbeat(trial._trial_id)  # from now on a dead worker's trial becomes stale
-    ahead = sum(t.state in counted and t.number < trial.number for t in study.get_trials(deepcopy=False))
+    _heartbeat(storage, study, trial)()  # from now on a dead worker's trial becomes stale
+    ahead = sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=counted))
     if ahead >= entry.trials:
-        study._storage.set_trial_user_attr(trial._trial_id, "surplus", True)
+        trial.set_user_attr("surplus", True)
         study.tell(trial, state=TrialState.FAIL)
         return None
     return trial
@@ -384,20 +429,20 @@ def trial_config(spec: CompareSpec, entry: Entry, params: dict, seed: int, evalu
 MAX_FAILURES = 3  # a configuration error fails every trial alike: stop after this many failures in a row
 
 
-def _run_trial(study, trial, spec: CompareSpec, entry: Entry, out_dir: Path) -> bool:
+def _run_trial(study, storage, trial, spec: CompareSpec, entry: Entry, out_dir: Path) -> bool:
     """Train one trial and tell the storage its score; returns False when the run failed (not a result)."""
     from optuna.trial import TrialState
 
     from experiments.train import train
 
     run_dir = out_dir / "tune" / entry.label / f"trial-{trial.number:03d}"
-    study._storage.set_trial_user_attr(trial._trial_id, "run_dir", str(run_dir))
-    stop = threading.Event()
+    trial.set_user_attr("run_dir", str(run_dir))
+    stop, record_heartbeat = threading.Event(), _heartbeat(storage, study, trial)
 
     def beat():
         while not stop.wait(HEARTBEAT_S / 2):
             try:
-                study._storage.record_heartbeat(trial._trial_id)
+                record_heartbeat()
             except Exception:  # a busy database now and then; the next beat tries again
                 continue
 
@@ -413,15 +458,15 @@ def _run_trial(study, trial, spec: CompareSpec, entry: Entry, out_dir: Path) -> 
         raise
     except Exception as exc:  # a failed run is not a result: the trial fails and another takes its place
         stop.set()
-        study._storage.set_trial_user_attr(trial._trial_id, "error", f"{type(exc).__name__}: {exc}")
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
         study.tell(trial, state=TrialState.FAIL)
         if spec.sampler == "grid":  # the grid point goes back in the queue
             study.enqueue_trial(trial.params)
         return False
     stop.set()
-    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+    if trial.number not in {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
         return True  # declared dead (stale) meanwhile: its replacement counts, this record does not
-    study._storage.set_trial_user_attr(trial._trial_id, "status", result.status)
+    trial.set_user_attr("status", result.status)
     study.tell(trial, value)
     write_json_atomic(run_dir / MARKER, {"trial": trial.number, "score": value, "status": result.status,
                                          "params": trial.params})
@@ -434,26 +479,33 @@ def tune_entry(spec: CompareSpec, entry: Entry, out_dir: Path, storage: str | No
     from optuna.trial import TrialState
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    study = _study(spec, entry, storage_url(out_dir, storage))
+    study, database = _study(spec, entry, storage_url(out_dir, storage))
     distributions = _distributions(entry.space)
     failures = 0
     while True:
-        trial = _claim_trial(study, entry, distributions)
+        trial = _claim_trial(study, database, entry, distributions)
         if trial is None:
-            trials = study.get_trials(deepcopy=False)
-            if sum(t.state == TrialState.COMPLETE for t in trials) >= entry.trials:
+            if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= entry.trials:
                 return
             time.sleep(2)  # others are running the rest (or died: their heartbeat will expire)
             continue
         echo(f"tune {entry.label} trial {trial.number}: {trial.params}")
-        if _run_trial(study, trial, spec, entry, out_dir):
+        if _run_trial(study, database, trial, spec, entry, out_dir):
             failures = 0
             continue
         failures += 1
-        error = study._storage.get_trial(trial._trial_id).user_attrs.get("error")
+        error = trial.user_attrs.get("error")
         echo(f"tune {entry.label} trial {trial.number} failed: {error}")
         if failures >= MAX_FAILURES:
             raise RuntimeError(f"{entry.label}: {failures} tuning trials failed in a row; the last: {error}")
+
+
+def tune(spec: CompareSpec, out_dir: Path, storage: str | None = None,
+         echo: Callable[[str], object] = print) -> None:
+    """Tune every entry that is tuned until its budget is complete: one worker, of as many as run at once."""
+    for entry in spec.entries:
+        if entry.lr_from_eta is None:
+            tune_entry(spec, entry, out_dir, storage, echo)
 
 
 def _worker(spec_path: str, out_dir: str, storage: str | None, threads: int, allow_unequal_budget: bool,
@@ -461,10 +513,7 @@ def _worker(spec_path: str, out_dir: str, storage: str | None, threads: int, all
     import torch
 
     torch.set_num_threads(threads)
-    spec = load_spec(spec_path, allow_unequal_budget, scale)
-    for entry in spec.entries:
-        if entry.lr_from_eta is None:
-            tune_entry(spec, entry, Path(out_dir), storage, echo=lambda line: None)
+    tune(load_spec(spec_path, allow_unequal_budget, scale), Path(out_dir), storage, echo=lambda line: None)
 
 
 # ---------------------------------------------------------------- selection and confirmation
@@ -542,11 +591,11 @@ def run_compare(spec_path: str, out: str | Path, *, workers: int = 1, storage: s
     spec = load_spec(spec_path, allow_unequal_budget, scale)
     out_dir = Path(out) / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = {"spec": spec.raw, "name": spec.name, "scale": scale, "allow_unequal_budget": allow_unequal_budget}
-    spec_file = out_dir / "spec.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) != json.loads(json.dumps(saved)):
+    resolved = spec.to_dict()
+    spec_file = out_dir / SPEC_FILE
+    if spec_file.exists() and json.loads(spec_file.read_text()) != json.loads(json.dumps(resolved)):
         raise ConfigError(f"{out_dir} holds a comparison with another spec ({spec_file}); use another --out")
-    write_json_atomic(spec_file, saved)
+    write_json_atomic(spec_file, resolved)
     echo(f"{spec.name}: {len(spec.entries)} optimizers x {spec.trials} trials x "
          f"{trial_config(spec, spec.entries[0], {}, 0, False).steps} steps; then {len(spec.seeds)} seeds each")
     if workers > 1:
@@ -560,9 +609,7 @@ def run_compare(spec_path: str, out: str | Path, *, workers: int = 1, storage: s
             for f in futures:
                 f.result()
     else:
-        for entry in spec.entries:
-            if entry.lr_from_eta is None:
-                tune_entry(spec, entry, out_dir, storage, echo)
+        tune(spec, out_dir, storage, echo)
     chosen = select(spec, out_dir)
     for label, t in chosen.items():
         echo(f"selected {label}: {t.get('derived') or 'trial ' + str(t['trial'])} {t['params']} "
@@ -571,9 +618,3 @@ def run_compare(spec_path: str, out: str | Path, *, workers: int = 1, storage: s
     from analysis.compare import write_compare_report
 
     return write_compare_report(out_dir)
-
-
-def spec_from_dir(out_dir: Path) -> CompareSpec:
-    saved = json.loads((Path(out_dir) / "spec.json").read_text())
-    return parse_spec(saved["spec"], name=saved["name"], allow_unequal_budget=saved["allow_unequal_budget"],
-                      scale=saved["scale"])

@@ -208,3 +208,21 @@ def test_nproc_runs_the_command_under_torchrun(tiny_data_dir, tmp_path):  # cove
     assert run.status == "finished" and run.environment["distributed"]["world_size"] == 2
     assert [e["event"] for e in run.events] == ["started", "hvp_method", "finished"]
     assert run.config["steps"] == 4 and run.config["n_train"] == 100  # the options reached every rank
+
+
+def test_compare_has_three_subcommands_each_with_its_own_usage_and_options():
+    listed = eos("compare", "--help")
+    assert listed.exit_code == 0, listed.output
+    commands = listed.output.split("Commands:")[1].strip().splitlines()
+    assert [line.split()[0] for line in commands] == ["run", "worker", "report"]
+    spec_options = ["--preset", "--out", "--storage", "--scale", "--allow-unequal-budget"]
+    for command, usage, shown, absent in (
+        ("run", "compare run [OPTIONS] [SPEC]", spec_options + ["--workers"], []),
+        ("worker", "compare worker [OPTIONS] [SPEC]", spec_options, ["--workers"]),
+        ("report", "compare report [OPTIONS] {DIR}", [], spec_options + ["--workers"]),
+    ):
+        result = eos("compare", command, "--help")
+        assert result.exit_code == 0, result.output
+        assert usage in result.output, result.output
+        assert all(option in result.output for option in shown), (command, result.output)
+        assert not any(option in result.output for option in absent), (command, result.output)

@@ -11,7 +11,7 @@ from scipy import stats
 
 from analysis.compare import load_comparison, paired_differences, summary
 from eos_toolkit.record import read_metrics
-from experiments.compare import load_spec, parse_spec, run_compare, select, tune_entry
+from experiments.compare import ENTRY_KEYS, SPEC_KEYS, load_spec, parse_spec, run_compare, select, tune_entry
 from experiments.config import ConfigError
 
 BASE = {"task": "image-classification", "dataset": "fashion-mnist", "n_train": 100, "steps": 6, "batch_size": 20,
@@ -70,6 +70,19 @@ def test_presets_parse():
         assert len({e.trials for e in spec.entries if e.lr_from_eta is None}) == 1 and len(spec.seeds) == 5
 
 
+def test_the_resolved_spec_has_every_key_and_parses_back_to_the_same_spec():
+    """spec.json's form (what analysis reads, knowing no default): every key present, a spec in its own right."""
+    for name in ("cnn-fashion", "vradam-vs-eta-avg"):
+        for scale in (1.0, 0.5):
+            spec = load_spec(name, scale=scale)
+            resolved = json.loads(json.dumps(spec.to_dict()))  # as the file holds it
+            assert set(resolved) == SPEC_KEYS
+            assert all(set(body) == ENTRY_KEYS for body in resolved["optimizers"].values())
+            assert parse_spec(resolved) == spec
+    halved = load_spec("cnn-fashion", scale=0.5).to_dict()["base"]
+    assert (halved["steps"], halved["n_train"]) == (200, 2500)  # the preset's 400 and 5000, scaled
+
+
 def test_an_untuned_entry_runs_at_the_mean_effective_rate_of_another(tiny_data_dir, tmp_path):
     import pandas as pd
 
@@ -95,8 +108,8 @@ def test_a_tiny_comparison_end_to_end_killed_and_resumed(tiny_data_dir, tmp_path
     spec_path = write_spec(tmp_path, tiny_data_dir)
     real_run_trial, calls = cmp._run_trial, []
 
-    def run_trial_then_maybe_die(study, trial, spec, entry, out_dir):
-        ok = real_run_trial(study, trial, spec, entry, out_dir)
+    def run_trial_then_maybe_die(study, storage, trial, spec, entry, out_dir):
+        ok = real_run_trial(study, storage, trial, spec, entry, out_dir)
         calls.append((entry.label, trial.number))
         if len(calls) == 2:
             raise KeyboardInterrupt  # the process dies between trials
@@ -109,6 +122,11 @@ def test_a_tiny_comparison_end_to_end_killed_and_resumed(tiny_data_dir, tmp_path
     report = run_compare(str(spec_path), tmp_path / "out", echo=lambda s: None)
     assert calls[:2] == first and len(calls) == 6  # the two finished trials were not run again
     out_dir = tmp_path / "out" / "tiny"
+    stored = json.loads((out_dir / "spec.json").read_text())  # what tiny.json leaves out, at its documented default
+    assert {k: stored[k] for k in ("tune_seed", "target", "target_metric", "report_metrics")} == \
+        {"tune_seed": 0, "target": None, "target_metric": "val_loss", "report_metrics": None}
+    vradam = stored["optimizers"]["vradam"]
+    assert (vradam["base"], vradam["trials"], vradam["lr_from_eta"]) == ({"optimizer": "vradam"}, 3, None)
     comparison = load_comparison(out_dir)
     assert comparison["tuning"].groupby("entry").size().to_dict() == {"adamw": 3, "vradam": 3}
     confirm = comparison["confirm"]
@@ -222,8 +240,8 @@ def test_two_workers_on_one_store_run_each_trial_once(tiny_data_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_compare_report_rebuilds_from_records(tiny_data_dir, tmp_path):
     spec_path = write_spec(tmp_path, tiny_data_dir, trials=2)
-    run = subprocess.run([sys.executable, "-m", "experiments", "compare", str(spec_path), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "experiments", "compare", "run", str(spec_path),
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     (tmp_path / "tiny" / "studies.db").unlink()  # the report needs the records only
     report = tmp_path / "tiny" / "report.md"
@@ -245,7 +263,7 @@ def test_a_surplus_trial_is_failed_without_error_and_never_counted(tiny_data_dir
     entry = spec.entry("adamw")
     out_dir = tmp_path / "tiny"
     out_dir.mkdir()
-    study = _study(spec, entry, f"sqlite:///{out_dir / 'studies.db'}")
+    study, storage = _study(spec, entry, f"sqlite:///{out_dir / 'studies.db'}")
     real_ask, others = study.ask, []
 
     def racing_ask(distributions):  # another worker asks between our budget check and our ask
@@ -253,7 +271,7 @@ def test_a_surplus_trial_is_failed_without_error_and_never_counted(tiny_data_dir
         return real_ask(distributions)
 
     study.ask = racing_ask
-    second = _claim_trial(study, entry, _distributions(entry.space))
+    second = _claim_trial(study, storage, entry, _distributions(entry.space))
     first = others[0]
     assert second is None  # the budget of one was taken first: ours is surplus
     states = {t.number: t.state for t in study.get_trials()}
@@ -270,8 +288,8 @@ def test_conclusions_follow_the_numbers_and_name_divergences():
         rows = [{"entry": "adamw", "seed": s, "status": "finished", "test_loss": v} for s, v in enumerate(a)]
         rows += [{"entry": "vradam", "seed": s, "status": (statuses or {}).get(s, "finished"), "test_loss": v}
                  for s, v in enumerate(b)]
-        return {"spec": {"optimizers": {"adamw": {}, "vradam": {}}, "reference": "adamw"},
-                "confirm": pd.DataFrame(rows), "tuning": pd.DataFrame()}
+        return {"spec": parse_spec(spec_dict("/tmp")).to_dict(), "confirm": pd.DataFrame(rows),
+                "tuning": pd.DataFrame()}
 
     lower = conclusions(comparison([1.0, 1.1, 1.2, 1.3], [0.5, 0.62, 0.69, 0.81]))
     assert lower[0].startswith("vradam's test_loss is lower than adamw's by 0.495") and "vradam is better" in lower[0]
@@ -295,3 +313,19 @@ def test_steps_to_target_reads_the_target_from_its_side():
     assert tuning_score(rows, "steps_to_target", "finished", target=0.6, target_metric="val_loss") == 200
     assert tuning_score(rows, "steps_to_target", "finished", target=0.1, target_metric="val_loss") == math.inf
     assert tuning_score(rows, "val_acc", "diverged") == -math.inf
+
+
+def test_a_spec_as_given_is_refused_in_one_line(tmp_path):
+    """A comparison directory whose spec.json holds a spec as given (no defaults filled in): one line naming
+    what is missing and what to do, no traceback."""
+    from typer.testing import CliRunner
+
+    from experiments.cli import app
+
+    (tmp_path / "spec.json").write_text(json.dumps({"optimizers": {"adamw": {"space": {}}}, "metric": "val_loss"}))
+    with pytest.raises(ValueError, match="lacks base, reference, report_metrics, target, target_metric, "
+                                         "optimizers.adamw.base"):
+        load_comparison(tmp_path)
+    result = CliRunner().invoke(app, ["compare", "report", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and "eos compare run" in result.output
