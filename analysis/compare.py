@@ -30,12 +30,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.derived import mean_ci
+from eos_toolkit import metrics as names
 from eos_toolkit.record import CONFIG_FILE, is_run_dir, read_events, read_metrics, run_status
 
+VAL_LOSS, VAL_ACC = names.split_metric(names.VAL, "loss"), names.split_metric(names.VAL, "acc")
 NAMED_METRICS = {  # tuning metric -> (recorded metric, reduction, direction)
-    "val_loss": ("val_loss", "last", "minimize"),
-    "min_val_loss": ("val_loss", "min", "minimize"),
-    "val_acc": ("val_acc", "last", "maximize"),
+    VAL_LOSS: (VAL_LOSS, "last", "minimize"),
+    f"min_{VAL_LOSS}": (VAL_LOSS, "min", "minimize"),
+    VAL_ACC: (VAL_ACC, "last", "maximize"),
 }
 CONFIDENCE = 0.95
 MARKER = "trial.json"  # in a tuning trial's record once the study holds its result: only those count
@@ -73,16 +76,6 @@ def tuning_score(metrics: pd.DataFrame, metric: str, status: str, *, target: flo
         raise ValueError(f"the run logged no {name!r}, which the comparison's metric {metric!r} needs")
     value = float(series.min() if reduce == "min" else series.iloc[-1])
     return value if math.isfinite(value) else worst
-
-
-def t_interval(values) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval); half-width NaN for fewer than two values."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return (float(x.mean()) if len(x) else math.nan), math.nan
-    return float(x.mean()), float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
 
 
 def _status(run_dir: Path) -> str:
@@ -142,8 +135,7 @@ def load_comparison(out_dir: str | Path) -> dict:
             row = {"entry": entry, "seed": int(run_dir.name.split("-")[1]), "status": status,
                    "steps": int(m["step"].max()) if len(m) else 0}
             row.update(m.groupby("metric")["value"].last().to_dict())
-            if "hessian_seconds" in row:
-                row.pop("hessian_seconds")
+            row.pop(names.seconds(names.HESSIAN), None)
             confirm.append(row)
     selection = out_dir / SELECTION
     return {"spec": spec, "tuning": pd.DataFrame(tuning), "confirm": pd.DataFrame(confirm),
@@ -169,8 +161,8 @@ def summary(comparison: dict) -> pd.DataFrame:
         ok = runs[runs.status == "finished"] if len(runs) else runs
         for metric in report_metrics(comparison):
             values = ok[metric].dropna().to_numpy(float) if metric in ok else np.array([])
-            mean, half = t_interval(values)
-            rows.append({"entry": entry, "metric": metric, "n": len(values), "mean": mean, "ci95": half,
+            mean, half, n = mean_ci(values, CONFIDENCE)
+            rows.append({"entry": entry, "metric": metric, "n": n, "mean": mean, "ci95": half,
                          "diverged": int((runs.status == "diverged").sum()) if len(runs) else 0})
     return pd.DataFrame(rows)
 
@@ -195,7 +187,7 @@ def paired_differences(comparison: dict) -> pd.DataFrame:
             b = ok[ok.entry == reference].set_index("seed")[metric]
             seeds = sorted(set(a.dropna().index) & set(b.dropna().index))
             d = (a.loc[seeds] - b.loc[seeds]).to_numpy(float)
-            mean, half = t_interval(d)
+            mean, half, _ = mean_ci(d, CONFIDENCE)
             p = float(stats.ttest_rel(a.loc[seeds], b.loc[seeds]).pvalue) if len(seeds) >= 2 else math.nan
             lost = {name: int((confirm.entry == name).sum()) - int((ok.entry == name).sum()) for name in (entry, reference)}
             rows.append({"entry": entry, "reference": reference, "metric": metric, "seeds": len(seeds),

@@ -44,12 +44,14 @@ import pandas as pd
 from analysis.derived import damping_ratio, mean_ci_rows, smooth
 from analysis.load import as_tidy, metric_series
 from analysis.summary import StabilityMetrics, completed, run_info, split_runs, stability_metrics
+from eos_toolkit import metrics as names
 
 #: Okabe & Ito (2008), reordered so that the first colours contrast most on white.
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
 
 #: Line styles of the loss figure, by metric.
-LOSS_STYLES = {"train_loss": "-", "track_loss": "-.", "val_loss": "--", "test_loss": ":"}
+LOSS_STYLES = {names.TRAIN_LOSS: "-", names.split_metric(names.TRACK, "loss"): "-.",
+               names.split_metric(names.VAL, "loss"): "--", names.split_metric(names.TEST, "loss"): ":"}
 
 
 def _new_axes(figsize=(6.4, 4.0)):
@@ -131,7 +133,7 @@ def plot_sharpness(df, ax=None, normalized: bool | None = None, metric: str | No
         pair = stability_metrics(parts[rid], rid)
         if metric is not None:
             pre = metric.startswith("precond")
-            pair = StabilityMetrics(metric, "precond_threshold" if pre else "threshold",
+            pair = StabilityMetrics(metric, names.PRECOND_THRESHOLD if pre else names.THRESHOLD,
                                     pair.threshold_eta if (pair and pre) else None)
         if pair is not None and len(_finite(metric_series(parts[rid], pair.sharpness))):
             pairs[rid] = pair
@@ -249,7 +251,7 @@ def plot_loss(df, ax=None, metrics: Sequence[str] | None = None, logy: bool = Tr
                 top_diverged = max(top_diverged, float(s.max()))
             else:
                 top_ok = max(top_ok, float(s.max()))
-        train = metric_series(parts[rid], "train_loss")
+        train = metric_series(parts[rid], names.TRAIN_LOSS)
         if mark_rises and rid in rug_rows and len(train) > 1:
             rises = np.diff(train.to_numpy())
             rose = train.index[1:][np.isfinite(rises) & (rises > 0)]
@@ -273,10 +275,10 @@ def plot_loss(df, ax=None, metrics: Sequence[str] | None = None, logy: bool = Tr
     return ax
 
 
-GFLOWNET_STYLES = {"l1_exact": "-", "l1_empirical": "--"}
+GFLOWNET_STYLES = {names.L1_EXACT: "-", names.L1_EMPIRICAL: "--"}
 
 
-def plot_distribution_error(df, ax=None, metrics: Sequence[str] = ("l1_exact", "l1_empirical"), logy: bool = True,
+def plot_distribution_error(df, ax=None, metrics: Sequence[str] = (names.L1_EXACT, names.L1_EMPIRICAL), logy: bool = True,
                             title: str | None = None):
     """A GFlowNet's distance to its target R/Z against step, one colour per run.
 
@@ -323,7 +325,7 @@ def damping_runs(df) -> list[str]:
     out = []
     for rid, part in split_runs(df).items():
         logged = set(part["metric"])
-        if {"eta", "lr"} <= logged and logged & {"vr_clamped", "vr_sq_norm"}:
+        if {names.ETA, names.LR} <= logged and logged & {names.VR_CLAMPED, names.VR_SQ_NORM}:
             out.append(rid)
     return out
 
@@ -349,9 +351,9 @@ def plot_damping(df, ax=None, show_sq_norm: bool = True, title: str | None = Non
     floors = set()
     for i, rid in enumerate(ids):
         info, colour = run_info(parts[rid], rid), colours[rid]
-        ratio = _finite(damping_ratio(metric_series(parts[rid], "eta"), metric_series(parts[rid], "lr")))
+        ratio = _finite(damping_ratio(metric_series(parts[rid], names.ETA), metric_series(parts[rid], names.LR)))
         ax.plot(ratio.index, ratio.to_numpy(), color=colour, linewidth=1.8, label=info["label"], gid="eta_over_lr")
-        clamped = metric_series(parts[rid], "vr_clamped")
+        clamped = metric_series(parts[rid], names.VR_CLAMPED)
         if (clamped >= 0.5).any():
             lo, hi = i / len(ids), (i + 1) / len(ids)
             ax.fill_between(clamped.index, lo, hi, where=clamped.to_numpy() >= 0.5, step="post", color=colour,
@@ -360,7 +362,7 @@ def plot_damping(df, ax=None, show_sq_norm: bool = True, title: str | None = Non
         if alpha1 is not None and alpha1 not in floors:
             floors.add(alpha1)
             ax.axhline(1 / (1 + alpha1), color="0.4", linestyle="--", linewidth=0.9, gid="floor")
-        sq = _finite(metric_series(parts[rid], "vr_sq_norm"))
+        sq = _finite(metric_series(parts[rid], names.VR_SQ_NORM))
         sq = sq[sq > 0]
         if show_sq_norm and len(sq):
             twin = twin or ax.twinx()
@@ -398,22 +400,20 @@ def plot_spectrum(df, ax=None, run_id: str | None = None, k: int | None = None, 
     if run_id not in parts:
         raise ValueError(f"no run {run_id!r} in df; runs are {list(parts)}")
     df = parts[run_id]
-    prefix = "precond_eig_" if precond else "hessian_eig_"
-    logged = set(df["metric"])
-    found = sorted(int(m[len(prefix):]) for m in logged if re.fullmatch(re.escape(prefix) + r"\d+", m))
-    if k is not None:
-        found = [i for i in found if i <= k]
+    solve = names.PRECOND if precond else names.HESSIAN
+    indices = (names.eigenvalue_index(solve, m) for m in set(df["metric"]))
+    found = sorted(i for i in indices if i is not None and (k is None or i <= k))
     if not found:
-        raise ValueError(f"run {run_id!r} logged no {prefix}<i> metrics")
+        raise ValueError(f"run {run_id!r} logged no {names.eigenvalue(solve, '<i>')} metrics")
     import matplotlib
 
     ax = ax if ax is not None else _new_axes()
     cmap = matplotlib.colormaps["viridis"]
     for j, i in enumerate(found):
-        s = _finite(metric_series(df, f"{prefix}{i}"))
+        s = _finite(metric_series(df, names.eigenvalue(solve, i)))
         colour = cmap(0.85 * j / max(1, len(found) - 1))
         ax.plot(s.index, s.to_numpy(), color=colour, linewidth=1.2, label=rf"$\lambda_{{{i}}}$", gid="eigenvalue")
-    thr = _finite(metric_series(df, "precond_threshold" if precond else "threshold"))
+    thr = _finite(metric_series(df, names.PRECOND_THRESHOLD if precond else names.THRESHOLD))
     keys = []
     if len(thr):
         ax.plot(thr.index, thr.to_numpy(), color="0.2", linestyle="--", linewidth=1.1, gid="threshold")
@@ -497,7 +497,7 @@ def plot_density(density: pd.DataFrame, ax=None, run_id: str | None = None, kind
     return ax
 
 
-def plot_comparison(df, metric: str = "train_loss", ax=None, group_by: Sequence[str] = ("optimizer", "lr"),
+def plot_comparison(df, metric: str = names.TRAIN_LOSS, ax=None, group_by: Sequence[str] = ("optimizer", "lr"),
                     confidence: float = 0.95, logy: bool = True, smooth_alpha: float | None = None,
                     title: str | None = None):
     """Mean of ``metric`` across seeds with a confidence band, one line per group (optimizer and lr).

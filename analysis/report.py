@@ -25,6 +25,7 @@ import pandas as pd
 
 from analysis.load import Run, Runs, flatten_config, load_runs
 from analysis.plots import (
+    LOSS_STYLES,
     damping_runs,
     plot_distribution_error,
     plot_comparison,
@@ -42,8 +43,10 @@ from analysis.summary import (
     stability_summary,
     summary_table,
 )
+from eos_toolkit import metrics as names
 
 log = logging.getLogger("analysis")
+
 
 def _as_runs(runs) -> Runs:
     if isinstance(runs, Runs):
@@ -78,16 +81,16 @@ def _group_keys(df: pd.DataFrame) -> list[str]:
     return [k for k in ("optimizer", "lr") if k in df.columns] or ["label"]
 
 
-def _spectrum_prefix(run: Run) -> str | None:
+def _spectrum_solve(run: Run) -> str | None:
     # Runs of optimizers with a preconditioner are judged on the preconditioned Hessian, when it was tracked.
-    logged = run.metrics
-    if any(re.fullmatch(r"precond_eig_\d+", m) for m in logged):
-        return "precond_eig_"
-    return "hessian_eig_" if any(re.fullmatch(r"hessian_eig_\d+", m) for m in logged) else None
+    for solve in (names.PRECOND, names.HESSIAN):
+        if any(names.eigenvalue_index(solve, m) is not None for m in run.metrics):
+            return solve
+    return None
 
 
 def _last_threshold(run: Run) -> float | None:
-    values = run.metric("threshold").dropna()
+    values = run.metric(names.THRESHOLD).dropna()
     return float(values.iloc[-1]) if len(values) else None
 
 
@@ -117,22 +120,22 @@ FIGURES: dict[str, FigureKind] = {
     "sharpness": FigureKind(lambda run: bool(stability_metrics(run.df, run.run_id)),
                             "no run logged sharpness with its threshold",
                             lambda df, ax: plot_sharpness(df, ax=ax)),
-    "loss": FigureKind(_logged("train_loss", "track_loss", "val_loss", "test_loss"), "no run logged a loss",
+    "loss": FigureKind(_logged(*LOSS_STYLES), "no run logged a loss",
                        lambda df, ax: plot_loss(df, ax=ax)),
     "damping": FigureKind(lambda run: bool(damping_runs(run.df)),
                           "no VRAdam run (no eta with vr_clamped or vr_sq_norm logged)",
                           lambda df, ax: plot_damping(df, ax=ax)),
-    "spectrum": FigureKind(lambda run: _spectrum_prefix(run) is not None,
+    "spectrum": FigureKind(lambda run: _spectrum_solve(run) is not None,
                            "no run logged hessian_eig_<i> or precond_eig_<i>",
-                           lambda run, ax: plot_spectrum(run.df, ax=ax, precond=_spectrum_prefix(run) == "precond_eig_"),
+                           lambda run, ax: plot_spectrum(run.df, ax=ax, precond=_spectrum_solve(run) == names.PRECOND),
                            per_run=True),
     "density": FigureKind(lambda run: len(run.density) > 0, "no run logged a spectral density",
                           lambda run, ax: plot_density(run.density, ax=ax, threshold=_last_threshold(run),
                                                        title=run.label),
                           per_run=True),
-    "comparison": FigureKind(_logged("train_loss"), "no run logged train_loss",
+    "comparison": FigureKind(_logged(names.TRAIN_LOSS), "no run logged train_loss",
                              lambda df, ax: plot_comparison(df, ax=ax, group_by=_group_keys(df))),
-    "gflownet": FigureKind(_logged("l1_exact", "l1_empirical"),
+    "gflownet": FigureKind(_logged(names.L1_EXACT, names.L1_EMPIRICAL),
                            "no GFlowNet run (no l1_exact or l1_empirical logged)",
                            lambda df, ax: plot_distribution_error(df, ax=ax)),
 }

@@ -38,6 +38,7 @@ from analysis.derived import (
     steps_to_target,
 )
 from analysis.load import as_tidy, metric_series, run_label
+from eos_toolkit import metrics as names
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,11 @@ def stability_metrics(df: pd.DataFrame, run_id: str) -> StabilityMetrics | None:
     logged = set(df.loc[df["run_id"] == run_id, "metric"])
     if not logged:
         return None
-    if {"precond_sharpness", "precond_threshold"} <= logged:
-        eta = "precond_threshold_eta" if "precond_threshold_eta" in logged else None
-        return StabilityMetrics("precond_sharpness", "precond_threshold", eta)
-    if "sharpness" in logged:
-        return StabilityMetrics("sharpness", "threshold")
+    if {names.PRECOND_SHARPNESS, names.PRECOND_THRESHOLD} <= logged:
+        eta = names.at_eta(names.PRECOND_THRESHOLD) if names.at_eta(names.PRECOND_THRESHOLD) in logged else None
+        return StabilityMetrics(names.PRECOND_SHARPNESS, names.PRECOND_THRESHOLD, eta)
+    if names.SHARPNESS in logged:
+        return StabilityMetrics(names.SHARPNESS, names.THRESHOLD)
     return None
 
 
@@ -136,23 +137,24 @@ def stability_summary(df: pd.DataFrame, level: float = 1.0) -> pd.DataFrame:
             row["late_ratio"] = _late_median(sharpness_ratio(sharp, thr))
             if pair.threshold_eta:
                 row["late_ratio_eta"] = _late_median(sharpness_ratio(sharp, metric_series(part, pair.threshold_eta)))
-        row["loss_rise_fraction"] = loss_rise_fraction(metric_series(part, "train_loss"))
-        row["sign_flip_rate"] = sign_flip_rate(metric_series(part, "update_proj_top"))
-        row["mean_update_cos"] = mean_update_cos(metric_series(part, "update_cos"))
-        eta, lr = metric_series(part, "eta"), metric_series(part, "lr")
+        row["loss_rise_fraction"] = loss_rise_fraction(metric_series(part, names.TRAIN_LOSS))
+        row["sign_flip_rate"] = sign_flip_rate(metric_series(part, names.UPDATE_PROJ_TOP))
+        row["mean_update_cos"] = mean_update_cos(metric_series(part, names.UPDATE_COS))
+        eta, lr = metric_series(part, names.ETA), metric_series(part, names.LR)
         ratio = damping_ratio(eta, lr) if len(lr) else pd.Series(dtype=float)
         row["mean_eta_over_lr"] = float(ratio.mean()) if len(ratio) else math.nan
-        row["clamp_fraction"] = clamp_fraction(metric_series(part, "vr_clamped"))
+        row["clamp_fraction"] = clamp_fraction(metric_series(part, names.VR_CLAMPED))
         rows.append(row)
     return pd.DataFrame(rows, columns=STABILITY_COLUMNS)
 
 
 def _accuracy_metric(df: pd.DataFrame) -> str | None:
     logged = set(df["metric"])
-    return next((m for m in ("val_acc", "test_acc", "track_acc") if m in logged), None)
+    candidates = (names.split_metric(split, "acc") for split in (names.VAL, names.TEST, names.TRACK))
+    return next((m for m in candidates if m in logged), None)
 
 
-def run_summary(df: pd.DataFrame, target_loss: float | None = None, loss: str = "train_loss",
+def run_summary(df: pd.DataFrame, target_loss: float | None = None, loss: str = names.TRAIN_LOSS,
                 acc: str | None = None) -> pd.DataFrame:
     """One row of outcomes per run.
 
@@ -193,7 +195,7 @@ SUMMARY_QUANTITIES = ("final_loss", "best_loss", "final_acc", "best_acc", "steps
 
 
 def summary_table(df: pd.DataFrame, group_by: Sequence[str] = ("optimizer", "lr"), target_loss: float | None = None,
-                  loss: str = "train_loss", acc: str | None = None, confidence: float = 0.95) -> pd.DataFrame:
+                  loss: str = names.TRAIN_LOSS, acc: str | None = None, confidence: float = 0.95) -> pd.DataFrame:
     """Runs grouped (by optimizer and lr by default) with mean and CI half-width over seeds.
 
     Columns: the group keys, label, runs (how many), diverged (runs that diverged

@@ -103,7 +103,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from .collectives import Collective, synchronize
 from .batches import as_args, chunk_size
 from .loss_reduction import check_mean_reduction
-from .modes import MissingSecondDerivativeError, PlainKernelFallback, check_modes, module_mode
+from .modes import PlainKernelFallback, check_modes, module_mode
 from .operators import LinearOperator
 from .settings import METHODS
 

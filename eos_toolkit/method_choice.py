@@ -28,7 +28,7 @@ On a vector ``v``, in one :meth:`~eos_toolkit.hvp.HessianOperator.measurement`:
 Cost: four products in float32, five in float64 (each ``b`` products for a
 ``(dim, b)`` block; times are per column), once per run.  A rule that fails
 on the model is left out with its reason (:attr:`MethodChoice.failed`); when
-every rule fails, :class:`~eos_toolkit.hvp.MissingSecondDerivativeError`
+every rule fails, :class:`~eos_toolkit.modes.MissingSecondDerivativeError`
 lists why.  Under a process group a failure is raised instead (the other
 ranks may be inside the product's all-reduce: name a rule that works), and
 the ranks take the slowest rank's times, the largest errors and any rank's
@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import grad, jvp
 
-from .hvp import HessianOperator, MissingSecondDerivativeError, determinism_rtol, raise_if_random
+from .hvp import HessianOperator, determinism_rtol, raise_if_random
+from .modes import MissingSecondDerivativeError
 from .settings import METHODS
 AUTO_RTOL = 1e-5  # a method is eligible for "auto" when its product agrees with the reference to this
 AUTO_PRODUCTS_PER_MEASUREMENT = 10  # what "auto" amortises reuse_graph's graph building over

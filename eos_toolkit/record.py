@@ -26,40 +26,8 @@ with a ``message``; the run goes on). The run's status is derived from the event
 ``failed``) if there is one after the last ``started``/``resumed``, otherwise
 ``incomplete`` (still running, or killed).
 
-Metric names (the vocabulary the analysis understands; tasks may add more):
-
-===========================  =================================================
-per step
-``train_loss``               loss of the batch the step was computed on
-``lr``                       the scheduled (maximal) rate of param group 0
-``eta``                      the effective rate used (VRAdam's eta_t; = lr
-                             for other optimizers)
-``vr_sq_norm``               VRAdam's gate input s_t (squared velocity norm)
-``vr_clamped``               1.0 when beta3 * s_t >= alpha1, else 0.0
-``update_norm``              |theta_{t+1} - theta_t|
-``update_cos``               cosine between this update and the previous one
-``update_proj_top``          projection of the update on the latest top
-                             Hessian eigenvector (its sign flips = oscillation)
-every ``track_every`` steps
-``track_loss``/``track_acc`` loss / accuracy on the fixed tracking subset
-``sharpness``                top Hessian eigenvalue lambda_1(H)
-``hessian_eig_{i}``          i-th largest Hessian eigenvalue (i = 1..k)
-``hessian_residual_{i}``     its residual norm |H u - lambda u|
-``hessian_matvecs``          Hessian-vector products this measurement used
-                             (a determinism probe's included)
-``hessian_seconds``          wall time of this measurement
-``threshold``                the stability threshold lambda_1(H) is compared
-                             with, for optimizers without a preconditioner
-``precond_sharpness``        lambda_1(P^-1/2 H P^-1/2) for optimizers with a
-                             diagonal preconditioner P (Adam, AdamW, RAdam,
-                             RMSprop, VRAdam); NaN when P was missing
-``precond_eig_{i}`` etc.     as for the Hessian
-``precond_threshold``        the threshold the preconditioned sharpness is
-                             compared with
-``precond_threshold_eta``    the same at VRAdam's effective rate eta_t
-``val_loss``/``val_acc``     validation metrics (minibatch tasks)
-``test_loss``/``test_acc``   test metrics (minibatch tasks)
-===========================  =================================================
+Metric names: :mod:`eos_toolkit.metrics`, the vocabulary writers and readers
+share (tasks may add more).
 
 Thresholds. Every threshold value is one formula of
 ``eos_toolkit/thresholds.py``, chosen by the optimizer's adapter

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from . import metrics as names
 from .hvp import hessian_operator
 from .method_choice import choose_method
 from .operators import LinearOperator, preconditioned_operator
@@ -180,15 +181,15 @@ class SharpnessTracker:
             torch.cuda.synchronize(op.device)  # sync: wall time of the solve
         return result, time.perf_counter() - start
 
-    def _metrics(self, prefix: str, result: EigResult, seconds: float) -> dict[str, float]:
+    def _metrics(self, solve: str, result: EigResult, seconds: float) -> dict[str, float]:
         # sync: one transfer of the eigenvalues and residuals per solve.
         values = torch.cat([result.eigenvalues, result.residuals]).tolist()
         k = result.eigenvalues.shape[0]
-        metrics = {f"{prefix}_eig_{i + 1}": values[i] for i in range(k)}
-        metrics.update({f"{prefix}_residual_{i + 1}": values[k + i] for i in range(k)})
-        metrics[f"{prefix}_matvecs"] = float(result.n_matvecs)
-        metrics[f"{prefix}_seconds"] = seconds
-        metrics[f"{prefix}_converged"] = float(result.converged)
+        metrics = {names.eigenvalue(solve, i + 1): values[i] for i in range(k)}
+        metrics.update({names.residual(solve, i + 1): values[k + i] for i in range(k)})
+        metrics[names.matvecs(solve)] = float(result.n_matvecs)
+        metrics[names.seconds(solve)] = seconds
+        metrics[names.converged(solve)] = float(result.converged)
         return metrics
 
     def measure(self, preconditioner=None) -> dict[str, float]:
@@ -218,21 +219,23 @@ class SharpnessTracker:
             self._probe_pending = False
         result, seconds = self._solve(self.hessian, self.eigenvectors, self._workspace)
         self.eigenvectors = align_signs(result.eigenvectors, self.eigenvectors)
-        metrics = self._metrics("hessian", result, seconds)
+        metrics = self._metrics(names.HESSIAN, result, seconds)
         # Every product of the measurement, and its time: the method choice and the probe included.
-        metrics["hessian_matvecs"] = float(self.hessian.n_matvecs - before)
-        metrics["hessian_seconds"] = time.perf_counter() - start
-        metrics["sharpness"] = metrics["hessian_eig_1"]
+        metrics[names.matvecs(names.HESSIAN)] = float(self.hessian.n_matvecs - before)
+        metrics[names.seconds(names.HESSIAN)] = time.perf_counter() - start
+        metrics[names.SHARPNESS] = metrics[names.eigenvalue(names.HESSIAN, 1)]
         if not self.precondition:
             return metrics
         if preconditioner is None:
             nan = float("nan")
-            metrics.update({f"precond_{kind}_{i + 1}": nan for kind in ("eig", "residual") for i in range(self.k)})
-            metrics.update(precond_sharpness=nan, precond_matvecs=0.0, precond_seconds=0.0, precond_converged=nan)
+            metrics.update({name(names.PRECOND, i + 1): nan for name in (names.eigenvalue, names.residual)
+                            for i in range(self.k)})
+            metrics.update({names.PRECOND_SHARPNESS: nan, names.matvecs(names.PRECOND): 0.0,
+                            names.seconds(names.PRECOND): 0.0, names.converged(names.PRECOND): nan})
             return metrics
         op = preconditioned_operator(self.hessian, preconditioner)
         result, seconds = self._solve(op, self.precond_eigenvectors, self._precond_workspace)
         self.precond_eigenvectors = align_signs(result.eigenvectors, self.precond_eigenvectors)
-        metrics.update(self._metrics("precond", result, seconds))
-        metrics["precond_sharpness"] = metrics["precond_eig_1"]
+        metrics.update(self._metrics(names.PRECOND, result, seconds))
+        metrics[names.PRECOND_SHARPNESS] = metrics[names.eigenvalue(names.PRECOND, 1)]
         return metrics

@@ -31,6 +31,7 @@ from typing import Optional
 
 import typer
 
+from eos_toolkit import metrics as names
 from experiments.tasks import TASKS  # names and one-line summaries; imports no torch
 
 app = typer.Typer(help="Edge-of-stability experiments: VRAdam and baselines with live sharpness tracking.",
@@ -103,7 +104,8 @@ def progress_bar(description: str):
 
 
 def _print_result(result) -> None:
-    keys = ("train_loss", "track_acc", "sharpness", "threshold", "precond_sharpness", "precond_threshold", "eta")
+    keys = (names.TRAIN_LOSS, names.split_metric(names.TRACK, "acc"), names.SHARPNESS, names.THRESHOLD,
+            names.PRECOND_SHARPNESS, names.PRECOND_THRESHOLD, names.ETA)
     summary = ", ".join(f"{k}={result.final[k]:.4g}" for k in keys if k in result.final)
     typer.echo(f"{result.status} at step {result.step}: {summary}")
     typer.echo(f"record: {result.run_dir}")
@@ -440,7 +442,7 @@ def runs_list(directory: Path = typer.Argument(Path("runs"), help="Directory to 
             table.add_row(name, "?", "?", "?", "damaged", "-", "-")
             continue
         m = r.metrics
-        loss = m[m.metric == "train_loss"]
+        loss = m[m.metric == names.TRAIN_LOSS]
         last_step = int(m.step.max()) if len(m) else 0
         table.add_row(name, r.config.get("task", "?"),
                       r.config.get("optimizer", "?"), f"{r.config.get('lr', float('nan')):g}", r.status,

@@ -73,7 +73,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.compare import MARKER, SELECTION, SPEC_FILE, metric_direction, tuning_score, tuning_trials
+from analysis.compare import MARKER, SELECTION, SPEC_FILE, VAL_LOSS, metric_direction, tuning_score, tuning_trials
+from eos_toolkit import metrics as names
 from eos_toolkit.record import is_run_dir, read_events, read_metrics, run_status, write_json_atomic
 from experiments.config import ConfigError, RunConfig, load_config_file
 from experiments.resolve import resolve
@@ -81,7 +82,7 @@ from experiments.resolve import resolve
 SAMPLERS = ("grid", "random", "sobol", "tpe")
 # The one home of the spec's defaults. The others follow from the spec itself: name (the file's stem), base ({}),
 # reference (the first entry), and per entry base.optimizer (its label), space ({}) and trials (the spec's).
-SPEC_DEFAULTS = {"trials": 8, "sampler": "sobol", "metric": "val_loss", "target": None, "target_metric": "val_loss",
+SPEC_DEFAULTS = {"trials": 8, "sampler": "sobol", "metric": VAL_LOSS, "target": None, "target_metric": VAL_LOSS,
                  "tune_seed": 0, "seeds": [1, 2, 3, 4, 5], "report_metrics": None, "allow_unequal_budget": False}
 SPEC_KEYS = {"name", "base", "optimizers", "reference", *SPEC_DEFAULTS}
 ENTRY_KEYS = {"base", "space", "trials", "lr_from_eta"}
@@ -540,7 +541,7 @@ def select(spec: CompareSpec, out_dir: Path) -> dict[str, dict]:
         if entry.lr_from_eta is not None:
             source = chosen[entry.lr_from_eta]
             metrics = read_metrics(source["run_dir"])
-            eta = float(metrics[metrics.metric == "eta"]["value"].mean())
+            eta = float(metrics[metrics.metric == names.ETA]["value"].mean())
             chosen[entry.label] = {"trial": None, "params": {"lr": eta}, "score": math.nan,
                                    "derived": f"lr = mean eta_t of {entry.lr_from_eta}'s trial {source['trial']}"}
     write_json_atomic(out_dir / SELECTION, {label: {k: t[k] for k in ("trial", "params", "score", "derived") if k in t}

@@ -51,6 +51,7 @@ from typing import Callable
 
 import torch
 
+from eos_toolkit import metrics as names
 from eos_toolkit import record
 from eos_toolkit.batches import as_args
 from eos_toolkit.solvers import gaussian_density, slq_density
@@ -65,14 +66,6 @@ from experiments.tasks.base import Task
 
 CHECKPOINT_NAME = "last.pt"
 PREVIOUS_CHECKPOINT = "previous.pt"  # the one before, kept until the new one is complete
-# Metrics that measure wall-clock time (named *_seconds or *_per_second); the only ones a resumed
-# run may not reproduce.
-TIMING_SUFFIXES = ("_seconds", "_per_second")
-
-
-def is_timing_metric(name: str) -> bool:
-    """Whether ``name`` measures wall-clock time (``hessian_seconds``, ``tokens_per_second``, ...)."""
-    return name.endswith(TIMING_SUFFIXES)
 # Points of the grid a spectral density is evaluated on (its cost is set by density_probes x density_steps).
 DENSITY_GRID = 400
 
@@ -217,20 +210,20 @@ class Trainer:
         t = self.step
         rows = self.pending
         self.last_lr, self.last_rate = float(lr), self.adapter.effective_rate(self.optimizer, float(lr))
-        rows += [(t, "train_loss", loss), (t, "lr", float(lr)), (t, "update_norm", update.norm()),
-                 (t, "eta", self.last_rate)]
+        rows += [(t, names.TRAIN_LOSS, loss), (t, names.LR, float(lr)), (t, names.UPDATE_NORM, update.norm()),
+                 (t, names.ETA, self.last_rate)]
         if grad_norm is not None:
-            rows.append((t, "grad_norm", grad_norm.detach()))
+            rows.append((t, names.GRAD_NORM, grad_norm.detach()))
         if hasattr(self.optimizer, "telemetry"):  # VRAdam: s_t and the clamp, as device tensors
             tel = self.optimizer.telemetry(0)
-            rows += [(t, "vr_sq_norm", tel["sq_norm"].detach().clone()),
-                     (t, "vr_clamped", tel["clamped"].detach().clone())]
+            rows += [(t, names.VR_SQ_NORM, tel["sq_norm"].detach().clone()),
+                     (t, names.VR_CLAMPED, tel["clamped"].detach().clone())]
         if self.prev_update is not None:
             cos = torch.dot(update, self.prev_update) / (update.norm() * self.prev_update.norm()).clamp_min(1e-30)
-            rows.append((t, "update_cos", cos))
+            rows.append((t, names.UPDATE_COS, cos))
         top = self.tracker.top_eigenvector_flat
         if top is not None:
-            rows.append((t, "update_proj_top", torch.dot(update, top.to(update.dtype))))
+            rows.append((t, names.UPDATE_PROJ_TOP, torch.dot(update, top.to(update.dtype))))
         self.prev_update = update
         if self.scheduler is not None:
             self.scheduler.step()
@@ -251,14 +244,14 @@ class Trainer:
         stacked = torch.stack([v.double() for v in tensors]) if tensors else None
         if self.group is not None and stacked is not None:
             # Each rank's train_loss is its part of the objective: one all-reduce for the interval's losses.
-            is_loss = torch.tensor([m == "train_loss" for _, m, v in rows if isinstance(v, torch.Tensor)],
+            is_loss = torch.tensor([m == names.TRAIN_LOSS for _, m, v in rows if isinstance(v, torch.Tensor)],
                                    device=stacked.device)
             stacked = torch.where(is_loss, self.group.sum(stacked * is_loss), stacked)
         host = iter(stacked.tolist()) if stacked is not None else iter(())
         values = [(s, m, next(host) if isinstance(v, torch.Tensor) else v) for s, m, v in rows]
         outcome = None
         for s, m, v in values:
-            if m != "train_loss":
+            if m != names.TRAIN_LOSS:
                 continue
             if self.initial_loss is None:
                 self.initial_loss = v
@@ -293,9 +286,10 @@ class Trainer:
         self.writer.log_metrics(rows)
         self.final.update({m: v for _, m, v in rows})
         if cfg.target_acc is not None:
-            if "track_acc" not in evaluated:
-                raise ValueError(f"target_acc is set but task {cfg.task!r} records no track_acc; use target_loss")
-            if evaluated["track_acc"] >= cfg.target_acc:
+            track_acc = names.split_metric(names.TRACK, "acc")
+            if track_acc not in evaluated:
+                raise ValueError(f"target_acc is set but task {cfg.task!r} records no {track_acc}; use target_loss")
+            if evaluated[track_acc] >= cfg.target_acc:
                 return "target"
         return None
 
@@ -307,7 +301,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # sync: wall time of the steps
         seconds = time.perf_counter() - start[1]
-        return [(t, f"{unit}_per_second", (t - start[0]) * self.task.items_per_step / max(seconds, 1e-9))]
+        return [(t, names.per_second(unit), (t - start[0]) * self.task.items_per_step / max(seconds, 1e-9))]
 
     def _sharpness_and_thresholds(self, t: int) -> list[tuple[int, str, float]]:
         """Sharpness (raw, and preconditioned where the optimizer has a P) and the lines it is compared with.
@@ -340,10 +334,10 @@ class Trainer:
             measured = {k: v for k, v in measured.items() if not k.startswith("precond_")}
         rows = [(t, name, value) for name, value in measured.items()]
         lr = self.last_lr if self.last_lr is not None else float(self.optimizer.param_groups[0]["lr"])
-        name = "precond_threshold" if self.adapter.preconditioned else "threshold"
+        name = names.PRECOND_THRESHOLD if self.adapter.preconditioned else names.THRESHOLD
         rows.append((t, name, self._threshold(lr)))
         if self.adapter.gated and self.last_rate is not None:  # the line at the effective rate (VRAdam's eta_t)
-            rows.append((t, f"{name}_eta", self._threshold(float(self.last_rate))))
+            rows.append((t, names.at_eta(name), self._threshold(float(self.last_rate))))
         return rows
 
     def _threshold(self, rate: float) -> float:
@@ -362,7 +356,7 @@ class Trainer:
         grid = torch.linspace(lo - pad, hi + pad, DENSITY_GRID, dtype=sld.nodes.dtype, device=sld.nodes.device)
         density = gaussian_density(sld, grid, sigma=float((hi - lo) / 100))  # sync: bounds for the grid width
         self.writer.log_density(t, grid.tolist(), density.tolist())
-        return [(t, "density_seconds", time.perf_counter() - start)]
+        return [(t, names.DENSITY_SECONDS, time.perf_counter() - start)]
 
     # ---- checkpoints --------------------------------------------------------
     def _checkpoint(self) -> None:
@@ -439,7 +433,7 @@ class Trainer:
                 passed_over.append(f"{name} does not load ({type(exc).__name__}: {str(exc)[:120]})")
                 continue
             if metrics is not None and state["step"] > 0:
-                loss = metrics[metrics.metric == "train_loss"]
+                loss = metrics[metrics.metric == names.TRAIN_LOSS]
                 reached = int(loss.step.max()) if len(loss) else -1
                 if reached < state["step"] - 1:
                     passed_over.append(f"{name} is at step {state['step']} but metrics.csv ends at step {reached}")

@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eos_toolkit import metrics as names
 from experiments.config import ConfigError, RunConfig
 from experiments.tasks.base import Task, seeded_generator
 
@@ -401,14 +402,15 @@ class GFlowNetTask(Task):
             log_z = self.model.estimated_log_z().double()
             l1_exact, kl_exact = distribution_distances(exact_terminal_distribution(self.model), self.target)
         seen = self.recent[self.recent >= 0]
-        metrics = {"track_loss": loss, "log_z": log_z, "log_z_true": torch.tensor(self.log_z_true),
-                   "log_z_error": (log_z - self.log_z_true).abs(), "l1_exact": torch.tensor(l1_exact),
+        metrics = {names.split_metric(names.TRACK, "loss"): loss, "log_z": log_z,
+                   "log_z_true": torch.tensor(self.log_z_true), "log_z_error": (log_z - self.log_z_true).abs(),
+                   names.L1_EXACT: torch.tensor(l1_exact),
                    "kl_exact": torch.tensor(kl_exact),
                    "modes_found": (self.visited & self.is_mode).sum().double()}
         if len(seen):
             counts = torch.bincount(seen, minlength=self.env.n_states).double()
             l1, kl = distribution_distances(counts / counts.sum(), self.target)
-            metrics.update(l1_empirical=torch.tensor(l1), kl_empirical=torch.tensor(kl))
+            metrics.update({names.L1_EMPIRICAL: torch.tensor(l1), "kl_empirical": torch.tensor(kl)})
         return metrics
 
     def state_dict(self) -> dict:

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from eos_toolkit import metrics as names
 from eos_toolkit.modes import module_mode
 from experiments import data as datasets
 from experiments.config import ConfigError, RunConfig
@@ -160,7 +161,7 @@ class ImageTask(Task):
         else:
             data = {"val": self.val, "test": self.test}[split]
             loss, acc = evaluate(self.model, self.loss_fn, chunks(*data, self.cfg.chunk_size), train_mode=False)
-        return {f"{split}_loss": loss, f"{split}_acc": acc}
+        return {names.split_metric(split, "loss"): loss, names.split_metric(split, "acc"): acc}
 
 
 class EosFullBatchTask(ImageTask):

@@ -37,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from eos_toolkit import metrics as names
 from eos_toolkit.modes import module_mode
 from experiments.config import ConfigError, RunConfig
 from experiments.data import load_corpus, resolve_corpus
@@ -136,7 +137,7 @@ class LanguageModelTask(Task):
         with torch.no_grad(), module_mode(self.model):  # dropout off
             for x, y, w in size_weighted(batches):
                 loss = loss + self.loss_fn(self.model(x), y) * w
-        metrics = {f"{split}_loss": loss, f"{split}_ppl": torch.exp(loss)}
+        metrics = {names.split_metric(split, "loss"): loss, names.split_metric(split, "ppl"): torch.exp(loss)}
         if split == "val":
             metrics["val_ppl_unigram"] = torch.tensor(self.unigram_val_ppl)
         return metrics

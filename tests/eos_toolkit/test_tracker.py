@@ -281,7 +281,8 @@ def test_auto_with_blocks_times_every_method_on_blocks_of_the_solves_width(monke
 
 
 def test_a_model_no_method_can_differentiate_twice_is_named_with_every_reason(monkeypatch):
-    from eos_toolkit.hvp import HessianOperator, MissingSecondDerivativeError
+    from eos_toolkit.hvp import HessianOperator
+    from eos_toolkit.modes import MissingSecondDerivativeError
     from eos_toolkit.settings import METHODS
 
     def fails(self, block):

@@ -21,9 +21,10 @@ import json
 
 import pytest
 
+from eos_toolkit.metrics import is_timing_metric
 from eos_toolkit.record import read_run
 from experiments.config import RunConfig
-from experiments.train import is_timing_metric, resume, train
+from experiments.train import resume, train
 from tests.spawn import needs_gloo, spawn_ranks
 
 pytestmark = needs_gloo

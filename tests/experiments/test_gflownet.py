@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from eos_toolkit.metrics import is_timing_metric
 from eos_toolkit.record import read_run
 from eos_toolkit.tracker import SharpnessTracker
 from experiments.config import RunConfig
@@ -19,7 +20,7 @@ from experiments.tasks.gflownet import (
     sample_trajectories,
     terminal_states,
 )
-from experiments.train import is_timing_metric, resume, train
+from experiments.train import resume, train
 
 DT = torch.float64
 

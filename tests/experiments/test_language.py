@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from eos_toolkit.metrics import is_timing_metric
 from eos_toolkit.record import read_run
 from eos_toolkit.modes import KernelFallbackWarning
 from eos_toolkit.tracker import SharpnessTracker
@@ -20,7 +21,7 @@ from experiments.models import build_transformer
 from experiments.resolve import resolve
 from experiments.tasks import build_task
 from experiments.tasks.language import token_cross_entropy, unigram_perplexity, windows
-from experiments.train import is_timing_metric, resume, train
+from experiments.train import resume, train
 from vradam import VRAdam
 
 DT = torch.float64

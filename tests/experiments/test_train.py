@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch.func import functional_call, hessian
 
+from eos_toolkit.metrics import is_timing_metric
 from eos_toolkit.record import read_run
 from experiments.config import RunConfig
 from experiments.resolve import resolve
 from experiments.tasks import build_task
-from experiments.train import is_timing_metric, resume, train
+from experiments.train import resume, train
 
 TINY = dict(task="eos-fullbatch", dataset="fashion-mnist", n_train=100, model_options={"hidden": [12]},
             track_every=5, chunk_size=64, device="cpu")
