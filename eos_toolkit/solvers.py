@@ -13,6 +13,8 @@ each such place is marked ``# sync:``.
   can live in a :class:`KrylovWorkspace` kept between solves.
 * :func:`block_lanczos` - the same with a block of starting vectors, for a
   cluster of (near-)equal top eigenvalues, as at the edge of stability.
+* :func:`tridiagonal` - a Lanczos recurrence's coefficients as its dense
+  tridiagonal ``T``, whose eigenpairs are the Ritz pairs.
 * :func:`power_iteration` - the classic baseline (largest *magnitude*).
 * :func:`hutchinson_trace` - ``tr(A)`` with its standard error.
 * :func:`slq_density` / :func:`gaussian_density` - the spectral density by
@@ -427,7 +429,7 @@ def lanczos(op: LinearOperator, k: int = 1, *, max_iter: int = 200, tol: float =
         if m < max_iter:
             torch.div(w, size, out=Q[m])
         if keep_history:
-            T = _tridiagonal(alphas[:m], betas[:m - 1])
+            T = tridiagonal(alphas[:m], betas[:m - 1])
             history.append(torch.linalg.eigvalsh(T)[-1 if which == "largest" else 0])
         if m < k:
             continue
@@ -454,7 +456,20 @@ def lanczos(op: LinearOperator, k: int = 1, *, max_iter: int = 200, tol: float =
                      history=torch.stack(history) if keep_history else None)
 
 
-def _tridiagonal(alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+def tridiagonal(alphas: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """The symmetric tridiagonal ``T`` of a Lanczos recurrence as a dense ``(m, m)`` matrix.
+
+    ``T[j, j] = alphas[j]`` (the ``m`` diagonal coefficients ``q_j^T A q_j``)
+    and ``T[j, j+1] = T[j+1, j] = betas[j]`` (the ``m - 1`` couplings); the
+    eigenvalues of ``T`` are the Ritz values of ``A`` on the Krylov basis
+    ``q_0 .. q_{m-1}``, and ``Q S`` its Ritz vectors for the eigenvectors
+    ``S`` of ``T``.
+
+    Example::
+
+        >>> tridiagonal(torch.tensor([2.0, 3.0, 4.0]), torch.tensor([0.5, 1.0])).tolist()
+        [[2.0, 0.5, 0.0], [0.5, 3.0, 1.0], [0.0, 1.0, 4.0]]
+    """
     return torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
 
 

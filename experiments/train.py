@@ -197,7 +197,8 @@ class Trainer:
         return total
 
     # ---- one optimizer step ----------------------------------------------
-    def _train_step(self) -> None:
+    def train_step(self) -> None:
+        """One optimizer step; its per-step metrics are buffered on the device (no host sync)."""
         before = flat(self.params)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._gradient()
@@ -486,7 +487,7 @@ class Trainer:
                     self.interval_start = (self.step, time.perf_counter())
                 if at_end:
                     break
-                self._train_step()
+                self.train_step()
                 if on_step is not None:
                     on_step(self.step, self.total)
         except Exception as exc:
@@ -501,7 +502,8 @@ def _set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build(cfg: RunConfig, run_dir: Path, group: distributed.Distributed | None = None) -> Trainer:
+def build_trainer(cfg: RunConfig, run_dir: Path, group: distributed.Distributed | None = None) -> Trainer:
+    """The trainer of a resolved config: seeds set, its task built on the device, nothing written yet."""
     device = resolve_device(cfg.device)
     if group is not None:
         device = group.device(device)
@@ -555,7 +557,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], 
             return stack.enter_context(record.RunLock(run_dir)), None  # before any setup: a second writer learns at once
 
         lock, _ = distributed.on_main_rank(group, claim)
-        trainer = _build(cfg, run_dir, group)
+        trainer = build_trainer(cfg, run_dir, group)
         # The record names the data set actually loaded, so a resume cannot pick another one
         # ("auto" may resolve differently once another data set is fetched).
         cfg.dataset = trainer.task.data_info["dataset"]
@@ -604,7 +606,7 @@ def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = 
 
 def _resume_locked(run_dir: Path, lock, rec, group, on_step) -> RunResult:
     cfg = resolve(RunConfig.from_dict(rec.config))
-    trainer = _build(cfg, run_dir, group)
+    trainer = build_trainer(cfg, run_dir, group)
     _check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
     used, passed_over = trainer.load_checkpoint(rec.metrics)
     main = group is None or group.is_main

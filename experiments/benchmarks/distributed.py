@@ -18,59 +18,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from eos_toolkit.settings import METHODS
+from experiments.benchmarks.timing import interleaved_medians
+from experiments.config import RunConfig
 
 
-def _rank_main(rank: int, world: int, args: argparse.Namespace, store: str, out: str) -> None:
+def _rank_main(rank: int, world: int, cfg: RunConfig, threads: int, repeats: int, store: str, out: str) -> None:
+    """One rank: build the run of ``cfg`` in a group of ``world``, time its step and its tracker's product
+    (medians of ``repeats``, every rank starting and stopping each clock together); rank 0 writes them to ``out``."""
     import os
 
     os.environ["LOCAL_RANK"] = str(rank)  # not one inherited from a launcher around this benchmark
-    torch.set_num_threads(args.threads)
-    backend = "nccl" if args.device == "cuda" else "gloo"
+    torch.set_num_threads(threads)
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank)
     torch.distributed.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         from experiments import distributed
-        from experiments.config import RunConfig
         from experiments.resolve import resolve
-        from experiments.train import _build
+        from experiments.train import build_trainer
 
-        cfg = resolve(RunConfig(task=args.task, dataset=args.dataset, n_train=args.n_train, chunk_size=args.chunk_size,
-                        optimizer="gd", lr=0.01, steps=1000, device=args.device, data_dir=args.data_dir,
-                        hvp_method=args.hvp_method))
-        trainer = _build(cfg, Path(out), distributed.setup(cfg.device))
+        cfg = resolve(cfg)
+        trainer = build_trainer(cfg, Path(out), distributed.setup(cfg.device))
         op = trainer.tracker.hessian
         v = torch.randn(op.dim, dtype=op.dtype, device=op.device, generator=torch.Generator(op.device).manual_seed(0))
-
-        def sync():
-            if op.device.type == "cuda":
-                torch.cuda.synchronize(op.device)
-            torch.distributed.barrier()
-
-        def timed(fn) -> float:
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            return time.perf_counter() - start
-
-        trainer._train_step()
-        op.matvec(v)  # warm-up
-        steps, products = [], []
-        for _ in range(args.repeats):
-            steps.append(timed(trainer._train_step))
-            products.append(timed(lambda: op.matvec(v)))
+        medians = interleaved_medians({"step": trainer.train_step, "hvp": lambda: op.matvec(v)}, op.device,
+                                      repeats=repeats, warmup=1, barrier=True)
         if rank == 0:
             Path(out, f"world{world}.json").write_text(json.dumps({
-                "step": statistics.median(steps), "hvp": statistics.median(products),
+                "step": medians["step"], "hvp": medians["hvp"],
                 "params": op.dim, "examples_per_rank": sum(len(y) for _, y in op.batches)}))
     finally:
         torch.distributed.destroy_process_group()
@@ -94,11 +76,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--ranks {max(args.ranks)} needs as many GPUs; this machine has {torch.cuda.device_count()}")
     print(f"{args.task} on {args.n_train} {args.dataset} examples, device {args.device}, {args.threads} thread(s) "
           f"per rank, torch {torch.__version__}, medians of {args.repeats}")
+    cfg = RunConfig(task=args.task, dataset=args.dataset, n_train=args.n_train, chunk_size=args.chunk_size,
+                    optimizer="gd", lr=0.01, steps=1000, device=args.device, data_dir=args.data_dir,
+                    hvp_method=args.hvp_method)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for world in args.ranks:
             store = Path(tmp) / f"store{world}"
-            torch.multiprocessing.spawn(_rank_main, args=(world, args, str(store), tmp), nprocs=world, join=True)
+            torch.multiprocessing.spawn(_rank_main, args=(world, cfg, args.threads, args.repeats, str(store), tmp),
+                                        nprocs=world, join=True)
             results[world] = json.loads((Path(tmp) / f"world{world}.json").read_text())
     base = results[args.ranks[0]]
     print(f"{'ranks':>5} {'examples/rank':>13} {'step ms':>9} {'x base':>7} {'HVP ms':>9} {'x base':>7}")

@@ -30,14 +30,13 @@ Without CUDA (and without the interpreter) it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from experiments.benchmarks.optimizer_step import NaiveSyncVRAdam, gpt2_small_shapes
+from experiments.benchmarks.timing import interleaved_medians
 from vradam import VRAdam, fused_triton
 from vradam.functional import GroupTensors, vradam_step
 
@@ -58,33 +57,6 @@ OPTIONS = dict(gate="velocity", power=2.0, norm_scope="global")
 # ------------------------------------------------------------------ timing
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # deliberate: a measurement ends here
-
-
-def time_round_robin(
-    steps: dict[str, Callable[[], object]], device: torch.device, *, per_batch: int,
-    repeats: int, warmup: int,
-) -> dict[str, float]:
-    """Median seconds per step of each contender; batches interleaved round robin.
-
-    A batch is ``per_batch`` back-to-back steps between two synchronisations,
-    so launch overhead counts only where it exceeds the device's work.
-    """
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(warmup + repeats):
-        for name, step in steps.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            for _ in range(per_batch):
-                step()
-            _synchronize(device)
-            if round_index >= warmup:
-                samples[name].append((time.perf_counter() - start) / per_batch)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def _per_batch(device: torch.device) -> int:
     return 5 if device.type == "cuda" else 1
 
@@ -93,8 +65,8 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     """Bytes per second of ``dst.copy_(src)`` (a read and a write of nbytes each)."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = time_round_robin({"copy": lambda: dst.copy_(src)}, device, per_batch=5,
-                               repeats=repeats, warmup=2)["copy"]
+    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, per_batch=5,
+                                  repeats=repeats, warmup=2)["copy"]
     return 2 * nbytes / seconds
 
 
@@ -164,7 +136,7 @@ def check(param_set: ParamSet, device: torch.device, steps: int = 3) -> list[str
         fused_triton.fused_step(fused, **OPTIONS)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    _synchronize(device)
+    torch.cuda.synchronize(device)  # deliberate: the step's kernels ran (an error of theirs surfaces here)
     lines.append("no host-device sync in the fused step (sync debug mode 'error'): ok")
     vradam_step(foreach, **OPTIONS, impl="foreach")
 
@@ -173,7 +145,7 @@ def check(param_set: ParamSet, device: torch.device, steps: int = 3) -> list[str
     for _ in range(2):
         graph.replay()
         vradam_step(foreach, **OPTIONS, impl="foreach")
-    _synchronize(device)
+    torch.cuda.synchronize(device)  # deliberate: the replays finished before they are compared
     ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-7)
              for a, b in zip(fused[0].params, foreach[0].params))
     lines.append(f"CUDA graph capture + 2 replays vs foreach: {'ok' if ok else 'MISMATCH'}")
@@ -203,8 +175,8 @@ def sweep(param_set: ParamSet, device: torch.device, repeats: int) -> list[tuple
     for config in configs:
         groups = param_set.groups()
         steps[config] = lambda g=groups, c=config: fused_triton.fused_step(g, **OPTIONS, config=c)
-    timings = time_round_robin(steps, device, per_batch=_per_batch(device), repeats=repeats,
-                               warmup=1)
+    timings = interleaved_medians(steps, device, per_batch=_per_batch(device), repeats=repeats,
+                                  warmup=1)
     return sorted(timings.items(), key=lambda item: item[1])
 
 
@@ -276,8 +248,8 @@ def run(device: torch.device, scale: float, repeats: int) -> str:
     best = swept[0][0]
 
     table = contenders(param_set, device, best)
-    timings = time_round_robin({k: step for k, (step, _) in table.items()}, device,
-                               per_batch=_per_batch(device), repeats=repeats, warmup=2)
+    timings = interleaved_medians({k: step for k, (step, _) in table.items()}, device,
+                                  per_batch=_per_batch(device), repeats=repeats, warmup=2)
     nbytes = {k: b for k, (_, b) in table.items()}
     parts.append(f"median step time over {repeats} batches of {_per_batch(device)} "
                  f"(functional and graph rows at chunk {best.chunk}, block {best.block}, "

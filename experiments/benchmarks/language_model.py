@@ -14,8 +14,6 @@ medians over interleaved repeats measured in one run:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
@@ -23,16 +21,12 @@ import torch
 from eos_toolkit.batches import as_args
 from eos_toolkit.hvp import hessian_operator
 from eos_toolkit.settings import METHODS
+from experiments.benchmarks.timing import interleaved_medians
 from experiments.config import RunConfig
-from experiments.resolve import resolve
 from experiments.optim import build_optimizer, parameter_groups
+from experiments.resolve import resolve
 from experiments.tasks import build_task
 from experiments.tasks.base import size_weighted
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,17 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     v = torch.randn(ops[METHODS[0]].dim, device=device)
     jobs = {"train step": lambda: train_step(0), "gradient": gradient,
             **{f"hvp {m}": (lambda m=m: ops[m].matvec(v)) for m in METHODS}}
-    for job in jobs.values():  # warm-up
-        job()
-    times = {name: [] for name in jobs}
-    for _ in range(args.repeats):
-        for name, job in jobs.items():
-            _sync(device)
-            start = time.perf_counter()
-            job()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = interleaved_medians(jobs, device, repeats=args.repeats, warmup=1)
     tokens = cfg.batch_size * cfg.context
     print(f"train step: {median['train step'] * 1e3:.1f} ms, {tokens / median['train step']:,.0f} tokens/s")
     print(f"gradient on {sum(len(y) for _, y in task.track_batches)} tracking windows: "

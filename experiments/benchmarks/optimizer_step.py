@@ -21,15 +21,13 @@ are fixed random tensors, so only the optimizer is timed.
 from __future__ import annotations
 
 import argparse
-import importlib
-import statistics
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from vradam import VRAdam
+from experiments.benchmarks.timing import interleaved_medians
+from vradam import VRAdam, fused_triton
 
 
 def gpt2_small_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
@@ -99,23 +97,10 @@ def _contenders(device: torch.device) -> dict[str, Callable[[list[torch.Tensor]]
         contenders["adamw_fused"] = lambda ps: torch.optim.AdamW(ps, fused=True)
     contenders["vradam_single_tensor"] = lambda ps: VRAdam(ps, foreach=False)
     contenders["vradam_foreach"] = lambda ps: VRAdam(ps, foreach=True)
-    if device.type == "cuda" and _fused_vradam_available():
+    if device.type == "cuda" and fused_triton.is_available():
         contenders["vradam_fused"] = lambda ps: VRAdam(ps, fused=True)
     contenders["vradam_naive_sync"] = lambda ps: NaiveSyncVRAdam(ps)
     return contenders
-
-
-def _fused_vradam_available() -> bool:
-    try:
-        importlib.import_module("vradam.fused_triton")
-    except ImportError:
-        return False
-    return True
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # deliberate: timing needs the step to finish
 
 
 def time_steps(shapes: list[tuple[int, ...]], device: torch.device, repeats: int,
@@ -126,21 +111,13 @@ def time_steps(shapes: list[tuple[int, ...]], device: torch.device, repeats: int
     grads = [(torch.randn(s, generator=gen) * 0.01).to(device) for s in shapes]
     optimizers = {}
     for name, make in _contenders(device).items():
-        params = [torch.nn.Parameter(t.to(device)) for t in initial]
+        params = [torch.nn.Parameter(t.to(device, copy=True)) for t in initial]  # each its own memory
         for p, g in zip(params, grads):
             p.grad = g  # shared and read-only: every optimizer sees the same gradient
         optimizers[name] = make(params)
 
-    samples: dict[str, list[float]] = {name: [] for name in optimizers}
-    for round_index in range(warmup + repeats):
-        for name, opt in optimizers.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            opt.step()
-            _synchronize(device)
-            if round_index >= warmup:
-                samples[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(s) for name, s in samples.items()}
+    medians = interleaved_medians({name: opt.step for name, opt in optimizers.items()}, device,
+                                  repeats=repeats, warmup=warmup)
     baseline = medians["adamw_foreach"]
     return [Timing(name, m, m / baseline) for name, m in medians.items()]
 

@@ -70,7 +70,6 @@ import collections
 import contextlib
 import importlib
 import math
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,6 +77,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from experiments.benchmarks.timing import Stopwatch
 
 
 @dataclass
@@ -134,17 +135,18 @@ def _check_inputs(model: nn.Module, chunks, tol: float, max_iter: int) -> list[t
     return chunks
 
 
+def _refuse_start(v0, solver: str) -> None:
+    """Raise where a start vector is given to a solver that cannot take one."""
+    if v0 is not None:
+        raise ValueError(f"{solver} takes no start vector; pass v0=None")
+
+
 def _params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def _forward(model: nn.Module, inputs):
     return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # sync: timing only
 
 
 def _start_vector(dim: int, seed: int, v0, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -209,8 +211,7 @@ def pyhessian_power(model: nn.Module, loss_fn: Callable, chunks: Sequence, *, to
     if module is None:
         return None
     chunks = _check_inputs(model, chunks, tol, max_iter)
-    if v0 is not None:
-        raise ValueError("PyHessian's eigenvalues() takes no start vector; pass v0=None")
+    _refuse_start(v0, "PyHessian's eigenvalues()")
     params = _params(model)
     device = params[0].device
     last: collections.deque = collections.deque(maxlen=2)  # (Hv, v) of the last two products, kept by reference
@@ -237,20 +238,17 @@ def pyhessian_power(model: nn.Module, loss_fn: Callable, chunks: Sequence, *, to
         # Its graph of the gradient lives in .grad, which torch warns about; the grads are restored on exit.
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
         torch.manual_seed(seed)
-        _sync(device)
-        start = time.perf_counter()
-        peer = CountedHessian(model, loss_fn, cuda=device.type == "cuda", **data)
-        setup = time.perf_counter() - start
-        values, _ = peer.eigenvalues(maxIter=max_iter, tol=tol, top_n=1)
-        _sync(device)
-        seconds = time.perf_counter() - start
+        with Stopwatch(device) as clock:
+            peer = CountedHessian(model, loss_fn, cuda=device.type == "cuda", **data)
+            setup = clock.lap()
+            values, _ = peer.eigenvalues(maxIter=max_iter, tol=tol, top_n=1)
         del peer
     if estimates and estimates[-1] is None:  # one chunk: the last two estimates, computed after the timing
         for i, (hv, v) in zip(range(len(estimates) - len(last), len(estimates)), last):
             estimates[i] = float(sum((a * b).sum() for a, b in zip(hv, v)))
     fired = _pyhessian_rule_fired(estimates, tol)
     reason = f"change < tol at product {len(estimates)}" if fired else f"maxIter={max_iter} reached"
-    return PeerResult("pyhessian power", float(values[0]), len(estimates), seconds, fired, reason, setup)
+    return PeerResult("pyhessian power", float(values[0]), len(estimates), clock.seconds, fired, reason, setup)
 
 
 def _pyhessian_rule_fired(estimates: list[float], tol: float) -> bool:
@@ -317,14 +315,11 @@ def eigenthings_lanczos(model: nn.Module, loss_fn: Callable, chunks: Sequence, *
     if he is None:
         return None
     chunks = _check_inputs(model, chunks, tol, max_iter)
-    if v0 is not None:
-        raise ValueError("hessian-eigenthings' lanczos() takes no start vector; pass v0=None")
+    _refuse_start(v0, "hessian-eigenthings' lanczos()")
     device = _params(model)[0].device
-    with _model_left_as_found(model):
-        _sync(device)
-        start = time.perf_counter()
+    with _model_left_as_found(model), Stopwatch(device) as clock:
         op = _eigenthings_operator(he, model, loss_fn, chunks)
-        setup = time.perf_counter() - start
+        setup = clock.lap()
         n = op.size
         size = min(first_size or min(2, n - 1), max_iter, n) if n > 1 else 1
         if size < 1:
@@ -337,11 +332,9 @@ def eigenthings_lanczos(model: nn.Module, loss_fn: Callable, chunks: Sequence, *
             if converged or size >= min(max_iter, n):
                 break
             size = min(2 * size, max_iter, n)
-        _sync(device)
-        seconds = time.perf_counter() - start
     runs = "+".join(str(s) for s in sizes)
     reason = f"residual < tol, sizes {runs}" if converged else f"max_iter={max_iter} reached, sizes {runs}"
-    return PeerResult("eigenthings lanczos", float(result.eigenvalues[0]), op.products, seconds, converged,
+    return PeerResult("eigenthings lanczos", float(result.eigenvalues[0]), op.products, clock.seconds, converged,
                       reason, setup)
 
 
@@ -360,21 +353,17 @@ def eigenthings_power(model: nn.Module, loss_fn: Callable, chunks: Sequence, *, 
     chunks = _check_inputs(model, chunks, tol, max_iter)
     params = _params(model)
     device = params[0].device
-    with _model_left_as_found(model):
-        _sync(device)
-        start = time.perf_counter()
+    with _model_left_as_found(model), Stopwatch(device) as clock:
         op = _eigenthings_operator(he, model, loss_fn, chunks)
-        setup = time.perf_counter() - start
+        setup = clock.lap()
         init = _start_vector(op.size, seed, v0, op.dtype, device)
         value, _, _, iterations, converged = he.power_iteration_one(op, max_iter=max_iter, tol=tol, init=init)
-        _sync(device)
-        seconds = time.perf_counter() - start
     if iterations != op.products:
         raise RuntimeError(f"hessian-eigenthings reported {iterations} iterations but its operator "
                            f"computed {op.products} products")
     reason = (f"change and residual < tol at product {op.products}" if converged
               else f"max_iter={max_iter} reached")
-    return PeerResult("eigenthings power", float(value), op.products, seconds, bool(converged), reason, setup)
+    return PeerResult("eigenthings power", float(value), op.products, clock.seconds, bool(converged), reason, setup)
 
 
 # -- curvlinops + scipy eigsh -------------------------------------------------------------
@@ -432,12 +421,10 @@ def curvlinops_eigsh(model: nn.Module, loss_fn: Callable, chunks: Sequence, *, t
     ncv = ncv or max(2, min(n, 20, max_iter))
     if not 2 <= ncv <= n:
         raise ValueError(f"ncv must lie in [2, n={n}], got {ncv}")
-    with _model_left_as_found(model):
-        _sync(device)
-        start = time.perf_counter()
+    with _model_left_as_found(model), Stopwatch(device) as clock:
         op = CountedHessianLinearOperator(model, loss_module, params, chunks, check_deterministic=check_deterministic,
                                           num_data=sum(chunk[1].shape[0] for chunk in chunks))
-        setup = time.perf_counter() - start
+        setup = clock.lap()
         start_vector = _start_vector(n, seed, v0, torch.float64, torch.device("cpu")).numpy()
         restarts = max(1, math.ceil(max_iter / (ncv - 1)))
         try:
@@ -447,10 +434,8 @@ def curvlinops_eigsh(model: nn.Module, loss_fn: Callable, chunks: Sequence, *, t
         except ArpackNoConvergence as err:
             values = err.eigenvalues
             converged, reason = False, f"ARPACK maxiter={restarts} restarts reached"
-        _sync(device)
-        seconds = time.perf_counter() - start
     value = float(values[0]) if len(values) else float("nan")
-    return PeerResult("curvlinops eigsh", value, op.products, seconds, converged, reason, setup)
+    return PeerResult("curvlinops eigsh", value, op.products, clock.seconds, converged, reason, setup)
 
 
 PEERS: dict[str, Peer] = {

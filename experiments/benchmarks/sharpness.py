@@ -52,11 +52,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import statistics
 import sys
-import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -64,7 +65,9 @@ from torch import nn
 from eos_toolkit.hvp import hessian_operator
 from eos_toolkit.operators import FunctionOperator, as_scipy_linear_operator
 from eos_toolkit.settings import METHODS
-from eos_toolkit.solvers import KrylovWorkspace, _tridiagonal, lanczos, power_iteration
+from eos_toolkit.solvers import KrylovWorkspace, lanczos, power_iteration, tridiagonal
+from experiments.benchmarks.timing import interleaved_medians, timed
+from experiments.tasks import base as task_base
 
 REL_TARGET = 1e-3
 SAME_START = "ours warm, same start"
@@ -91,73 +94,44 @@ def build(name: str, seed: int, device: torch.device) -> nn.Module:
     return build_model("cnn-small", (1, 28, 28), 10, seed=seed, width=16, activation="tanh").to(device)
 
 
-def chunks_of(images, targets, size: int):
-    return [(images[i:i + size], targets[i:i + size]) for i in range(0, len(targets), size)]
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def gd_step(model: nn.Module, chunks, lr: float) -> None:
     """One full-batch gradient-descent step on the size-weighted mean MSE."""
-    n = sum(len(t) for _, t in chunks)
     model.zero_grad()
-    for x, y in chunks:
-        (nn.functional.mse_loss(model(x), y) * (len(y) / n)).backward()
+    for x, y, weight in task_base.size_weighted(chunks):
+        (nn.functional.mse_loss(model(x), y) * weight).backward()
     with torch.no_grad():
         for p in model.parameters():
             p -= lr * p.grad
 
 
 def full_gradient(model: nn.Module, chunks) -> None:
-    n = sum(len(t) for _, t in chunks)
     params = list(model.parameters())
-    for x, y in chunks:
-        torch.autograd.grad(nn.functional.mse_loss(model(x), y) * (len(y) / n), params)
+    for x, y, weight in task_base.size_weighted(chunks):
+        torch.autograd.grad(nn.functional.mse_loss(model(x), y) * weight, params)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # sync: timing only
-
-
-def timed_result(fn, device):
-    """``(fn(), wall seconds)``, synchronised on CUDA."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return result, time.perf_counter() - start
-
-
-def timed(fn, device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def hvp_ratios(model, chunks, device, repeats: int) -> dict[str, float]:
+def hvp_ratios(model, chunks, repeats: int) -> dict[str, float]:
     """Median HVP time / median gradient time, interleaving the contenders.
 
     Each operator is inside a measurement, as in the tracker: reuse_graph's
     figure is its per-product cost once its graphs exist (built in the warm-up).
     """
+    device = model_device(model)
     ops = {m: hessian_operator(model, nn.functional.mse_loss, chunks, method=m) for m in METHODS}
     v = torch.randn(ops[METHODS[0]].dim, device=device)
     contenders = {"gradient": lambda: full_gradient(model, chunks)}
     contenders.update({m: (lambda op=op: op.matvec(v)) for m, op in ops.items()})
-    times = {name: [] for name in contenders}
     model.eval()
     with contextlib.ExitStack() as stack:
         for op in ops.values():
             stack.enter_context(op.measurement())
-        for fn in contenders.values():
-            fn()  # warm-up
-        for _ in range(repeats):
-            for name, fn in contenders.items():
-                times[name].append(timed(fn, device))
-    grad_time = statistics.median(times["gradient"])
-    return {"gradient_seconds": grad_time,
-            **{m: statistics.median(times[m]) / grad_time for m in METHODS}}
+        medians = interleaved_medians(contenders, device, repeats=repeats, warmup=1)
+    grad_time = medians["gradient"]
+    return {"gradient_seconds": grad_time, **{m: medians[m] / grad_time for m in METHODS}}
 
 
 def first_within(history: torch.Tensor, reference: float) -> int | None:
@@ -186,48 +160,55 @@ def power_stop(history: torch.Tensor, tol: float) -> int:
     return int(hits[0]) + 2 if len(hits) else len(history)
 
 
-def solver_table(op, reference: float, args, lines: list[str]) -> dict[str, float]:
-    """Rows of products, oracle products, error and time per solver (medians over ``args.trials`` starts)."""
+@dataclass(frozen=True)
+class SolverSettings:
+    """What the solvers section runs."""
+
+    seed: int
+    lr: float  # the GD step between the cold and the warm solves
+    max_iter: int  # Lanczos product budget
+    power_iter: int  # power-iteration product budget
+    trials: int  # random starts per cold solver (medians)
+
+
+def solver_table(op, reference: float, settings: SolverSettings, lines: list[str]) -> dict[str, float]:
+    """Rows of products, oracle products, error and time per solver (medians over ``settings.trials`` starts)."""
     from scipy.sparse.linalg import eigsh
 
-    lines += [f"  {'solver (median of %d starts)' % args.trials:<34} {'stop':>6} {'to 1e-3':>9} "
+    lines += [f"  {'solver (median of %d starts)' % settings.trials:<34} {'stop':>6} {'to 1e-3':>9} "
              f"{'rel. error':>11} {'seconds':>9}"]
     counts: dict[str, float] = {}
     for criterion in ("residual", "eigenvalue"):
         runs = []
-        for trial in range(args.trials):
-            generator = torch.Generator(device=op.device).manual_seed(args.seed + trial)
-            box = {}
-            seconds = timed(lambda: box.setdefault("r", lanczos(
-                op, 1, tol=REL_TARGET, max_iter=args.max_iter, criterion=criterion,
-                generator=generator, keep_history=True)), op.device)
-            res = box["r"]
+        for trial in range(settings.trials):
+            generator = torch.Generator(device=op.device).manual_seed(settings.seed + trial)
+            res, seconds = timed(functools.partial(
+                lanczos, op, 1, tol=REL_TARGET, max_iter=settings.max_iter, criterion=criterion,
+                generator=generator, keep_history=True), op.device)
             error = abs(float(res.eigenvalues[0]) - reference) / abs(reference)
             runs.append((res.n_matvecs, first_within(res.history, reference), error, seconds))
         counts[f"lanczos_{criterion}"] = statistics.median(r[0] for r in runs)
-        counts["lanczos_oracle"] = statistics.median(r[1] or args.max_iter for r in runs)
+        counts["lanczos_oracle"] = statistics.median(r[1] or settings.max_iter for r in runs)
         lines.append(median_row(f"lanczos cold ({criterion} 1e-3)", runs))
-    generator = torch.Generator(device=op.device).manual_seed(args.seed)
-    box = {}
-    seconds = timed(lambda: box.setdefault("r", power_iteration(
-        op, tol=0.0, max_iter=args.power_iter, check_every=args.power_iter,
-        generator=generator, keep_history=True)), op.device)
-    history = box["r"].history
+    generator = torch.Generator(device=op.device).manual_seed(settings.seed)
+    power, seconds = timed(functools.partial(
+        power_iteration, op, tol=0.0, max_iter=settings.power_iter, check_every=settings.power_iter,
+        generator=generator, keep_history=True), op.device)
+    history = power.history
     stop = power_stop(history, REL_TARGET)
     error = abs(float(history[stop - 1]) - reference) / abs(reference)
     lines.append(row("power iteration (change 1e-3)", stop, first_within(history, reference), error,
                      seconds * stop / len(history)))
     for tol in (0.0, REL_TARGET):
         runs = []
-        for trial in range(args.trials):
-            start = torch.randn(op.dim, generator=torch.Generator().manual_seed(args.seed + trial),
+        for trial in range(settings.trials):
+            start = torch.randn(op.dim, generator=torch.Generator().manual_seed(settings.seed + trial),
                                 dtype=torch.float64).numpy()
             before = op.n_matvecs
-            box = {}
-            seconds = timed(lambda: box.setdefault("v", eigsh(
-                as_scipy_linear_operator(op), k=1, which="LA", tol=tol, v0=start,
-                return_eigenvectors=False)), op.device)
-            error = abs(float(box["v"][0]) - reference) / abs(reference)
+            values, seconds = timed(functools.partial(
+                eigsh, as_scipy_linear_operator(op), k=1, which="LA", tol=tol, v0=start,
+                return_eigenvectors=False), op.device)
+            error = abs(float(values[0]) - reference) / abs(reference)
             runs.append((op.n_matvecs - before, 0, error, seconds))
         counts[f"eigsh_tol{tol:g}"] = statistics.median(r[0] for r in runs)
         lines.append(median_row(f"scipy eigsh (tol={tol:g})", runs).replace("        0 ", "        - "))
@@ -266,32 +247,36 @@ def parse_config(text: str) -> tuple[str, str, int]:
     return text, model, int(steps)
 
 
-def prepare(config: tuple[str, str, int], args, device, images, targets):
-    """The config's model after its GD steps at ``args.lr``, and the measurement chunks."""
-    _, name, steps = config
-    torch.manual_seed(args.seed)
-    model = build(name, args.seed, device)
-    chunks = chunks_of(images, targets, args.chunk_size)
+def trained_model(name: str, steps: int, chunks, *, seed: int, lr: float, device: torch.device) -> nn.Module:
+    """The model ``name`` (seeded by ``seed``) after ``steps`` full-batch GD steps at ``lr`` on the chunks."""
+    torch.manual_seed(seed)
+    model = build(name, seed, device)
     for _ in range(steps):
-        gd_step(model, chunks, args.lr)
-    return model, chunks
+        gd_step(model, chunks, lr)
+    return model
 
 
-def describe(config, model, chunks, args) -> str:
+def describe(config: tuple[str, str, int], model, chunks, lr: float) -> str:
+    """The title of a config's sections: the model, its size, the data and the GD steps it took."""
     label, name, steps = config
     n_params = sum(p.numel() for p in model.parameters())
     n_examples = sum(len(t) for _, t in chunks)
     return (f"{label}: {name}, {n_params:,} parameters, {n_examples} examples in {len(chunks)} chunk(s), "
-            f"after {steps} GD steps at lr {args.lr}")
+            f"after {steps} GD steps at lr {lr}")
 
 
-def reference_eigen(model, chunks, args, v0=None):
-    """A tight lambda_1: our Lanczos on float64 vectors, eigenvalue error bound <= 1e-10 relative (or its budget)."""
+def verdict_lines(kind: str, verdict: dict[str, bool | None]) -> list[str]:
+    """``  <kind> PASS|FAIL: <text>`` per checked target (``SKIP`` where it is None: nothing to compare with)."""
+    return [f"  {kind} {'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}: {text}" for text, ok in verdict.items()]
+
+
+def reference_eigen(model, chunks, *, seed: int, max_iter: int, v0=None):
+    """A tight lambda_1: our Lanczos on float64 vectors, eigenvalue error bound <= 1e-10 relative (or ``max_iter``)."""
     from eos_toolkit.solvers import eigenvalue_error_bound
 
     op = hessian_operator(model, nn.functional.mse_loss, chunks, dtype=torch.float64)
-    generator = torch.Generator(device=op.device).manual_seed(args.seed)
-    tight = lanczos(op, 2, tol=1e-10, max_iter=args.reference_iter, v0=v0, criterion="eigenvalue",
+    generator = torch.Generator(device=op.device).manual_seed(seed)
+    tight = lanczos(op, 2, tol=1e-10, max_iter=max_iter, v0=v0, criterion="eigenvalue",
                     generator=generator)
     value = float(tight.eigenvalues[0])
     bound = float(eigenvalue_error_bound(tight.residuals[:1], (tight.eigenvalues[:1] - tight.eigenvalues[1:]).abs()))
@@ -300,40 +285,40 @@ def reference_eigen(model, chunks, args, v0=None):
     return value, tight.eigenvectors[:, 0], text
 
 
-def hvp_section(config, model, chunks, args, device) -> dict[str, bool]:
+def hvp_section(title: str, model, chunks, repeats: int) -> dict[str, bool]:
+    """The hvp section of one config: each product rule's time as a ratio to a gradient's (medians of ``repeats``)."""
     out = Printer()
-    out.append(f"== hvp: {describe(config, model, chunks, args)} ==")
-    ratios = hvp_ratios(model, chunks, device, args.repeats)
-    out.append(f"  gradient: {ratios['gradient_seconds'] * 1e3:.1f} ms (median of {args.repeats})")
+    out.append(f"== hvp: {title} ==")
+    ratios = hvp_ratios(model, chunks, repeats)
+    out.append(f"  gradient: {ratios['gradient_seconds'] * 1e3:.1f} ms (median of {repeats})")
     out += [f"  HVP {m:<22} {ratios[m]:5.2f} x gradient" for m in METHODS]
     verdict = {f"HVP forward-over-reverse <= 4 x gradient ({ratios['forward_over_reverse']:.2f})":
                ratios["forward_over_reverse"] <= 4.0}
-    out += [f"  target {'PASS' if ok else 'FAIL'}: {text}" for text, ok in verdict.items()]
+    out += verdict_lines("target", verdict)
     return verdict
 
 
-def solver_section(config, model, chunks, args, device) -> dict[str, bool]:
+def solver_section(title: str, model, chunks, settings: SolverSettings) -> dict[str, bool]:
+    """The solvers section of one config: each solver cold, then Lanczos warm one GD step later."""
     out = Printer()
-    out.append(f"== solvers: {describe(config, model, chunks, args)} ==")
+    out.append(f"== solvers: {title} ==")
     op = hessian_operator(model, nn.functional.mse_loss, chunks, dtype=torch.float64)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=op.device).manual_seed(settings.seed)
     tight = lanczos(op, 1, tol=1e-10, max_iter=400, generator=generator)
     reference = float(tight.eigenvalues[0])
     out.append(f"  reference lambda_1 = {reference:.6f} (Lanczos, residual {float(tight.residuals[0]):.1e}, "
                f"{tight.n_matvecs} products)")
-    counts = solver_table(op, reference, args, out)
+    counts = solver_table(op, reference, settings, out)
     # Warm start: one training step later, start from the previous top eigenvector.
     previous = tight.eigenvectors
-    gd_step(model, chunks, args.lr)
+    gd_step(model, chunks, settings.lr)
     new_reference = float(lanczos(op, 1, tol=1e-10, max_iter=400, v0=previous, generator=generator).eigenvalues[0])
     out.append(f"  one GD step later: lambda_1 = {new_reference:.6f}")
     warm_counts = {}
     for criterion in ("residual", "eigenvalue"):
-        box = {}
-        seconds = timed(lambda: box.setdefault("r", lanczos(
-            op, 1, tol=REL_TARGET, max_iter=args.max_iter, v0=previous, criterion=criterion,
-            generator=generator, keep_history=True)), device)
-        warm = box["r"]
+        warm, seconds = timed(functools.partial(
+            lanczos, op, 1, tol=REL_TARGET, max_iter=settings.max_iter, v0=previous, criterion=criterion,
+            generator=generator, keep_history=True), op.device)
         warm_counts[criterion] = warm.n_matvecs
         error = abs(float(warm.eigenvalues[0]) - new_reference) / abs(new_reference)
         out.append(row(f"lanczos warm ({criterion} 1e-3)", warm.n_matvecs,
@@ -352,11 +337,24 @@ def solver_section(config, model, chunks, args, device) -> dict[str, bool]:
         f"warm start after one step <= 5 products ({warm_counts['residual']}, {warm_counts['eigenvalue']})":
             max(warm_counts.values()) <= 5,
     }
-    out += [f"  target {'PASS' if ok else 'FAIL'}: {text}" for text, ok in verdict.items()]
+    out += verdict_lines("target", verdict)
     return verdict
 
 
 # -- peers -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """What the peers section runs."""
+
+    seed: int
+    lr: float  # the GD step between cold and warm, and the short run's steps
+    tols: tuple[float, ...]  # the tol given to each peer's own stopping rule (one row per value)
+    max_iter: int  # each peer's product budget
+    trials: int  # random starts per peer row and for ours (medians), interleaved across the rows
+    reference_iter: int  # product budget of the tight reference
+    warm_steps: int  # GD steps of the short run that measures after each (0: none)
+
 
 def summarize(results: list, reference: float) -> dict:
     """Medians over trials of products, seconds and relative error; converged count; the median trial's stop reason.
@@ -397,11 +395,11 @@ def three_term_lanczos(matvec, dim: int, steps: int, dtype, device, generator) -
         torch.div(w, beta, out=Q[j + 1])
         alphas.append(alpha)
         betas.append(beta)
-    theta, S = torch.linalg.eigh(_tridiagonal(torch.stack(alphas), torch.stack(betas)[:-1]))
+    theta, S = torch.linalg.eigh(tridiagonal(torch.stack(alphas), torch.stack(betas)[:-1]))
     return float(theta[-1]), Q[:steps].T @ S[:, -1]
 
 
-def tracker_trial(model, chunks, args, snapshot, start: torch.Tensor, trial: int) -> dict:
+def tracker_trial(model, chunks, snapshot, start: torch.Tensor, trial: int, *, seed: int, lr: float) -> dict:
     """One trial of ours: a run's first measure() (the method choice and the determinism probe inside
     it, "first"), a measure() from a random start again at the same parameters with that once-per-run
     work done ("cold"), the solver's own overhead ("overhead") and the floor under it ("floor", the same
@@ -410,8 +408,8 @@ def tracker_trial(model, chunks, args, snapshot, start: torch.Tensor, trial: int
     vector the warm peers start from ("same"; the two alternate in order between trials).
 
     The trial starts a fresh :class:`~eos_toolkit.tracker.SharpnessTracker`
-    (default ``tol``, ``k=1``, ``method="auto"``, seed ``args.seed + trial``)
-    on the snapshot's parameters, and leaves the model at the snapshot.
+    (default ``tol``, ``k=1``, ``method="auto"``, seed ``seed + trial``)
+    on the snapshot's parameters, takes its GD step at ``lr``, and leaves the model at the snapshot.
     """
     from eos_toolkit.tracker import SharpnessTracker
     from experiments.benchmarks.peers import PeerResult
@@ -421,19 +419,20 @@ def tracker_trial(model, chunks, args, snapshot, start: torch.Tensor, trial: int
         return PeerResult("ours", metrics["sharpness"], int(metrics["hessian_matvecs"]), metrics["hessian_seconds"],
                           bool(metrics["hessian_converged"]), f"{stop}; {what}measure() {seconds:.2f} s")
 
+    device = model_device(model)
     model.load_state_dict(snapshot)
-    tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, seed=args.seed + trial)  # default tol
-    metrics, seconds = timed_result(tracker.measure, model_device(model))
+    tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, seed=seed + trial)  # default tol
+    metrics, seconds = timed(tracker.measure, device)
     out = {"first": row(metrics, seconds, f"chose {tracker.method_choice['method']}; ")}
     # Cold: the same parameters, from a random start again, with the once-per-run work done.
     saved, tracker.eigenvectors = tracker.eigenvectors, None
-    out["cold"] = row(*timed_result(tracker.measure, model_device(model)), "")
+    out["cold"] = row(*timed(tracker.measure, device), "")
     tracker.eigenvectors = saved
     # The solver's own cost: a cold solve whose products are timed one by one.
     op, spent = tracker.hessian, []
 
     def timed_matvec(v):
-        product, seconds = timed_result(lambda: op.matvec(v), model_device(model))
+        product, seconds = timed(lambda: op.matvec(v), device)
         spent.append(seconds)
         return product
 
@@ -446,33 +445,34 @@ def tracker_trial(model, chunks, args, snapshot, start: torch.Tensor, trial: int
     timed_op = FunctionOperator(timed_matvec, op.dim, dtype=op.dtype, device=op.device)
     with op.measurement():
         solve(op)  # untimed, the same solve: reuse_graph's graphs and the workspace's rows exist
-        result, total = timed_result(lambda: solve(timed_op), model_device(model))
+        result, total = timed(lambda: solve(timed_op), device)
         out["overhead"] = (total - sum(spent)) / sum(spent)
         # The floor under it: the same number of the same products in a Lanczos without reorthogonalisation.
         spent.clear()
         generator = torch.Generator(op.device).manual_seed(trial)
-        _, total = timed_result(lambda: three_term_lanczos(timed_matvec, op.dim, result.n_matvecs, op.dtype,
-                                                           op.device, generator), model_device(model))
+        _, total = timed(lambda: three_term_lanczos(timed_matvec, op.dim, result.n_matvecs, op.dtype,
+                                                    op.device, generator), device)
         out["floor"] = (total - sum(spent)) / sum(spent)
-    gd_step(model, chunks, args.lr)
+    gd_step(model, chunks, lr)
     own = tracker.eigenvectors
     for which in ("warm", "same") if trial % 2 == 0 else ("same", "warm"):
         tracker.eigenvectors = own if which == "warm" else start.reshape(-1, 1).to(own)
-        out[which] = row(*timed_result(tracker.measure, model_device(model)), "")
+        out[which] = row(*timed(tracker.measure, device), "")
     model.load_state_dict(snapshot)
     return out
 
 
-def tracker_run(model, chunks, args, snapshot) -> list[int]:
-    """The products of each measurement of a short run: a tracker with its defaults measures the snapshot, then
-    again after each of ``args.warm_steps`` GD steps (every one after the first is warm, from its own vector)."""
+def tracker_run(model, chunks, snapshot, *, seed: int, lr: float, steps: int) -> list[int]:
+    """The products of each measurement of a short run: a tracker with its defaults (seed ``seed``) measures the
+    snapshot, then again after each of ``steps`` GD steps at ``lr`` (every one after the first is warm, from its
+    own vector)."""
     from eos_toolkit.tracker import SharpnessTracker
 
     model.load_state_dict(snapshot)
-    tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, seed=args.seed)
+    tracker = SharpnessTracker(model, nn.functional.mse_loss, chunks, k=1, seed=seed)
     products = [int(tracker.measure()["hessian_matvecs"])]
-    for _ in range(args.warm_steps):
-        gd_step(model, chunks, args.lr)
+    for _ in range(steps):
+        gd_step(model, chunks, lr)
         products.append(int(tracker.measure()["hessian_matvecs"]))
     model.load_state_dict(snapshot)
     return products
@@ -483,10 +483,6 @@ def progress(name: str, stats: dict) -> dict:
     print(f"  .. {name}: {stats['products']:g} products, {stats['seconds']:.2f} s, error {stats['error']:.1e}",
           file=sys.stderr, flush=True)
     return stats
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def peer_row(name: str, stats: dict, ratio: tuple[float, float]) -> str:
@@ -533,7 +529,7 @@ def goal_lines(ours: dict, best_name: str | None, best: dict | None, label: str,
     }
 
 
-def peer_table(config, model, chunks, args, device=None) -> dict[str, bool | None]:
+def peer_table(title: str, model, chunks, settings: PeerSettings) -> dict[str, bool | None]:
     """The peer section for one config: reference, each peer cold (and warm where it takes a start), ours cold and warm.
 
     Returns the goals it printed (True PASS, False FAIL, None SKIP).
@@ -542,14 +538,14 @@ def peer_table(config, model, chunks, args, device=None) -> dict[str, bool | Non
     from experiments.benchmarks.peers import PEERS, best_accurate, peer_availability
 
     out = Printer()
-    out.append(f"== peers: {describe(config, model, chunks, args)}, {args.peer_trials} trial(s) "
-               f"(medians) ==")
+    out.append(f"== peers: {title}, {settings.trials} trial(s) (medians) ==")
     loss = nn.functional.mse_loss
     snapshot = copy.deepcopy(model.state_dict())
-    reference, ref_vector, text = reference_eigen(model, chunks, args)
+    reference, ref_vector, text = reference_eigen(model, chunks, seed=settings.seed, max_iter=settings.reference_iter)
     out.append(f"  reference {text}")
-    gd_step(model, chunks, args.lr)
-    after, _, text = reference_eigen(model, chunks, args, v0=ref_vector)
+    gd_step(model, chunks, settings.lr)
+    after, _, text = reference_eigen(model, chunks, seed=settings.seed, max_iter=settings.reference_iter,
+                                     v0=ref_vector)
     out.append(f"  one GD step later: reference {text}")
     model.load_state_dict(snapshot)
     start = ref_vector.to(next(model.parameters()).dtype)
@@ -563,24 +559,26 @@ def peer_table(config, model, chunks, args, device=None) -> dict[str, bool | Non
         present.append(peer)
         # Untimed warm-up, two products on the same data: first-call costs (allocations at these shapes,
         # torch.func set-up, ARPACK) stay out of the rows, as our reference run keeps them out of ours.
-        peer.run(model, loss, chunks, tol=REL_TARGET, max_iter=2, seed=args.seed)
+        peer.run(model, loss, chunks, tol=REL_TARGET, max_iter=2, seed=settings.seed)
     cold_runs: dict[str, list] = {}
     warm_runs: dict[str, list] = {}
     ours_runs: dict[str, list] = {}
-    for trial in range(args.peer_trials):
+    for trial in range(settings.trials):
         # Trial by trial, every row in turn: a slow spell of a shared machine falls on all rows alike.
         for peer in present:
-            for tol in args.peer_tols:
+            for tol in settings.tols:
                 cold_runs.setdefault(f"{peer.label} (tol {tol:g})", []).append(
-                    peer.run(model, loss, chunks, tol=tol, max_iter=args.peer_max_iter, seed=args.seed + trial))
+                    peer.run(model, loss, chunks, tol=tol, max_iter=settings.max_iter, seed=settings.seed + trial))
                 if peer.takes_start:
-                    gd_step(model, chunks, args.lr)
+                    gd_step(model, chunks, settings.lr)
                     warm_runs.setdefault(f"{peer.label} warm (tol {tol:g})", []).append(
-                        peer.run(model, loss, chunks, tol=tol, max_iter=args.peer_max_iter, seed=args.seed, v0=start))
+                        peer.run(model, loss, chunks, tol=tol, max_iter=settings.max_iter, seed=settings.seed,
+                                 v0=start))
                     model.load_state_dict(snapshot)
-        for key, value in tracker_trial(model, chunks, args, snapshot, start, trial).items():
+        for key, value in tracker_trial(model, chunks, snapshot, start, trial, seed=settings.seed,
+                                        lr=settings.lr).items():
             ours_runs.setdefault(key, []).append(value)
-        print(f"  .. trial {trial + 1} of {args.peer_trials} done", file=sys.stderr, flush=True)
+        print(f"  .. trial {trial + 1} of {settings.trials} done", file=sys.stderr, flush=True)
     cold = {name: progress(name, summarize(runs, reference)) for name, runs in cold_runs.items()}
     warm = {name: progress(name, summarize(runs, after)) for name, runs in warm_runs.items()}
     overheads = ours_runs["overhead"]
@@ -625,17 +623,17 @@ def peer_table(config, model, chunks, args, device=None) -> dict[str, bool | Non
                                   "ours warm (no installed peer takes a start vector: against the cold best)"))
     warm_products = warm_table[OWN_START]["products"]
     verdict[f"ours warm from its own previous vector <= 5 products ({warm_products:g})"] = warm_products <= 5
-    if args.warm_steps:
-        run = tracker_run(model, chunks, args, snapshot)
-        out.append(f"  a run measuring every step ({args.warm_steps} GD steps at lr {args.lr}): products per "
+    if settings.warm_steps:
+        run = tracker_run(model, chunks, snapshot, seed=settings.seed, lr=settings.lr, steps=settings.warm_steps)
+        out.append(f"  a run measuring every step ({settings.warm_steps} GD steps at lr {settings.lr}): products per "
                    f"measurement {run} (the first from a random start, the method choice inside it)")
         verdict[f"ours warm during a run <= 5 products per measurement (max {max(run[1:])} over "
-                f"{args.warm_steps})"] = max(run[1:]) <= 5
+                f"{settings.warm_steps})"] = max(run[1:]) <= 5
     overhead, floor = statistics.median(overheads), statistics.median(ours_runs["floor"])
     verdict[f"solver overhead < 10% of the products' time ({100 * overhead:.1f}%, Lanczos with timed products; "
             f"the floor, the same products in a three-term Lanczos without reorthogonalisation: "
             f"{100 * floor:.1f}%)"] = overhead < 0.10
-    out += [f"  goal {'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}: {text}" for text, ok in verdict.items()]
+    out += verdict_lines("goal", verdict)
     return verdict
 
 
@@ -647,9 +645,6 @@ def peer_header() -> str:
     parts = [f"{peer.label} {versions[name]}" if available[name] is None else f"{peer.label} not importable"
              for name, peer in PEERS.items()]
     return "peers: " + ", ".join(parts)
-
-
-SECTION_RUNNERS = {"hvp": hvp_section, "solvers": solver_section, "peers": peer_table}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -700,17 +695,28 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--peer-tols must be finite numbers >= 0, got {args.peer_tols}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    runners = {
+        "hvp": functools.partial(hvp_section, repeats=args.repeats),
+        "solvers": functools.partial(solver_section, settings=SolverSettings(
+            seed=args.seed, lr=args.lr, max_iter=args.max_iter, power_iter=args.power_iter, trials=args.trials)),
+        "peers": functools.partial(peer_table, settings=PeerSettings(
+            seed=args.seed, lr=args.lr, tols=tuple(args.peer_tols), max_iter=args.peer_max_iter,
+            trials=args.peer_trials, reference_iter=args.reference_iter, warm_steps=args.warm_steps)),
+    }
     device = torch.device(args.device)
     images, targets, source = load_subset(args.n_examples, args.data_dir, device)
     print(f"device {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}; data: {source}")
     if "peers" in args.sections:
         print(peer_header())
+    chunks = task_base.chunks(images, targets, args.chunk_size)
     for config in configs:
-        model, chunks = prepare(config, args, device, images, targets)
+        _, name, steps = config
+        model = trained_model(name, steps, chunks, seed=args.seed, lr=args.lr, device=device)
+        title = describe(config, model, chunks, args.lr)
         snapshot = copy.deepcopy(model.state_dict())
         for section in args.sections:
             model.load_state_dict(snapshot)
-            SECTION_RUNNERS[section](config, model, chunks, args, device)
+            runners[section](title, model, chunks)
 
 
 if __name__ == "__main__":

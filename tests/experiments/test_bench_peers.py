@@ -228,9 +228,9 @@ def test_peer_section_runs_end_to_end_on_a_tiny_model(capsys):
     model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4))
     g = torch.Generator().manual_seed(2)
     chunks = [(torch.randn(64, 12, generator=g), torch.randn(64, 4, generator=g))]
-    args = argparse.Namespace(seed=0, lr=0.05, peer_tols=[1e-3], peer_max_iter=20, peer_trials=1, reference_iter=60,
-                              warm_steps=2)
-    verdict = sharpness.peer_table(("tiny", "mlp", 0), model, chunks, args)
+    settings = sharpness.PeerSettings(seed=0, lr=0.05, tols=(1e-3,), max_iter=20, trials=1, reference_iter=60,
+                                      warm_steps=2)
+    verdict = sharpness.peer_table("tiny", model, chunks, settings)
     out = capsys.readouterr().out
     assert sharpness.SAME_START in out and sharpness.OWN_START in out
     for goal in ("ours cold", "ours first of a run", "ours warm from its own previous vector <= 5 products",
@@ -239,7 +239,7 @@ def test_peer_section_runs_end_to_end_on_a_tiny_model(capsys):
     # Against the warm peers, or (installed peers that take no start vector) against the cold best.
     assert any(text.startswith(("ours warm, same start", "ours warm (no installed peer")) for text in verdict)
     run = re.search(r"products per measurement \[([\d, ]+)\]", out)
-    assert run and len(run.group(1).split(",")) == 1 + args.warm_steps
+    assert run and len(run.group(1).split(",")) == 1 + settings.warm_steps
     rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if line.startswith("  ours ")}
     for name in ("ours cold", "ours first of a run", sharpness.SAME_START, sharpness.OWN_START):
         error = float(rows[name].split()[len(name.split()) + 2])

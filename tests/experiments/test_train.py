@@ -110,10 +110,10 @@ def test_rmsprop_line_is_its_own_threshold(tiny_data_dir, tmp_path):
 def test_missing_optimizer_state_gives_nan_and_one_warning(tiny_data_dir, tmp_path):
     """A tracked parameter without optimizer state: NaN preconditioned metrics and one warning event, no skip."""
     from eos_toolkit import record
-    from experiments.train import _build
+    from experiments.train import build_trainer
 
     cfg = resolve(tiny(tiny_data_dir, optimizer="adam", lr=0.01, steps=12, track_every=2))
-    trainer = _build(cfg, tmp_path / "run")
+    trainer = build_trainer(cfg, tmp_path / "run")
     trainer.writer = record.RunWriter.create(tmp_path / "run", cfg.to_dict(), {})
     trainer.writer.event("started", step=0)
     first = trainer.params[0]
