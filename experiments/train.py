@@ -277,9 +277,9 @@ class Trainer:
             if split != "test" or (t == self.total and cfg.evaluate_test):  # the test split only at the end
                 evaluated.update(self.task.evaluate(split))
         if evaluated:  # sync: one transfer for every evaluation metric
-            names = list(evaluated)
-            values = torch.stack([evaluated[n].detach().double().reshape(()) for n in names]).tolist()
-            evaluated = dict(zip(names, values))
+            keys = list(evaluated)
+            values = torch.stack([evaluated[key].detach().double().reshape(()) for key in keys]).tolist()
+            evaluated = dict(zip(keys, values))
         rows += [(t, name, value) for name, value in evaluated.items()]
         rows += self._sharpness_and_thresholds(t)
         if cfg.track_density_every and t % cfg.track_density_every == 0:

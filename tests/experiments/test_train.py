@@ -230,6 +230,16 @@ def test_target_loss_stops_the_run(tiny_data_dir, tmp_path):
     assert loss.min() <= 0.3 and (loss[loss.index < loss.idxmin()] > 0.3).all()
 
 
+def test_target_accuracy_stops_the_run_at_the_tracking_step_that_reaches_it(tiny_data_dir, tmp_path):
+    cfg = tiny(tiny_data_dir, optimizer="adam", lr=0.01, steps=200, target_acc=0.5)
+    result = train(cfg, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    reached = [e for e in run.events if e["event"] == "target_reached"]
+    acc = metric(run, "track_acc")
+    assert len(reached) == 1 and reached[0]["step"] == result.step < 200
+    assert acc[result.step] >= 0.5 and (acc[acc.index < result.step] < 0.5).all()
+
+
 @pytest.mark.slow
 def test_gradient_descent_reaches_the_edge_of_stability_on_real_data(tmp_path):
     """Cohen et al. 2021 on a real subset: sharpness rises to 2/eta and stays within 10% of it."""
