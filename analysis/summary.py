@@ -12,7 +12,7 @@ lambda_max(P^-1 H) against that threshold, and VRAdam also against
 ``precond_threshold_eta`` (its effective rate eta_t); the others by
 ``sharpness`` against ``threshold``. The training loop wrote each threshold
 from its optimizer's formula, whose one home is ``eos_toolkit/thresholds.py``
-(the optimizer-to-formula table is ``experiments/adapters.py``). See
+(the optimizer-to-formula table is ``eos_toolkit/adapters.py``). See
 :func:`stability_metrics`.
 """
 

@@ -26,7 +26,7 @@ symmetrically as ``P^-1/2 H P^-1/2`` (same spectrum). ``P`` is data here: a
 positive vector over the operator's parameters. Which ``P`` (and which
 threshold from :mod:`eos_toolkit.thresholds`) belongs to which optimizer is
 decided where optimizers are known: one adapter per optimizer family in
-``experiments.adapters``, each checked against the optimizer's own step.
+:mod:`eos_toolkit.adapters`, each checked against the optimizer's own step.
 This module never reads an optimizer, so it cannot silently apply Adam's
 formula to another optimizer.
 

@@ -31,7 +31,7 @@ share (tasks may add more).
 
 Thresholds. Every threshold value is one formula of
 ``eos_toolkit/thresholds.py``, chosen by the optimizer's adapter
-(``experiments/adapters.py``): 2/lr for gradient descent, 2(1+beta)/lr for
+(``eos_toolkit/adapters.py``): 2/lr for gradient descent, 2(1+beta)/lr for
 torch's heavy ball (2(1+beta)/((1-d) lr) with dampening d) and for RMSprop's
 momentum, 2(1+beta)/((1+2 beta) lr) for Nesterov, 2(1+beta1)/((1-beta1) lr)
 (38/lr at beta1 = 0.9) for the Adam family, whose preconditioner P carries

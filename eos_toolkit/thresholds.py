@@ -16,7 +16,7 @@ effective rate ``eta_t`` (or ``lr`` for the maximal-rate line).  torch's
 
 This module is the one home of these formulas.  Which one applies to which
 optimizer, at which rate and with which preconditioner, is decided by one
-adapter per optimizer family in ``experiments/adapters.py``, each checked
+adapter per optimizer family in :mod:`eos_toolkit.adapters`, each checked
 against the optimizer's own step.
 
 Rates may be Python floats or tensors (e.g. a 0-dim ``eta_t`` on the device);

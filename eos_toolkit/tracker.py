@@ -7,7 +7,7 @@ from the previous eigenvectors: after one training step the top eigenvector
 has barely moved, so a few products suffice.  With ``precondition=True`` it
 also measures ``P^-1/2 H P^-1/2`` for the diagonal preconditioner ``P`` the
 caller passes to :meth:`SharpnessTracker.measure` (:mod:`eos_toolkit.operators`;
-``experiments.adapters`` reads ``P`` from an optimizer's state).  Thresholds
+:mod:`eos_toolkit.adapters` reads ``P`` from an optimizer's state).  Thresholds
 are the caller's business (:mod:`eos_toolkit.thresholds`): the tracker does
 not know which optimizer trains the model.
 

@@ -3,7 +3,7 @@
 Which optimizers exist, their classes, constructor arguments and display
 names: the table in :mod:`experiments.optimizers`.  What the sharpness of
 each is compared with (preconditioner, effective rate, threshold): its
-class's adapter in :mod:`experiments.adapters`.
+class's adapter in :mod:`eos_toolkit.adapters`.
 
 Schedules are stepped once per optimizer step. ``schedule`` is ``constant`` or
 the name of any class in ``torch.optim.lr_scheduler`` (options from
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from experiments.adapters import OptimizerAdapter, adapter_for_class
+from eos_toolkit.adapters import OptimizerAdapter, adapter_for_class
 from experiments.config import ConfigError, RunConfig
 from experiments.optimizers import optimizer_class, optimizer_entry
 
 
 def optimizer_adapter(name: str) -> OptimizerAdapter:
-    """The stability adapter of the optimizer called ``name`` (see :mod:`experiments.adapters`)."""
+    """The stability adapter of the optimizer called ``name`` (see :mod:`eos_toolkit.adapters`)."""
     return adapter_for_class(optimizer_class(name))
 
 

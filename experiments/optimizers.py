@@ -3,7 +3,7 @@
 Every other place that needs an optimizer fact reads it here: the config's
 allowed values and default label, the CLI's help, building the optimizer
 (:func:`experiments.optim.build_optimizer`), and its stability adapter
-(preconditioner, rate, threshold), which :mod:`experiments.adapters` keys by
+(preconditioner, rate, threshold), which :mod:`eos_toolkit.adapters` keys by
 the class.  Every optimizer gets the same ``lr`` meaning (the maximal rate),
 so schedules, warmup and the stability thresholds treat them alike.
 

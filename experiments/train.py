@@ -13,9 +13,12 @@ At step t (parameters theta_t after t updates) the loop
    between successive updates and the update's projection on the latest top
    Hessian eigenvector.
 
-Host-device syncs happen only at tracking steps (one to read the buffered
-per-step metrics, and the eigensolver's own), so the training steps between
-them run asynchronously on a GPU.
+What a tracking step measures and what a step buffers is the
+:class:`~eos_toolkit.monitor.EoSMonitor`'s, the same object a user's own loop
+uses; the loop adds the task's evaluations, checkpoints, divergence and
+targets. Host-device syncs happen only at tracking steps (one to read the
+buffered per-step metrics, and the eigensolver's own), so the training steps
+between them run asynchronously on a GPU.
 
 Resume: a checkpoint at tracking step t holds everything the rest of the run
 depends on (model, optimizer, scheduler, RNG states, the tracker's warm-start
@@ -38,9 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -54,20 +55,16 @@ import torch
 from eos_toolkit import metrics as names
 from eos_toolkit import record
 from eos_toolkit.batches import as_args
-from eos_toolkit.solvers import gaussian_density, slq_density
-from eos_toolkit.tracker import SharpnessTracker
+from eos_toolkit.monitor import EoSMonitor, environment
 from experiments import distributed
-from experiments.adapters import adapter_for
 from experiments.config import RunConfig
-from experiments.resolve import resolve, resolved
 from experiments.optim import build_optimizer, build_scheduler, parameter_groups
+from experiments.resolve import resolve, resolved
 from experiments.tasks import build_task
 from experiments.tasks.base import Task
 
 CHECKPOINT_NAME = "last.pt"
 PREVIOUS_CHECKPOINT = "previous.pt"  # the one before, kept until the new one is complete
-# Points of the grid a spectral density is evaluated on (its cost is set by density_probes x density_steps).
-DENSITY_GRID = 400
 
 
 @dataclass
@@ -89,18 +86,8 @@ def resolve_device(name: str) -> torch.device:
 
 def environment_info(device: torch.device) -> dict:
     """Versions, machine and code revision, for environment.json."""
-    info = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "git_commit": _git_commit(),
-        "command": os.environ.get(distributed.LAUNCH_COMMAND) or " ".join(sys.argv),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
+    return {**environment(device), "git_commit": _git_commit(),
+            "command": os.environ.get(distributed.LAUNCH_COMMAND) or " ".join(sys.argv)}
 
 
 def _git_commit() -> str | None:
@@ -110,19 +97,6 @@ def _git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def flat(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-class _NoRecord:
-    """The record of a rank other than 0: it writes nothing (rank 0 writes the run's one record)."""
-
-    def _nothing(self, *args, **kwargs) -> None:
-        return None
-
-    event = log_metrics = log_density = update_environment = truncate_metrics_after = _nothing
 
 
 class Trainer:
@@ -148,28 +122,34 @@ class Trainer:
                                                                whole_chunks=batch_stats)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, task.param_groups(parameter_groups(self.model, cfg)))
-        self.adapter = adapter_for(self.optimizer)
         self.total = task.total_steps
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
-        self.tracker = SharpnessTracker(
-            self.model, task.loss_fn, track_batches, k=cfg.track_k, method=cfg.hvp_method,
-            bn_mode=cfg.hessian_bn_mode, tol=cfg.lanczos_tol, max_iter=cfg.lanczos_max_iter,
-            precondition=cfg.track_precond, seed=cfg.seed, chunk_weights=track_weights,
-            process_group=None if group is None else torch.distributed.group.WORLD)
+        # What a tracking step measures, and the per-step metrics: the monitor a user's own loop uses too.
+        # Its record writer is set by train() / resume() on rank 0 (the other ranks write nothing).
+        self.monitor = EoSMonitor(
+            self.model, self.optimizer, task.loss_fn, track_batches, every=cfg.track_every, k=cfg.track_k,
+            precondition=cfg.track_precond, method=cfg.hvp_method, bn_mode=cfg.hessian_bn_mode,
+            tol=cfg.lanczos_tol, max_iter=cfg.lanczos_max_iter, seed=cfg.seed, chunk_weights=track_weights,
+            process_group=None if group is None else torch.distributed.group.WORLD,
+            loss_reduction="sum",  # each rank's train loss is its part of the step's objective
+            diverge_factor=cfg.diverge_factor, density_every=cfg.track_density_every,
+            density_probes=cfg.density_probes, density_steps=cfg.density_steps)
         self.interval_start: tuple[int, float] | None = None  # (step, time) where throughput counting began
         self.throughput_rows: list = []
-        self.density_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.step = 0
-        self.prev_update: torch.Tensor | None = None
-        # The scheduled and the effective rate of the last step taken (None before the first).
-        self.last_lr: float | None = None
-        self.last_rate: float | torch.Tensor | None = None
-        self.warned_precond = False
-        self.noted_fallback = False
-        self.initial_loss: float | None = None
-        self.pending: list[tuple[int, str, torch.Tensor | float]] = []
-        self.writer: record.RunWriter | _NoRecord | None = None
-        self.final: dict[str, float] = {}
+
+    @property
+    def writer(self) -> record.RunWriter | None:
+        """The run record's writer (None on ranks other than 0, and before train() / resume() set it)."""
+        return self.monitor.writer
+
+    @writer.setter
+    def writer(self, writer: record.RunWriter | None) -> None:
+        self.monitor.writer = writer
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.monitor.final
 
     # ---- the step's gradient ---------------------------------------------------
     def _gradient(self) -> torch.Tensor:
@@ -199,33 +179,13 @@ class Trainer:
     # ---- one optimizer step ----------------------------------------------
     def train_step(self) -> None:
         """One optimizer step; its per-step metrics are buffered on the device (no host sync)."""
-        before = flat(self.params)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._gradient()
         grad_norm = None
         if self.cfg.clip_norm is not None:  # the global norm before clipping, a device tensor (no sync)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        update = flat(self.params) - before
-        t = self.step
-        rows = self.pending
-        self.last_lr, self.last_rate = float(lr), self.adapter.effective_rate(self.optimizer, float(lr))
-        rows += [(t, names.TRAIN_LOSS, loss), (t, names.LR, float(lr)), (t, names.UPDATE_NORM, update.norm()),
-                 (t, names.ETA, self.last_rate)]
-        if grad_norm is not None:
-            rows.append((t, names.GRAD_NORM, grad_norm.detach()))
-        if hasattr(self.optimizer, "telemetry"):  # VRAdam: s_t and the clamp, as device tensors
-            tel = self.optimizer.telemetry(0)
-            rows += [(t, names.VR_SQ_NORM, tel["sq_norm"].detach().clone()),
-                     (t, names.VR_CLAMPED, tel["clamped"].detach().clone())]
-        if self.prev_update is not None:
-            cos = torch.dot(update, self.prev_update) / (update.norm() * self.prev_update.norm()).clamp_min(1e-30)
-            rows.append((t, names.UPDATE_COS, cos))
-        top = self.tracker.top_eigenvector_flat
-        if top is not None:
-            rows.append((t, names.UPDATE_PROJ_TOP, torch.dot(update, top.to(update.dtype))))
-        self.prev_update = update
+        self.monitor.observe_step(loss, grad_norm=grad_norm)  # before the scheduler: the rate this step used
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
@@ -235,62 +195,30 @@ class Trainer:
         """Write buffered per-step rows (one sync).
 
         Returns ``("diverged", step)`` at the first non-finite or exploding
-        train loss (rows after that step are dropped), ``("target", step)`` once
-        the train loss reached ``target_loss``, else ``(None, step)``.
+        train loss (the monitor drops the rows after that step), ``("target",
+        step)`` once the train loss reached ``target_loss``, else ``(None, step)``.
         """
-        rows, self.pending = self.pending, []
-        if not rows:
-            return None, self.step
-        tensors = [v for _, _, v in rows if isinstance(v, torch.Tensor)]
-        stacked = torch.stack([v.double() for v in tensors]) if tensors else None
-        if self.group is not None and stacked is not None:
-            # Each rank's train_loss is its part of the objective: one all-reduce for the interval's losses.
-            is_loss = torch.tensor([m == names.TRAIN_LOSS for _, m, v in rows if isinstance(v, torch.Tensor)],
-                                   device=stacked.device)
-            stacked = torch.where(is_loss, self.group.sum(stacked * is_loss), stacked)
-        host = iter(stacked.tolist()) if stacked is not None else iter(())
-        values = [(s, m, next(host) if isinstance(v, torch.Tensor) else v) for s, m, v in rows]
-        outcome = None
-        for s, m, v in values:
-            if m != names.TRAIN_LOSS:
-                continue
-            if self.initial_loss is None:
-                self.initial_loss = v
-            if not math.isfinite(v) or v > self.cfg.diverge_factor * max(self.initial_loss, 1e-12):
-                values = [r for r in values if r[0] <= s]
-                self.writer.log_metrics(values)
-                self.final.update({m: v for _, m, v in values})
-                return "diverged", s
-            if self.cfg.target_loss is not None and v <= self.cfg.target_loss:
-                outcome = "target"
-        self.writer.log_metrics(values)
-        self.final.update({m: v for _, m, v in values})
-        return outcome, self.step
+        values = self.monitor.flush()
+        if self.monitor.diverged_at is not None:
+            return "diverged", self.monitor.diverged_at
+        target = self.cfg.target_loss
+        reached = target is not None and any(m == names.TRAIN_LOSS and v <= target for _, m, v in values)
+        return ("target" if reached else None), self.step
 
     def _track(self) -> str | None:
         """Tracking measurements at the current step; returns 'target' when target_acc is reached."""
         t, cfg = self.step, self.cfg
-        rows: list[tuple[int, str, float]] = self.throughput_rows
-        self.throughput_rows = []
+        first_rows, self.throughput_rows = self.throughput_rows, []
         evaluated = {}
         for split in self.task.splits:
-            if split != "test" or (t == self.total and cfg.evaluate_test):  # the test split only at the end
+            if split != names.TEST or (t == self.total and cfg.evaluate_test):  # the test split only at the end
                 evaluated.update(self.task.evaluate(split))
-        if evaluated:  # sync: one transfer for every evaluation metric
-            keys = list(evaluated)
-            values = torch.stack([evaluated[key].detach().double().reshape(()) for key in keys]).tolist()
-            evaluated = dict(zip(keys, values))
-        rows += [(t, name, value) for name, value in evaluated.items()]
-        rows += self._sharpness_and_thresholds(t)
-        if cfg.track_density_every and t % cfg.track_density_every == 0:
-            rows += self._density(t)
-        self.writer.log_metrics(rows)
-        self.final.update({m: v for _, m, v in rows})
+        measured = self.monitor.measure(evaluated, first_rows=first_rows)
         if cfg.target_acc is not None:
             track_acc = names.split_metric(names.TRACK, "acc")
-            if track_acc not in evaluated:
+            if track_acc not in measured:
                 raise ValueError(f"target_acc is set but task {cfg.task!r} records no {track_acc}; use target_loss")
-            if evaluated[track_acc] >= cfg.target_acc:
+            if measured[track_acc] >= cfg.target_acc:
                 return "target"
         return None
 
@@ -303,61 +231,6 @@ class Trainer:
             torch.cuda.synchronize(self.device)  # sync: wall time of the steps
         seconds = time.perf_counter() - start[1]
         return [(t, names.per_second(unit), (t - start[0]) * self.task.items_per_step / max(seconds, 1e-9))]
-
-    def _sharpness_and_thresholds(self, t: int) -> list[tuple[int, str, float]]:
-        """Sharpness (raw, and preconditioned where the optimizer has a P) and the lines it is compared with.
-
-        The rates are those of step t - 1, which produced the measured
-        parameters and left P in the optimizer state. Before the first step
-        (t = 0) the threshold uses the scheduled rate of step 0, and the
-        preconditioned metrics and the gated line are not recorded (no P and
-        no eta_t exist yet). A P missing later (a parameter without optimizer
-        state) gives NaN preconditioned metrics and one ``warning`` event.
-        """
-        preconditioner = None
-        if self.cfg.track_precond:
-            preconditioner = self.adapter.preconditioner(self.optimizer, self.tracker.hessian.parameters)
-            if preconditioner is None and self.step > 0 and not self.warned_precond:
-                self.warned_precond = True
-                self.writer.event("warning", step=t, message=(
-                    "preconditioned metrics are NaN: the optimizer has no state for some tracked parameters "
-                    "(a parameter that never received a gradient?)"))
-        chosen_before = self.tracker.method_choice
-        measured = self.tracker.measure(preconditioner)
-        if self.tracker.method_choice is not chosen_before:  # hvp_method "auto" chose on this measurement
-            self.writer.event("hvp_method", step=t, **self.tracker.method_choice)
-        fallback = self.tracker.hessian.kernel_fallback
-        if fallback is not None and not self.noted_fallback:  # products switched to plain kernels (once a process)
-            self.noted_fallback = True
-            self.writer.event("kernel_fallback", step=t, message=fallback)
-        if self.last_lr is None and preconditioner is None:
-            # Before the first step no preconditioner exists (not a gap): nothing to record.
-            measured = {k: v for k, v in measured.items() if not k.startswith("precond_")}
-        rows = [(t, name, value) for name, value in measured.items()]
-        lr = self.last_lr if self.last_lr is not None else float(self.optimizer.param_groups[0]["lr"])
-        name = names.PRECOND_THRESHOLD if self.adapter.preconditioned else names.THRESHOLD
-        rows.append((t, name, self._threshold(lr)))
-        if self.adapter.gated and self.last_rate is not None:  # the line at the effective rate (VRAdam's eta_t)
-            rows.append((t, names.at_eta(name), self._threshold(float(self.last_rate))))
-        return rows
-
-    def _threshold(self, rate: float) -> float:
-        # A schedule may bring the rate to 0 (cosine's last step): no step, no threshold.
-        return float(self.adapter.threshold(self.optimizer, rate)) if rate > 0 else math.inf
-
-    def _density(self, t: int) -> list[tuple[int, str, float]]:
-        """SLQ spectral density of the Hessian, written to the record's density table."""
-        op = self.tracker.hessian
-        start = time.perf_counter()
-        with op.measurement():  # reuse_graph: one set of graphs for all the density's products
-            sld = slq_density(op, n_probes=self.cfg.density_probes, n_steps=self.cfg.density_steps,
-                              dtype=torch.float64, generator=self.density_generator)
-        lo, hi = sld.nodes.min(), sld.nodes.max()
-        pad = 0.05 * (hi - lo)
-        grid = torch.linspace(lo - pad, hi + pad, DENSITY_GRID, dtype=sld.nodes.dtype, device=sld.nodes.device)
-        density = gaussian_density(sld, grid, sigma=float((hi - lo) / 100))  # sync: bounds for the grid width
-        self.writer.log_density(t, grid.tolist(), density.tolist())
-        return [(t, names.DENSITY_SECONDS, time.perf_counter() - start)]
 
     # ---- checkpoints --------------------------------------------------------
     def _checkpoint(self) -> None:
@@ -372,14 +245,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "tracker": self.tracker.state_dict(),
             "task": self.task.state_dict(),
-            "density_rng": self.density_generator.get_state(),
-            "prev_update": self.prev_update,
-            "last_lr": self.last_lr,
-            "last_rate": None if self.last_rate is None else float(self.last_rate),
-            "warned_precond": self.warned_precond,
-            "initial_loss": self.initial_loss,
+            **self.monitor.state_dict(),  # its step is the run's; the tracker's vectors, the previous update
             **rng,
             "rng_python": list(random.getstate()[1]),
         }
@@ -450,14 +317,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.tracker.load_state_dict(state["tracker"])
+        self.monitor.load_state_dict(state)  # after the model: its parameters start the next update
         self.task.load_state_dict(state.get("task", {}))
-        self.density_generator.set_state(state["density_rng"].cpu())
-        self.prev_update = state["prev_update"]
-        # .get: checkpoints written before these were kept resume with the step-0 convention
-        self.last_lr, self.last_rate = state.get("last_lr"), state.get("last_rate")
-        self.warned_precond = state.get("warned_precond", False)
-        self.initial_loss = state["initial_loss"]
         rng = state
         if self.group is not None and "rng_ranks" in state:
             rng = state["rng_ranks"][self.group.rank]  # this rank's own dropout stream
@@ -476,13 +337,13 @@ class Trainer:
                     self.throughput_rows = self._throughput(self.step)  # before writing and checkpointing
                     outcome, at = self._flush()
                     if outcome == "diverged":
-                        self.writer.event("diverged", step=at,
+                        self.monitor.event("diverged", step=at,
                                           reason=f"train loss not finite or above {cfg.diverge_factor:g} x initial")
                         return RunResult(self.run_dir, "diverged", at, self.final)
                     if self.step % cfg.checkpoint_every == 0 or at_end:
                         self._checkpoint()
                     if self._track() == "target" or outcome == "target":
-                        self.writer.event("target_reached", step=self.step)
+                        self.monitor.event("target_reached", step=self.step)
                         break
                     self.interval_start = (self.step, time.perf_counter())
                 if at_end:
@@ -491,9 +352,9 @@ class Trainer:
                 if on_step is not None:
                     on_step(self.step, self.total)
         except Exception as exc:
-            self.writer.event("failed", step=self.step, error=f"{type(exc).__name__}: {exc}")
+            self.monitor.event("failed", step=self.step, error=f"{type(exc).__name__}: {exc}")
             raise
-        self.writer.event("finished", step=self.step)
+        self.monitor.event("finished", step=self.step)
         return RunResult(self.run_dir, "finished", self.step, self.final)
 
 
@@ -565,8 +426,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], 
         if group is None or group.is_main:
             trainer.writer = record.RunWriter.create(run_dir, cfg.to_dict(), env, lock=lock)
         else:
-            trainer.writer = _NoRecord()
-        trainer.writer.event("started", step=0, total_steps=trainer.total)
+            trainer.writer = None  # rank 0 writes the run's one record
+        trainer.monitor.event("started", step=0, total_steps=trainer.total)
         return trainer.run(on_step)
 
 
@@ -610,13 +471,13 @@ def _resume_locked(run_dir: Path, lock, rec, group, on_step) -> RunResult:
     _check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
     used, passed_over = trainer.load_checkpoint(rec.metrics)
     main = group is None or group.is_main
-    trainer.writer = record.RunWriter.open(run_dir, lock=lock) if main else _NoRecord()
+    trainer.writer = record.RunWriter.open(run_dir, lock=lock) if main else None
     if not rec.environment:  # deleted or emptied: written again, and said so
-        env = _environment(trainer)
-        env["rewritten_on_resume"] = record.utc_now()
-        trainer.writer.update_environment(**env)
-    # The checkpoint at step t was taken before step t's tracking: replay from t.
-    trainer.writer.truncate_metrics_after(trainer.step - 1)
-    trainer.writer.event("resumed", step=trainer.step, checkpoint=used, **({"passed_over": passed_over}
-                                                                          if passed_over else {}))
+        env = _environment(trainer)  # a collective under data parallelism: every rank describes itself
+        if main:
+            trainer.writer.update_environment(**env, rewritten_on_resume=record.utc_now())
+    if main:  # the checkpoint at step t was taken before step t's tracking: replay from t
+        trainer.writer.truncate_metrics_after(trainer.step - 1)
+    trainer.monitor.event("resumed", step=trainer.step, checkpoint=used,
+                          **({"passed_over": passed_over} if passed_over else {}))
     return trainer.run(on_step)

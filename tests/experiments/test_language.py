@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from eos_toolkit.adapters import adapter_for
 from eos_toolkit.metrics import is_timing_metric
-from eos_toolkit.record import read_run
 from eos_toolkit.modes import KernelFallbackWarning
+from eos_toolkit.record import read_run
 from eos_toolkit.tracker import SharpnessTracker
-from experiments.adapters import adapter_for
 from experiments.config import RunConfig
 from experiments.data import CorpusNotFoundError, load_corpus, resolve_corpus, text
 from experiments.data.formats import checksum_of, read_brown_archive, read_gutenberg_archive

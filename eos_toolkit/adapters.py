@@ -5,11 +5,15 @@ The stability picture of an optimizer is one inequality (Cohen et al. 2021,
 a quadratic with Hessian ``H`` while ``lambda_max(P^-1 H)`` stays below the
 threshold of the optimizer's momentum form (:mod:`eos_toolkit.thresholds`,
 the one home of every threshold formula). eos_toolkit measures
-``lambda_max(P^-1 H)`` for any ``P`` it is given as data; this module, where
-optimizers are known, says what ``P``, ``eta`` and the threshold are for each
-optimizer family, read from the optimizer's live state. One adapter per
-family, chosen by the optimizer's class (:func:`adapter_for`); an optimizer
-without an adapter is a clear error, never Adam's formula by default.
+``lambda_max(P^-1 H)`` for any ``P`` it is given as data (the operators
+never read an optimizer); this module says what ``P``, ``eta`` and the
+threshold are for each optimizer family, read from the optimizer's live state. One adapter per
+family, chosen by the optimizer's class (:func:`adapter_for`): torch.optim's
+SGD, Adam, AdamW, RAdam and RMSprop by their classes, and any optimizer that
+is AdamW at a rate it chooses each step (VRAdam) by the protocol it
+satisfies, :class:`GatedAdam`, so this package never imports the optimizer.
+An optimizer without an adapter is a clear error, never Adam's formula by
+default; :func:`register_adapter` teaches the toolkit a new family.
 
 Each adapter is defined by the identity its tests check against the
 optimizer's own step: after a step with scheduled rate ``lr``,
@@ -26,7 +30,7 @@ SGD          none (the raw Hessian)              g; heavy ball: buf;            
                                                  Nesterov: g + beta buf           2(1+b)/((1-d) eta);
                                                                                   Nesterov 2(1+b)/((1+2b) eta)
 Adam, AdamW  (1 - beta1^t)(sqrt(v_t/(1-beta2^t)) + eps)   exp_avg (m_t)           2(1+beta1)/((1-beta1) eta)
-VRAdam       as Adam; rate = eta_t (the gate)    exp_avg                          as Adam
+GatedAdam    as Adam; rate = eta_t (the gate)    exp_avg                          as Adam
 RAdam        (1-beta1^t)(sqrt(v_t)+eps) / (sqrt(1-beta2^t) r_t) once rho_t > 5,   as Adam
              else (1 - beta1^t) (plain momentum steps)
 RMSprop      sqrt(v_t) + eps (centered: sqrt(v_t - gbar_t^2) + eps)   g; with momentum P * buf   2/eta; momentum 2(1+b)/eta
@@ -58,17 +62,17 @@ Example::
     >>> adapter_for(torch.optim.NAdam([p]))
     Traceback (most recent call last):
     ...
-    ValueError: no stability adapter for NAdam: its preconditioner and threshold are unknown to the toolkit; adapters exist for Adam, AdamW, RAdam, RMSprop, SGD, VRAdam (register_adapter adds one)
+    ValueError: no stability adapter for NAdam: its preconditioner and threshold are unknown to the toolkit; adapters exist for Adam, AdamW, RAdam, RMSprop, SGD and any GatedAdam optimizer such as VRAdam (register_adapter adds one)
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from eos_toolkit.thresholds import adam_threshold, gd_threshold, heavy_ball_threshold, nesterov_threshold
-from vradam import VRAdam
+from .thresholds import adam_threshold, gd_threshold, heavy_ball_threshold, nesterov_threshold
 
 Rate = float | torch.Tensor
 
@@ -229,10 +233,23 @@ class AdamAdapter(OptimizerAdapter):
         return optimizer.state[param]["exp_avg"]
 
 
-class VRAdamAdapter(AdamAdapter):
-    """VRAdam: Adam's preconditioner at the gated rate eta_t (per group with ``norm_scope='group'``)."""
+@runtime_checkable
+class GatedAdam(Protocol):
+    """An optimizer whose step is AdamW's at a rate it chooses each step (VRAdam's gate).
 
-    name = "vradam"
+    Adam-shaped state per parameter (``step``, ``exp_avg``, ``exp_avg_sq``),
+    Adam's group keys (``betas``, ``eps``, ``amsgrad`` absent or False), and
+    ``telemetry(i)["eta"]``: the rate group ``i`` stepped with, a 0-dim
+    tensor, also kept as the group's ``"eta"`` key.  VRAdam satisfies it.
+    """
+
+    def telemetry(self, group_index: int = 0) -> dict: ...
+
+
+class GatedAdamAdapter(AdamAdapter):
+    """A :class:`GatedAdam` optimizer: Adam's preconditioner at the gated rate eta_t (per group as it gates)."""
+
+    name = "gated_adam"
     gated = True
 
     def effective_rate(self, optimizer, lr):
@@ -300,8 +317,8 @@ _ADAPTERS: dict[type, OptimizerAdapter] = {
     torch.optim.AdamW: AdamAdapter(),
     torch.optim.RAdam: RAdamAdapter(),
     torch.optim.RMSprop: RMSpropAdapter(),
-    VRAdam: VRAdamAdapter(),
 }
+_GATED_ADAM = GatedAdamAdapter()
 
 
 def register_adapter(optimizer_class: type, adapter: OptimizerAdapter) -> None:
@@ -310,14 +327,17 @@ def register_adapter(optimizer_class: type, adapter: OptimizerAdapter) -> None:
 
 
 def adapter_for_class(optimizer_class: type) -> OptimizerAdapter:
-    """The adapter of exactly this class (a subclass may change the step, so it is not inherited)."""
-    try:
+    """The adapter of exactly this class (a subclass may change the step, so it is not inherited), or of
+    the :class:`GatedAdam` protocol the class satisfies."""
+    if optimizer_class in _ADAPTERS:
         return _ADAPTERS[optimizer_class]
-    except KeyError:
-        known = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
-        raise ValueError(
-            f"no stability adapter for {optimizer_class.__name__}: its preconditioner and threshold are unknown "
-            f"to the toolkit; adapters exist for {known} (register_adapter adds one)") from None
+    if isinstance(optimizer_class, type) and issubclass(optimizer_class, GatedAdam):
+        return _GATED_ADAM
+    known = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
+    raise ValueError(
+        f"no stability adapter for {optimizer_class.__name__}: its preconditioner and threshold are unknown to "
+        f"the toolkit; adapters exist for {known} and any GatedAdam optimizer such as VRAdam (register_adapter "
+        "adds one)")
 
 
 def adapter_for(optimizer: torch.optim.Optimizer) -> OptimizerAdapter:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from eos_toolkit.adapters import GatedAdam, adapter_for, adapter_for_class
 from eos_toolkit.thresholds import gd_threshold, heavy_ball_threshold, momentum_threshold
 from eos_toolkit.tracker import SharpnessTracker
-from experiments.adapters import adapter_for, adapter_for_class
 from experiments.optim import optimizer_adapter
 from experiments.optimizers import OPTIMIZERS, optimizer_class
 from tests.eos_toolkit.reference import DT, dense_hessian, regression_data, tanh_mlp
@@ -151,6 +151,21 @@ def test_unknown_optimizers_are_an_error_not_adams_formula():
 
     with pytest.raises(ValueError, match="no stability adapter for MyAdam"):
         adapter_for(MyAdam([p]))
+
+
+def test_vradam_is_recognised_by_the_protocol_it_satisfies_not_by_its_class():
+    """eos_toolkit never imports vradam: VRAdam (and its reference twin) are GatedAdam optimizers; torch's
+    Adam is not, and an Adam subclass that only adds a telemetry method would be (it is then its author's
+    claim that the step is AdamW's at the rate telemetry reports)."""
+    import eos_toolkit.adapters as adapters
+    from vradam import VRAdamReference
+
+    assert issubclass(VRAdam, GatedAdam) and issubclass(VRAdamReference, GatedAdam)
+    assert not issubclass(torch.optim.Adam, GatedAdam)
+    assert adapter_for_class(VRAdam) is adapter_for_class(VRAdamReference)
+    assert adapter_for_class(VRAdam).gated and adapter_for_class(VRAdam).preconditioned
+    assert "vradam" not in adapters.__dict__ and not any("vradam" in str(v) for v in vars(adapters).values()
+                                                          if isinstance(v, type(adapters)))
 
 
 def test_every_offered_optimizer_has_an_adapter():
