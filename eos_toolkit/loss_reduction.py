@@ -26,17 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .batches import as_args, chunk_size
+from .batches import as_args, chunk_size, slice_inputs
 from .modes import module_mode
-
-
-def _leading(inputs, n: int):
-    """The first ``n`` examples of a chunk's inputs (a tensor or a tuple of them)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[:n]
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_leading(i, n) for i in inputs)
-    return inputs
 
 
 def output_example_shape(model: nn.Module, batches: Sequence, bn_mode: str) -> torch.Size:
@@ -50,7 +41,7 @@ def output_example_shape(model: nn.Module, batches: Sequence, bn_mode: str) -> t
     inputs, targets = batches[0]
     n = min(2, chunk_size(targets))
     with torch.no_grad(), module_mode(model, bn_mode, "off"):
-        out = model(*as_args(_leading(inputs, n)))
+        out = model(*as_args(slice_inputs(inputs, 0, n)))
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
         raise ValueError("cannot check that loss_fn is a mean over examples: the model's output is not a tensor "
                          "indexed by example; pass chunk_weights (each chunk's share of the loss's normaliser)")

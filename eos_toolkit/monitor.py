@@ -159,6 +159,7 @@ class EoSMonitor:
             raise ValueError(f"precondition=True needs an optimizer with a preconditioner; {type(optimizer).__name__} "
                              "has none (its stability is read on the raw sharpness)")
         self.batches = list(batches)
+        _check_batches_fit(model, self.batches)
         self.tracker = SharpnessTracker(model, loss_fn, self.batches, k=k, method=method, bn_mode=bn_mode,
                                         dropout=dropout, tol=tol, max_iter=max_iter, precondition=precondition,
                                         seed=seed, chunk_weights=chunk_weights, process_group=process_group)
@@ -219,13 +220,17 @@ class EoSMonitor:
         """Remember the parameters before an update (a framework hook); :meth:`step` otherwise uses the last ones."""
         self.prev_params = flat(self.params)
 
-    def observe_step(self, loss: torch.Tensor | float | None = None, *,
-                     grad_norm: torch.Tensor | None = None) -> None:
-        """Buffer the metrics of the update just taken, on the device, without a host sync."""
+    def observe_step(self, loss: torch.Tensor | float | None = None, *, grad_norm: torch.Tensor | None = None,
+                     lr: float | None = None) -> None:
+        """Buffer the metrics of the update just taken, on the device, without a host sync.
+
+        ``lr``: the scheduled rate the update used, where the loop's scheduler
+        has already moved group 0's ``lr`` on (default: group 0's ``lr`` now).
+        """
         current = flat(self.params)
         update = current - self.prev_params
         t, rows = self.step_count, self.pending
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[0]["lr"] if lr is None else lr
         self.last_lr = float(lr)
         self.last_rate = self.adapter.effective_rate(self.optimizer, float(lr)) if self.adapter else float(lr)
         if loss is not None:
@@ -251,10 +256,10 @@ class EoSMonitor:
         """Whether the current step is a tracking step (a multiple of ``every``)."""
         return self.step_count % self.every == 0
 
-    def step(self, loss: torch.Tensor | float | None = None, *,
-             grad_norm: torch.Tensor | None = None) -> dict[str, float] | None:
+    def step(self, loss: torch.Tensor | float | None = None, *, grad_norm: torch.Tensor | None = None,
+             lr: float | None = None) -> dict[str, float] | None:
         """After ``optimizer.step()``: record the update; at a tracking step, measure and return the metrics."""
-        self.observe_step(loss, grad_norm=grad_norm)
+        self.observe_step(loss, grad_norm=grad_norm, lr=lr)
         if not self.due():
             return None
         self.flush()
@@ -437,6 +442,27 @@ class EoSMonitor:
         self.density_generator.set_state(state["density_rng"].cpu())
         self.written_through = state.get("written_through", self.step_count - 1)
         self.prev_params = flat(self.params)
+
+
+def _check_batches_fit(model: nn.Module, batches: list) -> None:
+    """One forward pass on the first tracking chunk; a ValueError in one line when the model refuses it."""
+    if not batches:
+        raise ValueError("batches is empty: pass the tracking batches as a list of (inputs, targets) chunks")
+    first = batches[0]
+    if not (isinstance(first, (tuple, list)) and len(first) == 2):
+        raise ValueError(f"each tracking batch must be a pair (inputs, targets), got {type(first).__name__}"
+                         + (f" of length {len(first)}" if isinstance(first, (tuple, list)) else ""))
+    device = next(model.parameters()).device
+    inputs = first[0]
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in as_args(inputs))
+    try:
+        with torch.no_grad(), module_mode(model, "eval", "off"):
+            model(*args)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        raise ValueError(f"the tracking batches do not fit the model: its forward pass on the first one (input "
+                         f"shapes {shapes}) failed with {type(err).__name__}: {str(err).splitlines()[0][:200]}; a "
+                         "batch is (inputs, targets), inputs the model's positional arguments") from None
 
 
 def _host_values(metrics: dict) -> dict[str, float]:

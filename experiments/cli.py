@@ -8,6 +8,7 @@
     eos compare run SPEC             the fair comparison: tune, select, confirm over seeds, report
     eos compare worker | report      one more tuning worker; the report rebuilt from the records
     eos runs list [DIR]              the runs under DIR
+    eos export tensorboard RUN...    run records as TensorBoard scalars
     eos plot RUN_OR_DIR... [--kind]  stability figures
     eos report RUN_OR_DIR...         a self-contained report
     eos data list | fetch NAME       data sets here, and getting them
@@ -81,7 +82,7 @@ def clear_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
             raise fail(str(exc)) from None
 
     return wrapper
@@ -478,6 +479,33 @@ def report(
     import analysis
 
     typer.echo(str(analysis.write_report([str(r) for r in runs], out)))
+
+
+export_app = typer.Typer(help="Existing run records in other formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("tensorboard")
+@clear_errors
+def export_tensorboard(
+    runs: list[Path] = typer.Argument(..., help="Run directories or parents of them."),
+    out: Path = typer.Option(Path("runs/tensorboard"), help="TensorBoard log directory (one subdirectory per run)."),
+):
+    """Write every run record's metrics as TensorBoard scalars, eos/<metric> at each step; print the log directories.
+
+    View them with: tensorboard --logdir OUT. Needs the tensorboard package
+    (pip install 'eos-toolkit[integrations]').
+    """
+    from eos_toolkit.integrations.tensorboard import export_records
+
+    missing = [str(r) for r in runs if not r.exists()]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} does not exist; give run directories or parents of them")
+    written = export_records(runs, out)
+    if not written:
+        raise ValueError(f"no run record under {', '.join(map(str, runs))}")
+    for log_dir in written:
+        typer.echo(str(log_dir))
 
 
 @data_app.command("list")

@@ -48,6 +48,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from eos_toolkit.batches import shard_batches, shard_weighted
+
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -83,33 +85,13 @@ class Distributed:
             raise ValueError(f"the largest chunk of this step's batch has {largest} examples, fewer than the "
                              f"{self.world_size} ranks, so some rank would have nothing to train on: use a larger "
                              "batch_size (or chunk_size) or fewer processes")
-        pieces = []
-        for inputs, targets, weight in chunks:
-            n = len(targets)
-            start, stop = _bounds(n, self.rank, self.world_size)
-            if stop > start:
-                pieces.append((_slice(inputs, start, stop), targets[start:stop], weight * (stop - start) / n))
-        return pieces
+        return shard_weighted(chunks, self.rank, self.world_size)
 
     def shard_batches(self, batches: list, chunk_weights: list[float] | None, *,
                       whole_chunks: bool = False) -> tuple[list, list[float] | None]:
-        """This rank's part of fixed ``(inputs, targets)`` chunks, for the Hessian operator.
-
-        By example, as :meth:`shard`, when the loss is a plain mean and the
-        model does not depend on which examples share a chunk; whole chunks
-        dealt round-robin when the chunks carry their own normalisers
-        (``chunk_weights``) or ``whole_chunks`` is set (BatchNorm measured
-        with batch statistics: a chunk's statistics must stay the chunk's).
-        """
-        if chunk_weights is None and not whole_chunks:
-            return [(x, y) for x, y, _ in self.shard([(x, y, 1.0) for x, y in batches])], None
-        if len(batches) < self.world_size:
-            why = "with their own normalisers" if chunk_weights is not None else \
-                "normalised by their own batch statistics (BatchNorm)"
-            raise ValueError(f"{len(batches)} tracking chunks {why} cannot be dealt to {self.world_size} ranks "
-                             "whole: use a smaller chunk_size, a larger track_n, or fewer processes")
-        mine = list(range(self.rank, len(batches), self.world_size))
-        return [batches[i] for i in mine], None if chunk_weights is None else [chunk_weights[i] for i in mine]
+        """This rank's part of fixed tracking chunks (:func:`eos_toolkit.batches.shard_batches`)."""
+        return shard_batches(batches, self.rank, self.world_size, chunk_weights=chunk_weights,
+                             whole_chunks=whole_chunks)
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over ranks (an all-reduce; on the CPU for a gloo-only group, else where the tensor is)."""
@@ -136,20 +118,6 @@ class Distributed:
         ranks = self.gather({"host": socket.gethostname(), "device": str(device),
                              **({"device_name": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})})
         return {"world_size": self.world_size, "backend": self.backend, "ranks": ranks}
-
-
-def _bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-def _slice(inputs, start: int, stop: int):
-    if isinstance(inputs, torch.Tensor):
-        return inputs[start:stop]
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_slice(i, start, stop) for i in inputs)
-    raise TypeError(f"cannot split inputs of type {type(inputs).__name__} by example; expected tensors")
 
 
 def launched() -> bool:
