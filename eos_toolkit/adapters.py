@@ -159,7 +159,7 @@ class OptimizerAdapter:
                 return None
             if i:
                 if i not in scale:
-                    scale[i] = rate0 / self.group_rate(optimizer, groups[i])
+                    scale[i] = _rate_ratio(rate0, self.group_rate(optimizer, groups[i]))
                 diag = diag * scale[i]
             diags.append(diag.detach().reshape(-1))
         return torch.cat(diags)
@@ -174,6 +174,17 @@ class OptimizerAdapter:
             raise ValueError("the optimizer has no state for these parameters yet: take a step first")
         d = torch.cat([self.direction(optimizer, p).reshape(-1) for p in params])
         return -self.effective_rate(optimizer, lr) * d / P
+
+
+def _rate_ratio(rate0: Rate, rate: Rate) -> Rate:
+    """``rate0 / rate``: 1 for equal rates (a schedule at 0 moves every group to 0), inf for a group that
+    does not move while group 0 does (its P is infinite: it sets no bound).  Tensors stay on the device."""
+    if isinstance(rate0, torch.Tensor) or isinstance(rate, torch.Tensor):
+        rate0, rate = torch.as_tensor(rate0), torch.as_tensor(rate)
+        return torch.where(rate0 == rate, torch.ones_like(rate0 / 1.0), rate0 / rate)
+    if rate0 == rate:
+        return 1.0
+    return rate0 / rate if rate else math.inf
 
 
 class SGDAdapter(OptimizerAdapter):

@@ -256,3 +256,22 @@ def test_adam_family_threshold_against_the_optimizer_on_a_quadratic(name):
 
     assert distance(0.97 * threshold * eps) < 1e-60
     assert distance(1.03 * threshold * eps) > 1e-10
+
+
+def test_groups_whose_schedule_reached_zero_fold_without_dividing_by_it():
+    """A linear decay to 0 leaves every group at lr 0 after the last step: equal rates fold as 1, and a group
+    at 0 beside a moving group 0 gets an infinite P (it sets no bound), never a division error."""
+    model = tanh_mlp()
+    params = list(model.parameters())
+    optimizer = torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2)
+    x, y = regression_data(8, 5, 3)
+    mse(model(x), y).backward()
+    optimizer.step()
+    unfolded = adapter_for(optimizer).preconditioner(optimizer, params)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    assert torch.equal(adapter_for(optimizer).preconditioner(optimizer, params), unfolded)
+    optimizer.param_groups[0]["lr"] = 1e-2
+    folded = adapter_for(optimizer).preconditioner(optimizer, params)
+    n0 = sum(p.numel() for p in params[:2])
+    assert torch.equal(folded[:n0], unfolded[:n0]) and torch.isinf(folded[n0:]).all()

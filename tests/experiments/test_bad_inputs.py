@@ -127,3 +127,48 @@ def test_bad_optimizer_arguments(kwargs, expected):
 def test_a_param_group_without_params():
     with pytest.raises(ValueError, match="a param group must be a dict with a 'params' entry, got {'lr': 0.1}"):
         VRAdam([{"lr": 0.1}])
+
+
+def _monitor_case(case: str, tmp_path):
+    """Build a monitor (or a framework callback) the way case ``case`` gets it wrong."""
+    from eos_toolkit.monitor import EoSMonitor
+    from eos_toolkit.record import RunLock
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    adam = torch.optim.Adam(model.parameters())
+    if case == "batches":
+        return EoSMonitor(model, adam, torch.nn.functional.mse_loss, [(torch.randn(4, 5), y)])
+    if case == "pairs":
+        return EoSMonitor(model, adam, torch.nn.functional.mse_loss, [x])
+    if case == "locked":
+        with RunLock(tmp_path / "run"):
+            return EoSMonitor(model, adam, torch.nn.functional.mse_loss, [(x, y)], out=tmp_path / "run")
+    if case == "hugging_face_without_optimizer":
+        hf = pytest.importorskip("eos_toolkit.integrations.huggingface")
+        return hf.EoSTrainerCallback([]).on_train_begin(None, None, None, model=model, optimizer=None)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("batches", "the tracking batches do not fit the model: its forward pass on the first one (input shapes "
+                "[(4, 5)]) failed with RuntimeError"),
+    ("pairs", "each tracking batch must be a pair (inputs, targets), got Tensor"),
+    ("locked", "is being written by pid"),
+    ("hugging_face_without_optimizer", "EoSTrainerCallback needs the trainer's optimizer, and there is none yet"),
+])
+def test_bad_monitor_inputs(case, expected, tmp_path):
+    with pytest.raises((ValueError, FileExistsError)) as err:
+        _monitor_case(case, tmp_path)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_optimizer_without_an_adapter_is_one_warning_not_an_error():
+    from eos_toolkit.monitor import EoSMonitor, NoAdapterWarning
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with pytest.warns(NoAdapterWarning) as caught:
+        EoSMonitor(model, torch.optim.Adamax(model.parameters()), torch.nn.functional.mse_loss,
+                   [(torch.randn(4, 3), torch.randn(4, 2))])
+    (warning,) = caught
+    assert "no stability adapter for Adamax" in str(warning.message) and "plain sharpness only" in str(warning.message)
