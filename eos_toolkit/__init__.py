@@ -11,6 +11,9 @@ Modules:
   collectives     products summed over data-parallel ranks, and decisions made together
   solvers         Lanczos, block Lanczos, power iteration, Hutchinson, SLQ density (on any operator)
   tracker         sharpness tracking during training
+  adapters        what P, the rate and the threshold are for each optimizer family
+  monitor         what a tracking step measures and records, in any training loop
+  integrations    the monitor in Lightning, Hugging Face Trainer and TensorBoard (optional extra)
 
 The names below are imported on first use, so ``import eos_toolkit.record``
 (what the analysis uses) does not import torch.
@@ -34,6 +37,8 @@ _EXPORTS = {
     "solvers": ("EigResult", "KrylovWorkspace", "lanczos", "block_lanczos", "power_iteration", "hutchinson_trace", "slq_density",
                 "SpectralDensity", "gaussian_density", "eigenvalue_error_bound"),
     "tracker": ("SharpnessTracker",),
+    "adapters": ("adapter_for", "register_adapter", "GatedAdam", "OptimizerAdapter"),
+    "monitor": ("EoSMonitor",),
     "record": ("RunWriter", "read_run", "find_runs"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

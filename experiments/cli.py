@@ -558,6 +558,12 @@ def bench_lm(ctx: typer.Context):
     _bench("experiments.benchmarks.language_model", ctx)
 
 
+@bench_app.command("monitor", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_monitor(ctx: typer.Context):
+    """One tracking step's cost: the monitor in a plain loop, Lightning and Trainer vs the measurement alone."""
+    _bench("experiments.benchmarks.monitor_cost", ctx)
+
+
 @bench_app.command("distributed", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_distributed(ctx: typer.Context):
     """Step and HVP time on 1 vs N data-parallel ranks (extra arguments go to the benchmark; try --help)."""

@@ -26,7 +26,7 @@ continues warm, and the record continues where the checkpoint was taken.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -42,8 +42,9 @@ STATE_FILE = "eos_monitor.pt"
 class ModelLoss(nn.Module):
     """A model whose forward takes a batch's tensors positionally (in ``keys`` order) and returns its loss.
 
-    The curvature engine calls ``module(*inputs)``; a Hugging Face model takes
-    keyword tensors and returns an output whose ``loss`` is the objective.
+    The curvature engine calls ``module(*inputs)``; a model a ``Trainer``
+    trains takes keyword tensors and returns its loss as ``outputs["loss"]``
+    (a ``ModelOutput``, or any mapping).
     """
 
     def __init__(self, model: nn.Module, keys: Sequence[str]):
@@ -51,7 +52,8 @@ class ModelLoss(nn.Module):
         self.model, self.keys = model, tuple(keys)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.keys, tensors))).loss
+        outputs = self.model(**dict(zip(self.keys, tensors)))
+        return outputs["loss"] if isinstance(outputs, Mapping) else outputs.loss  # a ModelOutput is a Mapping
 
 
 def model_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
