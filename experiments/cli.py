@@ -12,7 +12,7 @@
     eos plot RUN_OR_DIR... [--kind]  stability figures
     eos report RUN_OR_DIR...         a self-contained report
     eos data list | fetch NAME       data sets here, and getting them
-    eos bench optimizer | sharpness | lm | distributed  benchmarks
+    eos bench optimizer | sharpness | lm | distributed | monitor | gpu  benchmarks
 
 Every command's help is its docstring; ``eos COMMAND --help`` shows it.
 """
@@ -568,6 +568,16 @@ def bench_monitor(ctx: typer.Context):
 def bench_distributed(ctx: typer.Context):
     """Step and HVP time on 1 vs N data-parallel ranks (extra arguments go to the benchmark; try --help)."""
     _bench("experiments.benchmarks.distributed", ctx)
+
+
+@bench_app.command("gpu", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_gpu(ctx: typer.Context):
+    """The GPU check: gpu tests, fused step vs reference, syncs, CUDA graph, step timing, curvature, a tracked run.
+
+    One line per item (PASS, FAIL or SKIP), exit status 1 when one fails; without CUDA the CUDA items skip
+    (extra arguments go to the check: --items, --json, --smoke; try --help).
+    """
+    _bench("experiments.benchmarks.gpu_check", ctx)
 
 
 def main() -> None:
