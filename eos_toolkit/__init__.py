@@ -14,6 +14,7 @@ Modules:
   adapters        what P, the rate and the threshold are for each optimizer family
   monitor         what a tracking step measures and records, in any training loop
   integrations    the monitor in Lightning, Hugging Face Trainer and TensorBoard (optional extra)
+  curvature_gradient  the gradient of the sharpness, D^3 L[u, u, .], from third derivatives
 
 The names below are imported on first use, so ``import eos_toolkit.record``
 (what the analysis uses) does not import torch.
@@ -40,6 +41,8 @@ _EXPORTS = {
     "adapters": ("adapter_for", "register_adapter", "GatedAdam", "OptimizerAdapter"),
     "monitor": ("EoSMonitor",),
     "record": ("RunWriter", "read_run", "find_runs"),
+    "curvature_gradient": ("sharpness_gradient", "preconditioned_sharpness_gradient",
+                           "wrong_third_derivative_modules"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -31,8 +31,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -125,7 +127,13 @@ class PlainKernelFallback:
 
     def __init__(self, on_switch: Callable[[], None] | None = None):
         self.note: str | None = None
-        self.on_switch = on_switch
+        # A bound method is held weakly: an operator holding this object would otherwise sit in a
+        # reference cycle and outlive its process group (gloo ranks then abort at exit).
+        self._on_switch = weakref.WeakMethod(on_switch) if inspect.ismethod(on_switch) else (lambda: on_switch)
+
+    @property
+    def on_switch(self) -> Callable[[], None] | None:
+        return self._on_switch()
 
     @property
     def active(self) -> bool:
@@ -143,8 +151,9 @@ class PlainKernelFallback:
             note = fallback_note(err)
         self.note = note
         warnings.warn(note, KernelFallbackWarning, stacklevel=4)
-        if self.on_switch is not None:
-            self.on_switch()
+        callback = self.on_switch
+        if callback is not None:
+            callback()
         try:
             with plain_kernels():
                 return rule()

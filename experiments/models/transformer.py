@@ -12,7 +12,10 @@
   ``d_model / n_head`` dimensions, one fused q/k/v projection and an output
   projection;
 - MLP: ``Linear(d, 4d) -> GELU -> Linear(4d, d)``;
-- pre-LayerNorm blocks and a final LayerNorm (GPT-2's arrangement);
+- pre-LayerNorm blocks and a final LayerNorm (GPT-2's arrangement), the
+  LayerNorm written in plain tensor operations (:class:`LayerNorm`: torch's
+  fused layer norm has wrong third derivatives, which the gradient of the
+  sharpness needs);
 - the read-out shares the token embedding's matrix (``tie_weights=True``,
   the default) or has its own, without bias;
 - dropout (default 0) after the embeddings, on the attention weights and after
@@ -42,6 +45,32 @@ from torch import nn
 OPTIONS = ("n_layer", "n_head", "d_model", "dropout", "tie_weights")
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in plain tensor operations, so that its derivatives of every order are right.
+
+    Over the last ``len(normalized_shape)`` dimensions::
+
+        y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias      (var: the biased variance)
+
+    the same function, parameters and ``state_dict`` keys as ``nn.LayerNorm``
+    (float16 and bfloat16 inputs are normalised in float32, as torch's kernel
+    does).  torch 2.13's fused ``layer_norm`` has right first and second
+    derivatives but wrong third ones: its double backward treats the saved
+    mean and 1/std as constants.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        centred = h - h.mean(dims, keepdim=True)
+        y = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position t sees positions <= t (``causal=False`` only for tests)."""
 
@@ -65,9 +94,9 @@ class Block(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, dropout: float):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model)
+        self.ln1 = LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_head, dropout)
-        self.ln2 = nn.LayerNorm(d_model)
+        self.ln2 = LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.drop = nn.Dropout(dropout)
 
@@ -87,7 +116,7 @@ class CausalTransformer(nn.Module):
         self.position_embedding = nn.Embedding(context, d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
+        self.ln_f = LayerNorm(d_model)
         self.read_out = nn.Linear(d_model, vocab_size, bias=False)
         if tie_weights:
             self.read_out.weight = self.token_embedding.weight

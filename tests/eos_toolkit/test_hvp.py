@@ -507,3 +507,31 @@ def test_the_choice_names_a_random_operator_before_choosing(monkeypatch, referen
     op = hessian_operator(noisy, mse, [(x, y)], dropout="as_is", determinism_probe=False)
     with pytest.raises(NondeterministicOperatorError, match="dropout"):
         choose_method(op, torch.ones(op.dim, dtype=DT))
+
+
+def test_loss_and_gradient_is_the_full_batch_loss_and_gradient_over_unequal_chunks():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(11, 3, dtype=torch.float64), torch.randn(11, 2, dtype=torch.float64)
+    op = hessian_operator(model, nn.functional.mse_loss, [(x[:7], y[:7]), (x[7:], y[7:])])
+    loss, grad = op.loss_and_gradient()
+    expected = nn.functional.mse_loss(model(x), y)
+    expected_grad = torch.autograd.grad(expected, list(model.parameters()))
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(grad, torch.cat([g.reshape(-1) for g in expected_grad]))
+
+
+def test_an_operator_is_freed_without_the_cycle_collector():
+    # No reference cycle: an operator (and the process group it holds) goes with its last reference.
+    import gc
+    import weakref
+
+    model = nn.Linear(2, 1)
+    op = hessian_operator(model, nn.functional.mse_loss, [(torch.randn(3, 2), torch.randn(3, 1))])
+    ref = weakref.ref(op)
+    gc.disable()
+    try:
+        del op
+        assert ref() is None
+    finally:
+        gc.enable()

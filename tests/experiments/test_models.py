@@ -189,3 +189,101 @@ def test_forward_over_reverse_hvp_equals_double_backward(name, options, mode):
     reference = torch.autograd.grad(dot, weights)
     for key, ref in zip(params, reference):
         torch.testing.assert_close(hvp[key], ref, rtol=1e-9, atol=1e-12)
+
+
+# -- the language model's LayerNorm: torch's function, derivatives of every order right --------------------
+
+def tiny_language_model():
+    """A one-block language model in float64, its parameters moved off the initial values (LayerNorm 1 and 0)."""
+    from experiments.models import build_transformer
+
+    model = build_transformer(vocab_size=7, context=5, n_layer=1, n_head=2, d_model=8, seed=1).double()
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, dtype=torch.float64, generator=generator))
+    tokens = torch.randint(0, 7, (2, 4, 5), generator=generator)
+    return model, tokens[0], tokens[1]
+
+
+def with_torch_layer_norms(model):
+    """The same model with every LayerNorm replaced by torch's ``nn.LayerNorm`` holding the same weights."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                fused = nn.LayerNorm(child.normalized_shape, eps=child.eps).to(torch.float64)
+                fused.load_state_dict(child.state_dict())
+                setattr(module, name, fused)
+    return twin
+
+
+def test_the_language_models_layer_norm_is_torchs_function_with_its_state_dict_keys():
+    from experiments.models.transformer import LayerNorm
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-14), (torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        ours, theirs = LayerNorm(6).to(dtype), nn.LayerNorm(6).to(dtype)
+        with torch.no_grad():
+            ours.weight.normal_(generator=generator), ours.bias.normal_(generator=generator)
+        theirs.load_state_dict(ours.state_dict())
+        x = (3 + 5 * torch.randn(2, 3, 6, generator=generator, dtype=torch.float64)).to(dtype)
+        assert ours(x).dtype == dtype
+        torch.testing.assert_close(ours(x), theirs(x), rtol=tol, atol=tol)
+    model, x, _ = tiny_language_model()
+    old = with_torch_layer_norms(model)  # what a checkpoint written with nn.LayerNorm holds
+    assert list(model.state_dict()) == list(old.state_dict())
+    model.load_state_dict(old.state_dict())
+    torch.testing.assert_close(model(x), old(x), rtol=1e-13, atol=1e-13)
+
+
+def test_the_language_models_third_derivatives_equal_central_differences():
+    """D^3 L[a, b, e] (the gradient of the sharpness needs it) against central differences of a^T H b.
+
+    With torch's ``nn.LayerNorm`` the operator refuses the model, and reverse
+    mode three times over through it is off by tens of percent (torch 2.13).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from eos_toolkit.hvp import hessian_operator
+    from eos_toolkit.modes import KernelFallbackWarning
+    from experiments.tasks.language import token_cross_entropy
+
+    model, x, y = tiny_language_model()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    generator = torch.Generator().manual_seed(5)
+    a, b, e = (torch.randn(theta.numel(), dtype=torch.float64, generator=generator) for _ in range(3))
+
+    def loss_of(net):
+        def loss(flat):
+            params = dict(zip(names, (t.reshape(s) for t, s in zip(torch.split(flat, [s.numel() for s in shapes]),
+                                                                      shapes))))
+            return token_cross_entropy(functional_call(net, params, (x,)), y)
+        return loss
+
+    def central_difference(h=1e-3):  # of a^T H(theta + t e) b, Richardson-extrapolated
+        def product(t):
+            with sdpa_kernel([SDPBackend.MATH]):  # CPU flash attention has no double backward
+                return float(torch.autograd.functional.vhp(loss_of(model), theta + t * e, b)[1] @ a)
+        wide = (product(h) - product(-h)) / (2 * h)
+        return (4 * (product(h / 2) - product(-h / 2)) / h - wide) / 3
+
+    reference = central_difference()
+    op = hessian_operator(model, token_cross_entropy, [(x, y)])
+    with pytest.warns(KernelFallbackWarning, match="math attention"):
+        third = op.third_derivative(a, b)
+    assert float(third @ e) == pytest.approx(reference, rel=1e-6)
+
+    fused = with_torch_layer_norms(model)
+    with pytest.raises(ValueError, match="fused layer norm"):
+        hessian_operator(fused, token_cross_entropy, [(x, y)]).third_derivative(a, b)
+    flat = theta.clone().requires_grad_(True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        g = torch.autograd.grad(loss_of(fused)(flat), flat, create_graph=True)[0]
+        hb = torch.autograd.grad(g @ b, flat, create_graph=True)[0]
+        through_torch = float(torch.autograd.grad(hb @ a, flat)[0] @ e)
+    assert abs(through_torch - reference) > 0.05 * abs(reference)
