@@ -10,6 +10,8 @@ imported when a figure is first drawn.
 - tables: :func:`stability_summary`, :func:`run_summary`, :func:`summary_table`
 - figures: ``plot_sharpness``, ``plot_loss``, ``plot_damping``, ``plot_spectrum``,
   ``plot_density``, ``plot_comparison`` (each ``plot_*(df, ax=None, ...) -> Axes``)
+- the central flow beside its run: :func:`flow_agreement`, :func:`flow_table`,
+  :func:`plot_flow` (:mod:`analysis.flow`)
 - files: :func:`save_figures` (PNG + PDF), :func:`write_report` (markdown + PNGs)
 
 Example:
@@ -32,6 +34,7 @@ from analysis.derived import (
     steps_above_threshold,
     steps_to_target,
 )
+from analysis.flow import flow_agreement, flow_table, plot_flow
 from analysis.load import (
     Run,
     Runs,
@@ -66,9 +69,9 @@ from analysis.summary import (
 __all__ = [
     "DEFAULT_KINDS", "FIGURE_KINDS", "OKABE_ITO", "Run", "Runs",
     "clamp_fraction", "damping_ratio", "damping_runs", "first_crossing_step", "flatten_config",
-    "format_summary", "load_run", "load_runs", "loss_rise_fraction", "markdown_table",
+    "flow_agreement", "flow_table", "format_summary", "load_run", "load_runs", "loss_rise_fraction", "markdown_table",
     "mean_ci", "mean_update_cos", "metric_series", "plot_comparison", "plot_damping", "plot_density",
-    "plot_distribution_error", "plot_loss", "plot_sharpness", "plot_spectrum", "run_label", "run_summary", "save_figures",
+    "plot_distribution_error", "plot_flow", "plot_loss", "plot_sharpness", "plot_spectrum", "run_label", "run_summary", "save_figures",
     "sharpness_ratio", "sign_flip_rate", "smooth", "stability_metrics", "stability_summary",
     "steps_above_threshold", "steps_to_target", "summary_table", "wide", "write_report",
 ]

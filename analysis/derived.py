@@ -135,10 +135,14 @@ def smooth(series: pd.Series, method: str = "ema", alpha: float = 0.1, window: i
 
     ``method="ema"``: s_0 = x_0, s_t = alpha x_t + (1 - alpha) s_{t-1} (non-finite
     x_t are skipped and keep s_{t-1}). ``method="rolling"``: the mean of the last
-    ``window`` finite values (fewer at the start).
+    ``window`` finite values (fewer at the start). ``method="centered"``: the
+    mean over a window centred on each step (the time average a central flow
+    predicts; fewer values at both ends).
 
     >>> smooth(pd.Series([0.0, 1.0, 1.0]), alpha=0.5).tolist()
     [0.0, 0.5, 0.75]
+    >>> smooth(pd.Series([0.0, 2.0, 0.0, 2.0]), method="centered", window=3).tolist()
+    [1.0, 0.6666666666666666, 1.3333333333333333, 1.0]
     """
     s = pd.Series(series, dtype=float).sort_index()
     s = s.where(np.isfinite(s.to_numpy()))
@@ -146,11 +150,11 @@ def smooth(series: pd.Series, method: str = "ema", alpha: float = 0.1, window: i
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         return s.ewm(alpha=alpha, adjust=False, ignore_na=True).mean().ffill()
-    if method == "rolling":
+    if method in ("rolling", "centered"):
         if int(window) < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        return s.rolling(int(window), min_periods=1).mean()
-    raise ValueError(f"method must be 'ema' or 'rolling', got {method!r}")
+        return s.rolling(int(window), min_periods=1, center=method == "centered").mean()
+    raise ValueError(f"method must be 'ema', 'rolling' or 'centered', got {method!r}")
 
 
 def steps_to_target(loss: pd.Series, target: float) -> int | None:

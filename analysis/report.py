@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
+from analysis.flow import has_flow, plot_flow
 from analysis.load import Run, Runs, flatten_config, load_runs
 from analysis.plots import (
     LOSS_STYLES,
@@ -60,11 +61,14 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "run"
 
 
-def _figure(figsize=(6.4, 4.0)):
+def _figure(figsize=(6.4, 4.0), panels: int = 1):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
+    if panels == 1:
+        fig = Figure(figsize=figsize, layout="constrained")
+        return fig, fig.add_subplot()
+    fig = Figure(figsize=(figsize[0] * panels * 0.8, figsize[1]), layout="constrained")
+    return fig, list(fig.subplots(1, panels))
 
 
 def _save(fig, out_dir: Path, stem: str, formats: Sequence[str], dpi: int) -> list[Path]:
@@ -109,6 +113,7 @@ class FigureKind:
     missing: str
     draw: Callable
     per_run: bool = False
+    panels: int = 1  # side by side; draw gets a list of axes when more than one
 
 
 def _logged(*metrics: str) -> Callable[[Run], bool]:
@@ -138,6 +143,8 @@ FIGURES: dict[str, FigureKind] = {
     "gflownet": FigureKind(_logged(names.L1_EXACT, names.L1_EMPIRICAL),
                            "no GFlowNet run (no l1_exact or l1_empirical logged)",
                            lambda df, ax: plot_distribution_error(df, ax=ax)),
+    "flow": FigureKind(has_flow, "no run holds a central flow (eos flow RUN_DIR writes one)",
+                       lambda run, axes: plot_flow(run, axes), per_run=True, panels=3),
 }
 FIGURE_KINDS = tuple(FIGURES)
 DEFAULT_KINDS = ("sharpness", "loss", "damping", "spectrum", "gflownet")  # what eos plot and reports draw
@@ -152,7 +159,9 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
     ``comparison`` (train loss mean and CI by optimizer and lr) and ``gflownet``
     draw all runs in one figure (``<kind>.png``); ``spectrum`` and ``density``
     draw one figure per run (``<kind>_<run_id>.png``; the preconditioned
-    spectrum for Adam-family runs that tracked it); ``"all"`` means every kind.
+    spectrum for Adam-family runs that tracked it) and ``flow`` (three panels
+    per run that holds a central flow: loss, sharpness, oscillation, from
+    :mod:`analysis.flow`); ``"all"`` means every kind.
     A kind the runs have no data for (damping without a VRAdam run, spectrum
     without ``hessian_eig_i``, ...) is skipped with a warning on the
     ``analysis`` logger naming it.
@@ -175,7 +184,7 @@ def save_figures(runs, out_dir: str | os.PathLike, kinds: Iterable[str] = DEFAUL
             continue
         if figure.per_run:
             for run in showing:
-                fig, ax = _figure()
+                fig, ax = _figure(panels=figure.panels)
                 figure.draw(run, ax)
                 written += _save(fig, out_dir, f"{kind}_{_safe(run.run_id)}", formats, dpi)
         else:

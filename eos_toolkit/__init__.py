@@ -15,6 +15,9 @@ Modules:
   monitor         what a tracking step measures and records, in any training loop
   integrations    the monitor in Lightning, Hugging Face Trainer and TensorBoard (optional extra)
   curvature_gradient  the gradient of the sharpness, D^3 L[u, u, .], from third derivatives
+  flow_rules      gradient descent, RMSProp, Adam and VRAdam in continuous time
+  complementarity the small semidefinite complementarity problem of a central flow
+  central_flow    the central flow: the time-averaged trajectory at the edge of stability
 
 The names below are imported on first use, so ``import eos_toolkit.record``
 (what the analysis uses) does not import torch.
@@ -43,6 +46,9 @@ _EXPORTS = {
     "record": ("RunWriter", "read_run", "find_runs"),
     "curvature_gradient": ("sharpness_gradient", "preconditioned_sharpness_gradient",
                            "wrong_third_derivative_modules"),
+    "flow_rules": ("flow_rule_for", "FlowRule", "GradientDescentFlow", "RMSPropFlow", "AdamFlow", "VRAdamFlow"),
+    "complementarity": ("solve_sdcp", "ComplementarityError"),
+    "central_flow": ("CentralFlow", "FlowStep"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -44,6 +44,22 @@ every ``track_every`` steps
                                  step, tracking time excluded (``tokens_per_second``)
 task-specific
 ``L1_EXACT``, ``L1_EMPIRICAL``   a GFlowNet's distance to its target distribution
+the central flow (``eos flow``, every step; :mod:`eos_toolkit.central_flow`)
+``FLOW_LOSS``                    L at the flow's point w(t)
+``FLOW_PREDICTED_LOSS``          L(w) + 1/2 tr(H Sigma): the predicted time average of
+                                 the iterates' loss
+``FLOW_SHARPNESS``               lambda_1(D^-1 H) at w(t), the quantity the flow holds
+                                 at its threshold (D = 1: lambda_1(H))
+``FLOW_THRESHOLD``, ``FLOW_RATE``   tau / rho and the flow's rate rho (VRAdam: eta_t)
+``FLOW_EDGE_COUNT``              eigenvalues at the edge (0: plain gradient flow)
+``FLOW_VARIANCE``                tr Sigma, the predicted squared oscillation
+``FLOW_VARIANCE_TOP``            the top eigenvalue of Sigma
+``FLOW_DISPLACEMENT_TOP``        the measured (v_1 . (w_real - w))^2 along Sigma's top
+                                 eigenvector v_1, and ``FLOW_DISPLACEMENT`` summed
+                                 over the edge directions
+``FLOW_DISTANCE``                |w_real - w|
+``FLOW_MATVECS``, ``FLOW_THIRD_DERIVATIVES``, ``FLOW_SECONDS``   the cost of one unit
+                                 of flow time; ``FLOW_REPLAY_SECONDS`` the real step's
 ===============================  =================================================
 
 Metrics that measure wall-clock time (:func:`is_timing_metric`) are the
@@ -84,6 +100,24 @@ DENSITY_SECONDS = "density_seconds"
 # -- task-specific names the analysis reads
 L1_EXACT = "l1_exact"
 L1_EMPIRICAL = "l1_empirical"
+
+# -- the central flow, every step
+FLOW_PREFIX = "flow_"
+FLOW_LOSS = "flow_loss"
+FLOW_PREDICTED_LOSS = "flow_predicted_loss"
+FLOW_SHARPNESS = "flow_sharpness"
+FLOW_THRESHOLD = "flow_threshold"
+FLOW_RATE = "flow_rate"
+FLOW_EDGE_COUNT = "flow_edge_count"
+FLOW_VARIANCE = "flow_variance"
+FLOW_VARIANCE_TOP = "flow_variance_top"
+FLOW_DISPLACEMENT = "flow_displacement"
+FLOW_DISPLACEMENT_TOP = "flow_displacement_top"
+FLOW_DISTANCE = "flow_distance"
+FLOW_MATVECS = "flow_matvecs"
+FLOW_THIRD_DERIVATIVES = "flow_third_derivatives"
+FLOW_SECONDS = "flow_seconds"
+FLOW_REPLAY_SECONDS = "flow_replay_seconds"
 
 TIMING_SUFFIXES = ("_seconds", "_per_second")
 
@@ -129,6 +163,11 @@ def at_eta(threshold: str) -> str:
 def per_second(unit: str) -> str:
     """Throughput: ``unit`` per second of training (``tokens_per_second``)."""
     return f"{unit}_per_second"
+
+
+def is_flow_metric(name: str) -> bool:
+    """Whether ``name`` was written by ``eos flow`` (the central flow beside a run)."""
+    return name.startswith(FLOW_PREFIX)
 
 
 def is_timing_metric(name: str) -> bool:

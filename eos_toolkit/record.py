@@ -72,7 +72,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 CONFIG_FILE = "config.json"
 ENVIRONMENT_FILE = "environment.json"
@@ -270,6 +270,18 @@ class RunWriter:
                 continue
             kept = [lines[0]] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
             write_bytes_atomic(self.run_dir / name, "".join(line + "\n" for line in kept).encode())
+
+    def drop_metrics(self, dropped: Callable[[str], bool]) -> int:
+        """Remove the metric rows whose name ``dropped(name)`` is true (one atomic rewrite); returns how many.
+
+        For measurements made again over a finished run (``eos flow --replace``).
+        """
+        lines = _complete_lines(self.run_dir / METRICS_FILE)
+        if not lines:
+            return 0
+        kept = [lines[0]] + [line for line in lines[1:] if not dropped(line.split(",", 2)[1])]
+        write_bytes_atomic(self.run_dir / METRICS_FILE, "".join(line + "\n" for line in kept).encode())
+        return len(lines) - len(kept)
 
     def _append(self, name: str, text: str) -> None:
         path = self.run_dir / name

@@ -4,6 +4,7 @@
     eos tasks                        the tasks and the options each reads
     eos run TASK [options]           one training run with sharpness tracking
     eos resume RUN_DIR               continue a killed run from its last checkpoint
+    eos flow RUN_DIR                 the central flow of a full-batch run, beside a replay of it
     eos sweep SPEC [--jobs N]        a grid of runs with equal tuning budgets (or print commands)
     eos compare run SPEC             the fair comparison: tune, select, confirm over seeds, report
     eos compare worker | report      one more tuning worker; the report rebuilt from the records
@@ -277,6 +278,36 @@ def resume(run_dir: Path = typer.Argument(..., help="A run record directory."),
 
 @app.command()
 @clear_errors
+def flow(run_dir: Path = typer.Argument(..., help="A finished full-batch run record (gd, rmsprop, adam, adamw "
+                                                  "or vradam; momentum 0 where it applies, no weight decay)."),
+         steps: Optional[int] = typer.Option(None, min=1, help="Units of flow time (optimizer steps); default: "
+                                                              "every step the run recorded."),
+         substeps: int = typer.Option(4, min=1, help="Euler substeps per step."),
+         k: int = typer.Option(2, min=1, help="Top eigenpairs tracked (the edge may hold up to k)."),
+         replace: bool = typer.Option(False, "--replace", help="Integrate again over a flow already recorded.")):
+    """Integrate the central flow of a full-batch run beside a replay of the run, into the same record.
+
+    The flow (Cohen et al., ICLR 2025; Adam and VRAdam as this toolkit's
+    extension, eos_toolkit/flow_rules.py) predicts the time-averaged
+    trajectory at the edge of stability: its loss and predicted loss,
+    sharpness held at the threshold, and the oscillation's variance, written
+    as flow_* metrics with the real iterate's displacement from it.  Then:
+    eos plot RUN_DIR --kind flow.
+    """
+    from experiments.flow import integrate_flow
+
+    with progress_bar(f"flow {run_dir.name}") as on_step:
+        result = integrate_flow(run_dir, steps=steps, substeps=substeps, k=k, replace=replace, on_step=on_step)
+    typer.echo(f"central flow ({result.rule}) over {result.steps} steps: "
+               f"{result.flow_seconds_per_step:.3g} s per unit of flow time, replay step "
+               f"{result.replay_seconds_per_step:.3g} s "
+               f"({result.flow_seconds_per_step / max(result.replay_seconds_per_step, 1e-12):.3g}x); "
+               f"replay matches the record's train loss to {result.replay_max_rel_diff:.2g} (relative)")
+    typer.echo(f"record: {result.run_dir}")
+
+
+@app.command()
+@clear_errors
 def sweep(
     spec: Path = typer.Argument(..., help="Sweep file (JSON/YAML): base, grid, seeds."),
     out: Path = typer.Option(Path("runs/sweep"), help="Parent directory of the sweep's runs."),
@@ -455,7 +486,7 @@ def runs_list(directory: Path = typer.Argument(Path("runs"), help="Directory to 
 @clear_errors
 def plot(
     runs: list[Path] = typer.Argument(..., help="Run directories or parents of them."),
-    kind: str = typer.Option("all", help="sharpness | loss | damping | spectrum | density | comparison | gflownet "
+    kind: str = typer.Option("all", help="sharpness | loss | damping | spectrum | density | comparison | gflownet | flow "
                                          "(analysis.FIGURE_KINDS), or all (the default set)"),
     out: Path = typer.Option(Path("figures"), help="Output directory."),
 ):

@@ -431,7 +431,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, on_step: Callable[[int, int], 
         return trainer.run(on_step)
 
 
-def _check_same_data(run_dir: Path, recorded: dict, loaded: dict) -> None:
+def check_same_data(run_dir: Path, recorded: dict, loaded: dict) -> None:
     """Refuse to resume on data other than the run started on (checksums of every split recorded)."""
     for key in ("dataset", "checksum", "test_checksum"):
         if key in recorded and recorded[key] != loaded.get(key):
@@ -468,7 +468,7 @@ def resume(run_dir: str | Path, *, on_step: Callable[[int, int], None] | None = 
 def _resume_locked(run_dir: Path, lock, rec, group, on_step) -> RunResult:
     cfg = resolve(RunConfig.from_dict(rec.config))
     trainer = build_trainer(cfg, run_dir, group)
-    _check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
+    check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
     used, passed_over = trainer.load_checkpoint(rec.metrics)
     main = group is None or group.is_main
     trainer.writer = record.RunWriter.open(run_dir, lock=lock) if main else None

@@ -172,3 +172,36 @@ def test_an_optimizer_without_an_adapter_is_one_warning_not_an_error():
                    [(torch.randn(4, 3), torch.randn(4, 2))])
     (warning,) = caught
     assert "no stability adapter for Adamax" in str(warning.message) and "plain sharpness only" in str(warning.message)
+
+
+def test_runs_no_central_flow_can_follow(tiny_data_dir, tmp_path):
+    """eos flow on a run it cannot follow: a minibatch run, an optimizer without a flow, clipping, missing data."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data_dir, copy)
+    common = ["--data", "fashion-mnist", "--n-train", "100", "--track-every", "2", "--device", "cpu", "--steps", "2",
+              "--out", str(tmp_path)]
+    runs = {
+        "minibatch": ["image-classification", "--model", "mlp-tanh", "--set", "batch_size=32"],
+        "momentum": ["eos-fullbatch", "--optimizer", "momentum", "--lr", "0.1"],
+        "clipped": ["eos-fullbatch", "--optimizer", "gd", "--lr", "0.1", "--set", "clip_norm=1"],
+        "decayed": ["eos-fullbatch", "--optimizer", "adamw", "--lr", "0.01", "--set", "weight_decay=0.1"],
+        "moved": ["eos-fullbatch", "--optimizer", "gd", "--lr", "0.1"],
+    }
+    for name, args in runs.items():
+        data = copy if name == "moved" else tiny_data_dir
+        made = runner.invoke(app, ["run", *args, *common, "--data-dir", str(data), "--name", name])
+        assert made.exit_code == 0, made.output
+    shutil.rmtree(copy)
+    cases = [
+        ("minibatch", "a central flow needs a full-batch run (full_batch=true); task 'image-classification' ran "
+                      "minibatches"),
+        ("momentum", "no central flow for SGD with momentum=0.9"),
+        ("clipped", "no central flow with gradient clipping (clip_norm=1"),
+        ("decayed", "no central flow with weight_decay=0.1"),
+        ("moved", f"data_dir '{copy}' is not a directory"),
+        ("missing", f"{tmp_path / 'missing'} is not a run record"),
+    ]
+    for name, expected in cases:
+        assert_clear_error(runner.invoke(app, ["flow", str(tmp_path / name)]), expected)
