@@ -143,6 +143,8 @@ class CentralFlow:
             raise ValueError(f"substeps must be an integer >= 1, got {substeps!r}")
         if not 0 < edge <= 1:
             raise ValueError(f"edge must lie in (0, 1], got {edge!r}")
+        if not 0 < tol < 1:
+            raise ValueError(f"tol must lie in (0, 1), got {tol!r}")
         self.op, self.rule, self.k, self.substeps, self.edge = operator, rule, k, substeps, edge
         self.tol, self.max_iter, self.generator = tol, max_iter, generator
         self.dt = 1.0 / substeps

@@ -283,7 +283,8 @@ def flow(run_dir: Path = typer.Argument(..., help="A finished full-batch run rec
          steps: Optional[int] = typer.Option(None, min=1, help="Units of flow time (optimizer steps); default: "
                                                               "every step the run recorded."),
          substeps: int = typer.Option(4, min=1, help="Euler substeps per step."),
-         k: int = typer.Option(2, min=1, help="Top eigenpairs tracked (the edge may hold up to k)."),
+         k: int = typer.Option(3, min=1, help="Top eigenpairs tracked (the edge may hold up to k)."),
+         tol: float = typer.Option(1e-4, help="Lanczos residual tolerance per substep."),
          replace: bool = typer.Option(False, "--replace", help="Integrate again over a flow already recorded.")):
     """Integrate the central flow of a full-batch run beside a replay of the run, into the same record.
 
@@ -297,12 +298,28 @@ def flow(run_dir: Path = typer.Argument(..., help="A finished full-batch run rec
     from experiments.flow import integrate_flow
 
     with progress_bar(f"flow {run_dir.name}") as on_step:
-        result = integrate_flow(run_dir, steps=steps, substeps=substeps, k=k, replace=replace, on_step=on_step)
+        result = integrate_flow(run_dir, steps=steps, substeps=substeps, k=k, tol=tol, replace=replace,
+                                on_step=on_step)
     typer.echo(f"central flow ({result.rule}) over {result.steps} steps: "
                f"{result.flow_seconds_per_step:.3g} s per unit of flow time, replay step "
                f"{result.replay_seconds_per_step:.3g} s "
                f"({result.flow_seconds_per_step / max(result.replay_seconds_per_step, 1e-12):.3g}x); "
                f"replay matches the record's train loss to {result.replay_max_rel_diff:.2g} (relative)")
+    if result.saturated:
+        typer.echo(f"note: all {k} tracked eigenvalues were at the edge at some step; more may have been "
+                   f"(rerun with --k {k + 1} --replace)")
+    import analysis
+
+    a = analysis.flow_agreement(analysis.load_run(result.run_dir))
+    if a["edge_steps"]:
+        typer.echo(f"edge phase: {a['edge_steps']:.0f} steps from step {a['edge_onset']:.0f}; predicted loss vs "
+                   f"the real loss averaged over {analysis.AVERAGE_WINDOW} steps: median error "
+                   f"{a['loss_error_median']:.1%}, 90th percentile {a['loss_error_p90']:.1%}, means over the phase "
+                   f"{a['loss_error_of_means']:+.1%}; sharpness / threshold: flow {a['flow_sharpness_ratio_mean']:.3f}, "
+                   f"run {a.get('real_sharpness_ratio_mean', float('nan')):.3f}; measured / predicted oscillation "
+                   f"(means over the phase) {a.get('variance_ratio_of_means', float('nan')):.2f}")
+    else:
+        typer.echo("the flow never reached its threshold: no edge phase to compare")
     typer.echo(f"record: {result.run_dir}")
 
 

@@ -53,6 +53,7 @@ class FlowResult:
     flow_seconds_per_step: float
     replay_seconds_per_step: float
     replay_max_rel_diff: float
+    saturated: bool  # every tracked eigenvalue was at the edge at some step: more may have been
 
 
 def _recorded_steps(rec: record.RunRecord) -> int:
@@ -70,10 +71,15 @@ def check_flow_config(cfg: RunConfig) -> None:
         raise ConfigError(f"no central flow with gradient clipping (clip_norm={cfg.clip_norm!r})")
 
 
-def integrate_flow(run_dir: str | Path, *, steps: int | None = None, substeps: int = 4, k: int = 2,
-                   edge: float = EDGE_FRACTION, replace: bool = False,
+def integrate_flow(run_dir: str | Path, *, steps: int | None = None, substeps: int = 4, k: int = 3,
+                   edge: float = EDGE_FRACTION, tol: float = 1e-4, replace: bool = False,
                    on_step: Callable[[int, int], None] | None = None) -> FlowResult:
-    """Integrate the central flow of the run in ``run_dir`` for ``steps`` (default: the run's) and record it."""
+    """Integrate the central flow of the run in ``run_dir`` for ``steps`` (default: the run's) and record it.
+
+    ``k``: eigenpairs tracked per substep (the edge may hold up to ``k``);
+    ``tol``: their Lanczos residual tolerance, tighter than a tracking
+    step's (the third derivatives are taken along the vectors).
+    """
     run_dir = Path(run_dir)
     with record.RunLock(run_dir):
         rec = record.read_run(run_dir)
@@ -91,9 +97,6 @@ def integrate_flow(run_dir: str | Path, *, steps: int | None = None, substeps: i
         trainer = build_trainer(cfg, run_dir)
         check_same_data(run_dir, rec.environment.get("data", {}), trainer.task.data_info)
         rule = flow_rule_for(trainer.optimizer)
-        writer = record.RunWriter(run_dir)
-        if has_flow:
-            writer.drop_metrics(names.is_flow_metric)
         flow_model = copy.deepcopy(trainer.model)
         chunks = trainer.task.train_chunks(0)
         op = hessian_operator(flow_model, trainer.task.loss_fn, [(x, y) for x, y, _ in chunks],
@@ -103,48 +106,61 @@ def integrate_flow(run_dir: str | Path, *, steps: int | None = None, substeps: i
         if cfg.hvp_method == "auto":
             choose_method(op, torch.randn(op.dim, k, dtype=op.dtype, device=op.device,
                                           generator=torch.Generator(op.device).manual_seed(cfg.seed)))
-        flow = CentralFlow(op, rule, k=k, substeps=substeps, edge=edge, tol=cfg.lanczos_tol,
+        flow = CentralFlow(op, rule, k=k, substeps=substeps, edge=edge, tol=tol,
                            max_iter=cfg.lanczos_max_iter,
                            generator=torch.Generator(op.device).manual_seed(cfg.seed))
-        writer.event("flow_started", step=0, rule=rule.name, substeps=substeps, k=k, edge=edge,
+        writer = record.RunWriter(run_dir)  # nothing is written before everything above has been checked
+        if has_flow:
+            writer.drop_metrics(names.is_flow_metric)
+        writer.event("flow_started", step=0, rule=rule.name, substeps=substeps, k=k, edge=edge, tol=tol,
                      hvp_method=op.method, steps=steps)
-        recorded = rec.metrics[rec.metrics.metric == names.TRAIN_LOSS].set_index("step").value
-        real_params = [p for p in trainer.model.parameters() if p.requires_grad]
-        flow_seconds = replay_seconds = 0.0
-        worst = 0.0
-        for t in range(steps):
-            rule.lr = float(trainer.optimizer.param_groups[0]["lr"])  # the schedule's rate of step t
-            w_flow = op.flat_parameters()
-            w_real = torch.cat([p.detach().reshape(-1) for p in real_params]).to(op.dtype)
-            measured = flow.step()
-            start = time.perf_counter()
-            trainer.train_step()
-            values = trainer.monitor.flush()  # the replay's per-step rows (written nowhere)
-            replay = time.perf_counter() - start
-            loss = next(v for _, m, v in values if m == names.TRAIN_LOSS)
-            if t in recorded.index:
-                worst = max(worst, abs(loss - recorded[t]) / max(abs(recorded[t]), 1e-30))
-            d = w_real - w_flow
-            rows = [(t, names.FLOW_LOSS, measured.loss), (t, names.FLOW_PREDICTED_LOSS, measured.predicted_loss),
-                    (t, names.FLOW_SHARPNESS, measured.sharpness), (t, names.FLOW_THRESHOLD, measured.threshold),
-                    (t, names.FLOW_RATE, measured.rate), (t, names.FLOW_EDGE_COUNT, measured.edge_count),
-                    (t, names.FLOW_VARIANCE, measured.variance),
-                    (t, names.FLOW_VARIANCE_TOP, measured.variances[0]),
-                    (t, names.FLOW_DISTANCE, float(d.norm())),
-                    (t, names.FLOW_MATVECS, measured.hessian_matvecs),
-                    (t, names.FLOW_THIRD_DERIVATIVES, measured.third_derivatives),
-                    (t, names.FLOW_SECONDS, measured.seconds), (t, names.FLOW_REPLAY_SECONDS, replay)]
-            if measured.directions is not None:
-                along = (measured.directions.T @ d).square()
-                rows += [(t, names.FLOW_DISPLACEMENT_TOP, float(along[0])),
-                         (t, names.FLOW_DISPLACEMENT, float(along.sum()))]
-            writer.log_metrics(rows)
-            flow_seconds += measured.seconds
-            replay_seconds += replay
-            if on_step is not None:
-                on_step(t + 1, steps)
-        result = FlowResult(run_dir, steps, rule.name, flow_seconds / steps, replay_seconds / steps, worst)
+        try:
+            result = _integrate(trainer, rule, flow, op, writer, rec, steps, on_step)
+        except Exception as exc:  # the rows written so far stay; the record says where and why it stopped
+            writer.event("flow_failed", step=trainer.step, error=f"{type(exc).__name__}: {exc}")
+            raise
         writer.event("flow_finished", step=steps, flow_seconds_per_step=result.flow_seconds_per_step,
                      replay_seconds_per_step=result.replay_seconds_per_step,
-                     replay_max_rel_diff=worst, saturated=flow.saturated)
+                     replay_max_rel_diff=result.replay_max_rel_diff, saturated=result.saturated)
         return result
+
+
+def _integrate(trainer, rule, flow, op, writer, rec, steps, on_step) -> FlowResult:
+    """The lockstep loop of :func:`integrate_flow`: flow step, replay step, one block of rows per step."""
+    recorded = rec.metrics[rec.metrics.metric == names.TRAIN_LOSS].set_index("step").value
+    real_params = [p for p in trainer.model.parameters() if p.requires_grad]
+    flow_seconds = replay_seconds = 0.0
+    worst = 0.0
+    for t in range(steps):
+        rule.lr = float(trainer.optimizer.param_groups[0]["lr"])  # the schedule's rate of step t
+        w_flow = op.flat_parameters()
+        w_real = torch.cat([p.detach().reshape(-1) for p in real_params]).to(op.dtype)
+        measured = flow.step()
+        start = time.perf_counter()
+        trainer.train_step()
+        values = trainer.monitor.flush()  # the replay's per-step rows (written nowhere)
+        replay = time.perf_counter() - start
+        loss = next(v for _, m, v in values if m == names.TRAIN_LOSS)
+        if t in recorded.index:
+            worst = max(worst, abs(loss - recorded[t]) / max(abs(recorded[t]), 1e-30))
+        d = w_real - w_flow
+        rows = [(t, names.FLOW_LOSS, measured.loss), (t, names.FLOW_PREDICTED_LOSS, measured.predicted_loss),
+                (t, names.FLOW_SHARPNESS, measured.sharpness), (t, names.FLOW_THRESHOLD, measured.threshold),
+                (t, names.FLOW_RATE, measured.rate), (t, names.FLOW_EDGE_COUNT, measured.edge_count),
+                (t, names.FLOW_VARIANCE, measured.variance),
+                (t, names.FLOW_VARIANCE_TOP, measured.variances[0]),
+                (t, names.FLOW_DISTANCE, float(d.norm())),
+                (t, names.FLOW_MATVECS, measured.hessian_matvecs),
+                (t, names.FLOW_THIRD_DERIVATIVES, measured.third_derivatives),
+                (t, names.FLOW_SECONDS, measured.seconds), (t, names.FLOW_REPLAY_SECONDS, replay)]
+        if measured.directions is not None:
+            along = (measured.directions.T @ d).square()
+            rows += [(t, names.FLOW_DISPLACEMENT_TOP, float(along[0])),
+                     (t, names.FLOW_DISPLACEMENT, float(along.sum()))]
+        writer.log_metrics(rows)
+        flow_seconds += measured.seconds
+        replay_seconds += replay
+        if on_step is not None:
+            on_step(t + 1, steps)
+    return FlowResult(writer.run_dir, steps, rule.name, flow_seconds / steps, replay_seconds / steps, worst,
+                      flow.saturated)

@@ -62,3 +62,27 @@ def test_eos_flow_records_the_flow_beside_the_run(tiny_data_dir, tmp_path):
     plotted = eos("plot", run_dir, "--kind", "flow", "--out", tmp_path / "figures")
     assert plotted.exit_code == 0, plotted.output
     assert (tmp_path / "figures" / "flow_gd.png").exists()
+
+
+def test_a_flow_that_fails_keeps_what_it_wrote_and_says_why(tiny_data_dir, tmp_path, monkeypatch):
+    from eos_toolkit.central_flow import CentralFlow
+    from experiments.flow import integrate_flow
+
+    made = eos("run", "eos-fullbatch", "--optimizer", "gd", "--lr", "0.1", "--steps", "6", "--data-dir",
+               tiny_data_dir, "--out", tmp_path, "--name", "gd", *TINY)
+    assert made.exit_code == 0, made.output
+    step = CentralFlow.step
+
+    def failing(self):
+        if self.state.t >= 3:
+            raise FloatingPointError("the third derivative overflowed")
+        return step(self)
+
+    monkeypatch.setattr(CentralFlow, "step", failing)
+    with pytest.raises(FloatingPointError):
+        integrate_flow(tmp_path / "gd", k=1)
+    rec = read_run(tmp_path / "gd")
+    assert rec.status == "finished"
+    assert rec.metrics.query("metric == @names.FLOW_LOSS").step.tolist() == [0, 1, 2]
+    failed = [e for e in rec.events if e["event"] == "flow_failed"]
+    assert failed and failed[0]["error"] == "FloatingPointError: the third derivative overflowed"
