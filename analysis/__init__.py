@@ -34,7 +34,7 @@ from analysis.derived import (
     steps_above_threshold,
     steps_to_target,
 )
-from analysis.flow import AVERAGE_WINDOW, flow_agreement, flow_table, plot_flow
+from analysis.flow import AVERAGE_WINDOW, flow_agreement, flow_agreement_table, flow_table, plot_flow
 from analysis.load import (
     Run,
     Runs,
@@ -69,7 +69,7 @@ from analysis.summary import (
 __all__ = [
     "AVERAGE_WINDOW", "DEFAULT_KINDS", "FIGURE_KINDS", "OKABE_ITO", "Run", "Runs",
     "clamp_fraction", "damping_ratio", "damping_runs", "first_crossing_step", "flatten_config",
-    "flow_agreement", "flow_table", "format_summary", "load_run", "load_runs", "loss_rise_fraction", "markdown_table",
+    "flow_agreement", "flow_agreement_table", "flow_table", "format_summary", "load_run", "load_runs", "loss_rise_fraction", "markdown_table",
     "mean_ci", "mean_update_cos", "metric_series", "plot_comparison", "plot_damping", "plot_density",
     "plot_distribution_error", "plot_flow", "plot_loss", "plot_sharpness", "plot_spectrum", "run_label", "run_summary", "save_figures",
     "sharpness_ratio", "sign_flip_rate", "smooth", "stability_metrics", "stability_summary",

@@ -18,6 +18,8 @@ phase (the steps at which the flow had an eigenvalue at its threshold):
   the flow along the predicted top direction, averaged over the same
   window, divided by the predicted variance (median and quartiles: 1 is a
   perfect prediction), and the ratio of their means over the phase;
+- VRAdam's gate: the flow's rate against the run's ``eta_t`` (relative
+  error, median and max) and where each dips lowest;
 - cost: seconds and products per unit of flow time against the replayed
   optimizer step's seconds.
 
@@ -111,6 +113,14 @@ def flow_agreement(run: Run, window: int = AVERAGE_WINDOW) -> dict[str, float]:
         # phase's means compares the total squared displacement with the total predicted
         out["variance_ratio_of_means"] = float(edge[names.FLOW_DISPLACEMENT_TOP].mean()
                                                / edge[names.FLOW_VARIANCE_TOP].mean())
+    if flow_rule(run) == "vradam" and names.ETA in run.metrics:
+        # the gate: the run's eta_t (step t's rate) against the flow's rate at time t
+        eta = run.metric(names.ETA).reindex(table.index)
+        rate_error = ((table[names.FLOW_RATE] - eta) / eta).abs()
+        out["rate_error_median"], out["rate_error_max"] = _quantiles(rate_error, 0.5, 1.0)
+        out["rate_min_run"], out["rate_min_flow"] = float(eta.min()), float(table[names.FLOW_RATE].min())
+        out["rate_min_step_run"] = float(eta.idxmin())
+        out["rate_min_step_flow"] = float(table[names.FLOW_RATE].idxmin())
     out["final_distance"] = float(table[names.FLOW_DISTANCE].iloc[-1])
     flow_s, replay_s = table[names.FLOW_SECONDS].mean(), table[names.FLOW_REPLAY_SECONDS].mean()
     out.update(flow_seconds_per_step=float(flow_s), replay_seconds_per_step=float(replay_s),
@@ -118,6 +128,23 @@ def flow_agreement(run: Run, window: int = AVERAGE_WINDOW) -> dict[str, float]:
                matvecs_per_step=float(table[names.FLOW_MATVECS].mean()),
                third_derivatives_per_step=float(table[names.FLOW_THIRD_DERIVATIVES].mean()))
     return out
+
+
+#: the columns of :func:`flow_agreement_table`, in order
+AGREEMENT_COLUMNS = ("edge_onset", "edge_steps", "loss_error_median", "loss_error_p90", "loss_error_of_means",
+                     "plain_loss_error_median", "flow_sharpness_ratio_mean", "real_sharpness_ratio_mean",
+                     "real_sharpness_ratio_std", "variance_ratio_of_means", "variance_ratio_median",
+                     "cost_ratio", "matvecs_per_step", "third_derivatives_per_step")
+
+
+def flow_agreement_table(runs) -> pd.DataFrame:
+    """One row of :func:`flow_agreement` per run that holds a flow (``label`` first)."""
+    rows = []
+    for run in runs:
+        if has_flow(run):
+            a = flow_agreement(run)
+            rows.append({"label": run.label, "rule": flow_rule(run), **{c: a.get(c, math.nan) for c in AGREEMENT_COLUMNS}})
+    return pd.DataFrame(rows)
 
 
 def plot_flow(run: Run, axes=None, window: int = AVERAGE_WINDOW):

@@ -23,15 +23,15 @@ from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
-from analysis.flow import has_flow, plot_flow
+from analysis.flow import AVERAGE_WINDOW, flow_agreement_table, has_flow, plot_flow
 from analysis.load import Run, Runs, flatten_config, load_runs
 from analysis.plots import (
     LOSS_STYLES,
     damping_runs,
-    plot_distribution_error,
     plot_comparison,
     plot_damping,
     plot_density,
+    plot_distribution_error,
     plot_loss,
     plot_sharpness,
     plot_spectrum,
@@ -218,7 +218,8 @@ def write_report(run_dirs, out_dir: str | os.PathLike, target_loss: float | None
     figures (sharpness, loss, damping, spectrum, density, whatever the runs
     logged); the outcomes per run and, when several runs are given, the
     comparison across seeds (mean ± 95% CI by optimizer and lr, with its
-    figure); then each run's config, environment and events.
+    figure); the central flow's agreement for runs that hold one (``eos
+    flow``); then each run's config, environment and events.
     ``run_dirs`` is anything :func:`load_runs` takes (or a :class:`Runs`).
     """
     runs = _as_runs(run_dirs)
@@ -230,6 +231,9 @@ def write_report(run_dirs, out_dir: str | os.PathLike, target_loss: float | None
     several = len(runs) > 1
     if several:
         kinds.append("comparison")
+    flows = [run for run in runs if has_flow(run)]
+    if flows:
+        kinds.append("flow")
     pngs = save_figures(runs, fig_dir, kinds=kinds, formats=("png",))
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -261,6 +265,17 @@ def write_report(run_dirs, out_dir: str | os.PathLike, target_loss: float | None
                   "diverged and unfinished runs are counted, not averaged"
                   + (f"; `reached`: runs whose loss got to {target_loss:g}." if target_loss is not None else "."),
                   "", markdown_table(table), ""]
+
+    if flows:
+        lines += ["## Central flow", "",
+                  "Over each run's edge phase (the steps at which its flow had an eigenvalue at the threshold): "
+                  "the flow's predicted loss L + tr(H Sigma)/2 against the real loss averaged over a centred "
+                  f"window of {AVERAGE_WINDOW} steps (relative error: median, 90th percentile, and of the means "
+                  "over the phase), the flow's and the run's sharpness / threshold, the measured squared "
+                  "displacement from the flow along its top oscillation direction over the predicted variance "
+                  "(ratio of the means over the phase), and the flow's cost per unit of time against the "
+                  "replayed step's (analysis.flow_agreement).", "",
+                  markdown_table(flow_agreement_table(flows)), ""]
 
     lines += ["## Runs in detail", ""]
     for run in runs:
