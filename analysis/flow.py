@@ -7,7 +7,8 @@ phase (the steps at which the flow had an eigenvalue at its threshold):
 
 - loss: the relative error of the flow's predicted loss ``L(w) + 1/2 tr(H Sigma)``
   against the real train loss averaged over a centred window of
-  :data:`AVERAGE_WINDOW` steps (median, 90th percentile, max), and of its
+  :data:`AVERAGE_WINDOW` steps (whole windows only; median, 90th
+  percentile, max), and of its
   mean over the phase against the real loss's mean; the same for the
   flow's plain ``L(w)``, which leaves the oscillation's share out;
 - sharpness: the flow's ``lambda_1 / threshold`` (held at 1 by design) and
@@ -71,16 +72,22 @@ def flow_table(run: Run, window: int = AVERAGE_WINDOW) -> pd.DataFrame:
     if not has_flow(run):
         raise ValueError(f"{run.run_id} holds no central flow: run eos flow on it first")
     loss = run.metric(names.TRAIN_LOSS)
-    columns = {names.TRAIN_LOSS: loss, "averaged_loss": smooth(loss, method="centered", window=window)}
+    columns = {names.TRAIN_LOSS: loss, "averaged_loss": _full_windows(loss, window)}
     for metric in run.metrics:
         if names.is_flow_metric(metric):
             columns[metric] = run.metric(metric)
     table = pd.DataFrame(columns)
     table = table[table[names.FLOW_LOSS].notna()]
     if names.FLOW_DISPLACEMENT_TOP in table:
-        table["averaged_displacement_top"] = smooth(table[names.FLOW_DISPLACEMENT_TOP], method="centered",
-                                                    window=window)
+        table["averaged_displacement_top"] = _full_windows(table[names.FLOW_DISPLACEMENT_TOP], window)
     return table
+
+
+def _full_windows(series: pd.Series, window: int) -> pd.Series:
+    """The centred average where the whole window lies inside the series (NaN near its ends)."""
+    averaged = smooth(series, method="centered", window=window)
+    complete = series.notna().astype(float).rolling(window, center=True, min_periods=window).sum() == window
+    return averaged.where(complete)
 
 
 def flow_agreement(run: Run, window: int = AVERAGE_WINDOW) -> dict[str, float]:

@@ -46,7 +46,13 @@ mode of ``D^-1 H`` goes unstable at ``2 (1 + beta1) / ((1 - beta1) eta)``
 state of its own would make the constraint act on ``d^2 S / dt^2`` (``X``
 would no longer enter ``dw/dt``); the quasi-static form keeps the paper's
 mechanism.  (A2) ``nuhat`` carries the bias correction of the discrete step
-``t + 1`` at flow time ``t``; ``nu(0) = (1 - beta2) g(w_0)^2``.
+``t + 1`` at flow time ``t``; ``nu(0) = (1 - beta2) g(w_0)^2``.  So ``D``
+has no ``1 - beta1^t`` factor, unlike the preconditioner the toolkit's
+adapter reads from Adam's raw ``exp_avg`` (the two agree to 0.5% once
+``t > 50``).  A1 fails in the first tens of steps, while the moving
+average is still filling; and the flow's fast modes, rate up to
+``tau = 38`` per step, need Euler steps ten times shorter than gradient
+descent's (:mod:`eos_toolkit.central_flow` takes them).
 
 **VRAdam** (this toolkit's extension): Adam at the gated rate
 ``rho = lr / (1 + min(beta3 s, alpha1))`` with ``s = E|m|^2`` (raw ``m``,
@@ -56,6 +62,11 @@ gradient) and the oscillation of the gradient along the edge directions,
 ``H delta``, of period two, passes through the moving average with gain
 ``(1 - beta1) / (1 + beta1)``, so
 ``E|m|^2 = |mbar|^2 + ((1 - beta1) / (1 + beta1))^2 tr(H Sigma H)``.
+This is the expectation of the gate's input only: the gate also sees the
+alternating cross term ``2 (-1)^t mbar . m_osc``, and the correlation of
+``eta_t`` with the step's own sign is of the same order as the terms kept
+(small at ``beta1 = 0.9``, where ``m_osc`` is 0.05 of ``H delta``; not at
+``beta1 = 0``).
 (A4) the gate is evaluated with the oscillation of the previous substep,
 so ``rho`` is known when ``X`` is chosen and the complementarity problem
 stays linear; its drift ``d rho / dt`` is the previous substep's
@@ -125,6 +136,14 @@ class FlowRule:
         """The state at ``w_0`` whose gradient is ``gradient``."""
         return FlowState()
 
+    def state_from(self, optimizer: torch.optim.Optimizer, params, gradient: torch.Tensor, t: int) -> FlowState:
+        """The state at a running optimizer's weights after ``t`` steps: the ``nu`` its next step will use.
+
+        ``params``: the parameters in the flat order of ``gradient`` (the
+        gradient at the current weights).  Before any step: :meth:`start`.
+        """
+        return FlowState(t=float(t))
+
     def rate(self, state: FlowState, gbar_sq_norm: float = 0.0, oscillation_sq: float = 0.0) -> float:
         """``rho``: ``lr``, or VRAdam's gated rate from ``|gbar|^2`` and ``tr(H Sigma H)``."""
         return self.lr
@@ -161,8 +180,17 @@ class RMSPropFlow(FlowRule):
         self.alpha, self.eps = float(alpha), float(eps)
         self.speed = (1 - self.alpha) / self.alpha  # dnu/dt = speed (E[g^2] - nu)
 
+    state_key = "square_avg"  # torch's RMSprop; Adam's and VRAdam's: exp_avg_sq
+
     def start(self, gradient):
         return FlowState(nu=(1 - self.alpha) * gradient.square())
+
+    def state_from(self, optimizer, params, gradient, t):
+        states = [optimizer.state.get(p, {}) for p in params]
+        if t == 0 or not all(self.state_key in s for s in states):
+            return FlowState(t=float(t), nu=self.start(gradient).nu)
+        previous = torch.cat([s[self.state_key].reshape(-1) for s in states]).to(gradient)
+        return FlowState(t=float(t), nu=self.alpha * previous + (1 - self.alpha) * gradient.square())
 
     def moment_velocity(self, state, mean_sq, homogeneous):
         return self.speed * (mean_sq if homogeneous else mean_sq - state.nu)
@@ -183,6 +211,7 @@ class AdamFlow(RMSPropFlow):
     """Adam with quasi-static momentum (A1, A2): ``D = sqrt(nu / (1 - beta2^(t+1))) + eps``, threshold 38/rho."""
 
     name, display = "adam", "Adam"
+    state_key = "exp_avg_sq"
 
     def __init__(self, lr: float, beta1: float, beta2: float, eps: float):
         super().__init__(lr, alpha=beta2, eps=eps)

@@ -280,9 +280,12 @@ def resume(run_dir: Path = typer.Argument(..., help="A run record directory."),
 @clear_errors
 def flow(run_dir: Path = typer.Argument(..., help="A finished full-batch run record (gd, rmsprop, adam, adamw "
                                                   "or vradam; momentum 0 where it applies, no weight decay)."),
+         start: int = typer.Option(0, min=0, help="The step the flow starts from (the replay's weights and "
+                                                  "optimizer state there); it must be at or below its threshold."),
          steps: Optional[int] = typer.Option(None, min=1, help="Units of flow time (optimizer steps); default: "
-                                                              "every step the run recorded."),
-         substeps: int = typer.Option(4, min=1, help="Euler substeps per step."),
+                                                              "to the run's last step."),
+         substeps: int = typer.Option(4, min=1, help="Refreshes (eigenpairs, third derivatives, the oscillation) "
+                                                     "per step; Euler micro steps in between as stiffness needs."),
          k: int = typer.Option(3, min=1, help="Top eigenpairs tracked (the edge may hold up to k)."),
          tol: float = typer.Option(1e-4, help="Lanczos residual tolerance per substep."),
          replace: bool = typer.Option(False, "--replace", help="Integrate again over a flow already recorded.")):
@@ -298,8 +301,8 @@ def flow(run_dir: Path = typer.Argument(..., help="A finished full-batch run rec
     from experiments.flow import integrate_flow
 
     with progress_bar(f"flow {run_dir.name}") as on_step:
-        result = integrate_flow(run_dir, steps=steps, substeps=substeps, k=k, tol=tol, replace=replace,
-                                on_step=on_step)
+        result = integrate_flow(run_dir, start=start, steps=steps, substeps=substeps, k=k, tol=tol,
+                                replace=replace, on_step=on_step)
     typer.echo(f"central flow ({result.rule}) over {result.steps} steps: "
                f"{result.flow_seconds_per_step:.3g} s per unit of flow time, replay step "
                f"{result.replay_seconds_per_step:.3g} s "

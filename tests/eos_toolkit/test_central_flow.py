@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eos_toolkit.central_flow import EDGE_FRACTION, CentralFlow
+from eos_toolkit.central_flow import EDGE_FRACTION, CentralFlow, FlowStartError
 from eos_toolkit.flow_rules import (
     AdamFlow,
     GradientDescentFlow,
@@ -165,24 +165,50 @@ def test_optimizers_without_a_flow_are_named(optimizer, message):
         flow_rule_for(optimizer([torch.nn.Parameter(torch.zeros(2))]))
 
 
-# beta1 = 0 puts Adam's and VRAdam's thresholds at 2 / rho, which this small network reaches in a few steps.
-# It also passes the whole oscillation into VRAdam's gate (gain 1, not 0.0028 as at beta1 = 0.9); with
-# beta3 = 1 the gate's one-substep lag (A4) then makes the sharpness jitter by about 2% about the
-# threshold, so the gate is weaker here.
-@pytest.mark.parametrize("rule", [RMSPropFlow(1e-2, alpha=0.99, eps=1e-8), AdamFlow(1e-2, 0.0, 0.999, 1e-8),
-                                  VRAdamFlow(1e-2, 0.0, 0.999, 1e-8, beta3=0.1, alpha1=10.0)],
-                         ids=["rmsprop", "adam", "vradam"])
-def test_adaptive_flows_hold_the_preconditioned_sharpness_at_their_threshold(rule):
+OPTIMIZERS = {  # (optimizer, real steps before the flow starts)
+    "rmsprop": (lambda p: torch.optim.RMSprop(p, lr=1e-2, alpha=0.99), 30),
+    "adam": (lambda p: torch.optim.Adam(p, lr=0.2, betas=(0.9, 0.999)), 20),
+    "vradam": (lambda p: VRAdam(p, lr=0.2, betas=(0.9, 0.999), beta3=1.0, alpha1=10.0, weight_decay=0.0), 20),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_adaptive_flows_hold_the_preconditioned_sharpness_at_their_threshold(name):
+    # Started from the optimizer's own state after some steps (RMSProp's and Adam's first steps are far
+    # above their thresholds), at beta1 = 0.9 for Adam and VRAdam (threshold 38 / rho: ten Euler micro
+    # steps per interval keep the fast modes from overshooting).
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    make, warm_steps = OPTIMIZERS[name]
+    optimizer = make(model.parameters())
+    for _ in range(warm_steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    op = hessian_operator(model, torch.nn.functional.mse_loss, [(x, y)], dtype=torch.float64)
+    rule = flow_rule_for(optimizer)
+    state = rule.state_from(optimizer, list(model.parameters()), op.loss_and_gradient()[1], warm_steps)
+    flow = CentralFlow(op, rule, state=state, k=2, substeps=4, generator=torch.Generator().manual_seed(0))
+    steps = [flow.step() for _ in range(30 if name != "rmsprop" else 20)]
+    assert [s.t for s in steps[:2]] == [warm_steps, warm_steps + 1]
+    at_edge = [s for s in steps if s.edge_count > 0]
+    assert len(at_edge) > 10, "the flow never reached its threshold"
+    ratios = [s.sharpness / s.threshold for s in at_edge[1:]]
+    assert max(ratios) < 1.005 and min(ratios) > EDGE_FRACTION - 0.01
+    assert all(s.variance > 0 for s in at_edge if s.sharpness > 0.99 * s.threshold)  # X = 0 until the margin is used up
+    before = [s.loss for s in steps if s.t < at_edge[0].t]
+    assert all(b < a for a, b in zip(before, before[1:])), "the flow's loss rose before the edge"
+    assert all(math.isfinite(s.predicted_loss) and s.predicted_loss >= s.loss for s in steps)
+    assert all(s.converged for s in steps)
+
+
+def test_a_flow_above_its_threshold_does_not_start():
+    # RMSProp's first step: nu = (1 - alpha) g^2 puts lambda_max(D^-1 H) far above 2 / rho.
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
     x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
     op = hessian_operator(model, torch.nn.functional.mse_loss, [(x, y)], dtype=torch.float64)
-    flow = CentralFlow(op, rule, k=2, substeps=4, generator=torch.Generator().manual_seed(0))
-    steps = [flow.step() for _ in range(40)]
-    at_edge = [s for s in steps if s.edge_count > 0]
-    assert len(at_edge) > 25, "the flow never reached its threshold"
-    # RMSProp starts far above its threshold (nu(0) = (1 - alpha) g^2): the flow pulls it down at once
-    ratios = [s.sharpness / s.threshold for s in at_edge if s.t >= 3]
-    assert max(ratios) < 1.005 and min(ratios) > EDGE_FRACTION - 0.01
-    assert all(s.variance > 0 for s in at_edge)
-    assert all(math.isfinite(s.predicted_loss) and s.predicted_loss >= s.loss for s in steps)
+    flow = CentralFlow(op, RMSPropFlow(1e-2, alpha=0.99, eps=1e-8), k=1)
+    with pytest.raises(FlowStartError, match=r"the flow starts above its threshold: .* is 6\.\d\d x tau/rho = 200"):
+        flow.step()
